@@ -1,0 +1,1 @@
+"""One module per ``oneepoch`` subcommand (see :mod:`oneepoch.cli`)."""

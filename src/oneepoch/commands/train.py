@@ -1,0 +1,41 @@
+"""``oneepoch train``: multi-epoch CTR training with dense evaluation and a verdict."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a CTR model for several epochs",
+        description="Train a CTR model (DNN or LR) for several epochs, evaluating test and train "
+        "AUC/GAUC/logloss many times per epoch; writes runs/<name>/ with metrics.parquet, "
+        "checkpoints, curves.png, report.html and the one-epoch verdict.",
+        epilog="example: oneepoch train --config ctr data.path=my_data model.type=lr optim.lr=0.01")
+    p.add_argument("--config", default="ctr",
+                   help="YAML file or built-in preset name (default: ctr = paper A's base)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=4")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from oneepoch.config import TrainConfig, load_config
+    from oneepoch.report.run_report import build_report
+    from oneepoch.training.trainer import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+        cfg = load_config(TrainConfig, run_dir / "config.yaml", args.overrides)
+        res = train(cfg, run_dir, resume=True)
+    else:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        res = train(cfg)
+    report = build_report([res.run_dir])
+    print(res.verdict.line())
+    print(f"run: {res.run_dir}\nreport: {report}")
+    return 0

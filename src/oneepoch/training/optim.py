@@ -1,0 +1,197 @@
+"""Optimizers: row-wise (lazy) updates for embedding tables, torch.optim for the MLP.
+
+An embedding table's gradient is sparse (the batch's rows only). :class:`RowWiseOptimizer`
+sums duplicate rows and applies Adam / RMSprop / SGD (momentum) / Adagrad to those rows only,
+so a step's cost does not grow with the table. Like ``torch.optim.SparseAdam`` (and TF's
+LazyAdam), the moment estimates of rows absent from a batch are not decayed; weight decay is
+applied to the rows the batch touches.
+
+    >>> from oneepoch.config import OptimConfig
+    >>> opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))   # doctest: +SKIP
+    >>> loss.backward(); opt.step(); opt.zero_grad()                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneepoch.config import OptimConfig
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
+
+# A rule for per-row learning-rate scales (remedies hook in here): rows -> scale [U, 1].
+RowScale = Callable[[torch.Tensor], torch.Tensor]
+
+
+def coalesce_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique rows of a sparse COO gradient and their summed values."""
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    idx, vals = grad._indices()[0], grad._values()
+    rows, inv = torch.unique(idx, return_inverse=True)
+    summed = torch.zeros(rows.shape[0], vals.shape[1], dtype=vals.dtype, device=vals.device)
+    summed.index_add_(0, inv, vals)
+    return rows, summed
+
+
+class RowWiseOptimizer:
+    """Row-wise optimizer for one embedding table with sparse gradients."""
+
+    def __init__(self, param: nn.Parameter, cfg: OptimConfig, lr: float) -> None:
+        if cfg.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (choose {OPTIMIZERS})")
+        self.param, self.cfg, self.lr = param, cfg, lr
+        self.step_count = 0
+        self.state: dict[str, torch.Tensor] = {}
+        z = lambda: torch.zeros_like(param, memory_format=torch.contiguous_format)  # noqa: E731
+        if cfg.name == "adam":
+            self.state = {"exp_avg": z(), "exp_avg_sq": z()}
+        elif cfg.name in ("rmsprop", "adagrad"):
+            self.state = {"square_avg": z()}
+            if cfg.name == "rmsprop" and cfg.momentum > 0:
+                self.state["momentum_buffer"] = z()
+        elif cfg.name == "sgd" and cfg.momentum > 0:
+            self.state = {"momentum_buffer": z()}
+        self.row_scale: RowScale | None = None
+        self.last_update_linf = 0.0
+        self.track_updates = False
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param.grad
+        if g is None:
+            return
+        self.step_count += 1
+        if not g.is_sparse:
+            g = g.to_sparse()
+        rows, grad = coalesce_rows(g)
+        if rows.numel() == 0:
+            return
+        c, w = self.cfg, self.param
+        if c.weight_decay:
+            grad = grad + c.weight_decay * w[rows]
+        lr: float | torch.Tensor = self.lr
+        if self.row_scale is not None:
+            lr = self.lr * self.row_scale(rows)
+        if c.name == "adam":
+            m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+            m_r = m[rows].mul_(c.beta1).add_(grad, alpha=1 - c.beta1)
+            v_r = v[rows].mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
+            m[rows], v[rows] = m_r, v_r
+            bc1 = 1 - c.beta1 ** self.step_count
+            bc2 = 1 - c.beta2 ** self.step_count
+            delta = (m_r / bc1).div_((v_r / bc2).sqrt_().add_(c.eps)).mul_(lr)
+        elif c.name == "rmsprop":
+            sq = self.state["square_avg"]
+            s_r = sq[rows].mul_(0.99).addcmul_(grad, grad, value=0.01)
+            sq[rows] = s_r
+            delta = grad / s_r.sqrt().add_(c.eps)
+            if c.momentum > 0:
+                buf = self.state["momentum_buffer"]
+                b_r = buf[rows].mul_(c.momentum).add_(delta)
+                buf[rows] = b_r
+                delta = b_r
+            delta = delta * lr
+        elif c.name == "adagrad":
+            sq = self.state["square_avg"]
+            s_r = sq[rows].addcmul_(grad, grad)
+            sq[rows] = s_r
+            delta = grad / s_r.sqrt().add_(1e-10) * lr
+        else:  # sgd
+            delta = grad
+            if c.momentum > 0:
+                buf = self.state["momentum_buffer"]
+                b_r = buf[rows].mul_(c.momentum).add_(grad)
+                buf[rows] = b_r
+                delta = b_r
+            delta = delta * lr
+        w.index_add_(0, rows, delta, alpha=-1.0)
+        if self.track_updates:
+            self.last_update_linf = float(delta.abs().max())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, **self.state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step_count = int(sd["step_count"])
+        for k in self.state:
+            self.state[k].copy_(sd[k])
+
+
+class Optimizer:
+    """Row-wise updates for embedding tables + a torch optimizer for the dense parameters.
+
+    Parameters with ``requires_grad=False`` (frozen) are skipped. With ``track_updates``, each
+    step records the l-inf norm of the update actually applied to every parameter
+    (``last_update_linf``), the quantity of paper A's Fig. 16.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.sparse: dict[str, RowWiseOptimizer] = {}
+        dense: list[nn.Parameter] = []
+        self.names = {p: n for n, p in model.named_parameters()}
+        for group, params in model.param_groups():  # type: ignore[operator]
+            for p in params:
+                if group == "embedding":
+                    self.sparse[self.names[p]] = RowWiseOptimizer(p, cfg, cfg.lr * cfg.emb_lr_scale)
+                else:
+                    dense.append(p)
+        self.dense_params = dense
+        self.dense = _torch_optimizer(dense, cfg) if dense else None
+        self.track_updates = False
+        self.last_update_linf: dict[str, float] = {}
+
+    def zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def step(self) -> None:
+        before = None
+        if self.track_updates and self.dense is not None:
+            before = [p.detach().clone() for p in self.dense_params]
+        for opt in self.sparse.values():
+            opt.track_updates = self.track_updates
+            opt.step()
+        if self.dense is not None:
+            self.dense.step()
+        if self.track_updates:
+            out = {n: o.last_update_linf for n, o in self.sparse.items()}
+            if before is not None:
+                for p, b in zip(self.dense_params, before, strict=True):
+                    out[self.names[p]] = float((p.detach() - b).abs().max())
+            self.last_update_linf = out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparse": {n: o.state_dict() for n, o in self.sparse.items()},
+                "dense": self.dense.state_dict() if self.dense is not None else {}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for n, o in self.sparse.items():
+            o.load_state_dict(sd["sparse"][n])
+        if self.dense is not None and sd.get("dense"):
+            self.dense.load_state_dict(sd["dense"])
+
+
+def _torch_optimizer(params: list[nn.Parameter], c: OptimConfig) -> torch.optim.Optimizer:
+    if c.name == "adam":
+        return torch.optim.Adam(params, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+                                weight_decay=c.weight_decay)
+    if c.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=c.lr, alpha=0.99, eps=c.eps,
+                                   weight_decay=c.weight_decay, momentum=c.momentum)
+    if c.name == "sgd":
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    if c.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay)
+    raise ValueError(f"optim.name: unknown optimizer {c.name!r} (choose {OPTIMIZERS})")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """The optimizer for a model exposing ``param_groups()`` (see :mod:`oneepoch.models`)."""
+    return Optimizer(model, cfg)

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HAND_SCHEMA, hand_table, write_ctr
 
+from conftest import HAND_SCHEMA, hand_table, write_ctr
 from oneepoch.config import ConfigError, TrainConfig, load_config
 from oneepoch.data.dataset import CACHE_DIR, load_ctr, validate
 from oneepoch.data.schema import DataError

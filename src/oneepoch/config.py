@@ -83,6 +83,8 @@ class TrainConfig:
     progress: bool = True
     checkpoint_keep: int = 2  # epoch checkpoints kept (0 = all)
     min_drop: float = 0.005  # verdict: AUC drop after a boundary that counts as the phenomenon
+    init_from: str = ""  # checkpoint folder to take the model's starting weights from
+    freeze: list[str] = field(default_factory=list)  # parameter groups not trained: embedding, mlp
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

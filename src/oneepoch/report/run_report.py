@@ -44,7 +44,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     verdict_rows, boundary_rows = [], []
     lines = []
     for (label, rows), d in zip(runs, dirs, strict=True):
-        cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
+        cfg_file = d / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
         v = one_epoch_verdict([r["epoch"] for r in rows], [r["test_auc"] for r in rows],
                               [r["step"] for r in rows], float(cfg.get("min_drop", 0.005)))
         lines.append(H.verdict_box(f"{label}: {v.line()}"))

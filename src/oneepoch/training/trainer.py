@@ -32,6 +32,7 @@ from oneepoch.data.transforms import apply_transforms
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.probes.verdict import Verdict, one_epoch_verdict
+from oneepoch.remedies import hooks_from_config
 from oneepoch.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -168,9 +169,18 @@ def prepare_data(cfg: TrainConfig, data: CTRData | None = None) -> CTRData:
 
 
 def build(cfg: TrainConfig, data: CTRData) -> tuple[torch.nn.Module, Optimizer]:
+    """Model (optionally from ``cfg.init_from``, with ``cfg.freeze`` groups fixed) + optimizer."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.vocab_sizes, [data.field_vocab(f) for f in data.fields],
                         len(data.single_fields)).to(cfg.device)
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from, cfg.device)["model"])
+    groups = dict(model.param_groups())  # type: ignore[operator]
+    for g in cfg.freeze:
+        if g not in groups:
+            raise ValueError(f"freeze: unknown parameter group {g!r} (choose {sorted(groups)})")
+        for p in groups[g]:
+            p.requires_grad_(False)
     return model, build_optimizer(model, cfg.optim)
 
 
@@ -184,6 +194,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     data = prepare_data(cfg, data)
     model, opt = build(cfg, data)
+    hooks = [*hooks_from_config(cfg), *hooks]
     train_split, test_split = data.splits[cfg.data.train_split], data.splits[cfg.data.test_split]
     batcher = Batcher(train_split, cfg.batch_size, cfg.device)
     eval_train = Batcher(train_split, cfg.eval.batch_size, cfg.device)

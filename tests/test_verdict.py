@@ -43,3 +43,8 @@ def test_verdict_drop_outside_window_is_not_counted():
 def test_verdict_single_epoch_is_unknown():
     v = one_epoch_verdict([0.5, 1.0], [0.6, 0.7])
     assert not v.boundaries and "unknown" in v.line()
+
+
+def test_verdict_says_when_evaluation_is_too_sparse():
+    v = one_epoch_verdict([0, 0.5, 1.0, 1.5, 2.0], [0.5, 0.6, 0.7, 0.6, 0.6])
+    assert "evaluate more often" in v.line()

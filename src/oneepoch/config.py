@@ -71,6 +71,33 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Stage 2 of paper B: start ID fields from pre-trained embeddings (``oneepoch pretrain``)."""
+
+    embeddings: str = ""  # export folder (RUN/embeddings); "" = off
+    mode: str = "finetune"  # frozen | finetune
+    lr_scale: float = 0.1  # finetune: lr multiplier of the pre-trained rows (frozen: 0)
+    user_fields: list[str] = field(default_factory=lambda: ["user_ID"])  # from the user table
+    item_fields: list[str] = field(default_factory=lambda: ["item_ID"])  # + fields sharing vocab
+    scale: float = 1.0  # multiply the loaded vectors
+
+
+@dataclass
+class SingleStageConfig:
+    """Paper B's "merged" variant: BCE + weight x contrastive loss on the model's ID tables."""
+
+    weight: float = 0.0  # lambda; 0 = off
+    user_field: str = "user_ID"
+    item_field: str = "item_ID"
+    n_uniform: int = 1024  # uniform negatives per batch (besides in-batch ones)
+    logq: bool = True
+    normalize: bool = True
+    temperature: float = 0.1  # initial tau, learned, clamped to [tau_min, tau_max]
+    tau_min: float = 0.02
+    tau_max: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
@@ -89,6 +116,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    single_stage: SingleStageConfig = field(default_factory=SingleStageConfig)
 
 
 T = TypeVar("T")
@@ -111,6 +140,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if typ in (int, float) and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, int) and not isinstance(value, bool):

@@ -5,6 +5,12 @@ different fields never collide); fields sharing a vocabulary (``his_item_ID`` an
 share rows. Sequences are mean-pooled over their true length (empty -> zeros). Gradients are
 sparse, so a step touches only the rows of the batch.
 
+Two backward paths, same numbers: by default the table gets a sparse COO gradient (any torch
+optimizer that accepts sparse gradients works); when :class:`oneepoch.training.optim.Optimizer`
+owns the table it switches on ``fused`` updates: each forward de-duplicates the batch's rows
+(without sorting), gathers them into a small dense leaf, and the optimizer reads that leaf's
+already-summed gradient, so no sparse tensor is built or coalesced.
+
     >>> emb = FieldEmbedding({"item": 100, "cate": 10}, ["item", "cate", "item"], n_single=2, dim=8)
     >>> emb.table_rows
     110
@@ -17,6 +23,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from oneepoch.data.batcher import Batch
+
+
+class _MeanBagLookup(torch.autograd.Function):
+    """Mean-pooled bags over a small dense table, with a cheap backward.
+
+    ``embedding_bag``'s own backward sorts the lookups; here the per-lookup gradient is one
+    gather and the per-row sum one accumulating scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor,
+                bag_of: torch.Tensor, inv_size: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx, bag_of, inv_size)
+        ctx.n_rows = table.shape[0]
+        return F.embedding_bag(idx, table, offsets, mode="mean")
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        idx, bag_of, inv_size = ctx.saved_tensors
+        g = (grad_out * inv_size.unsqueeze(1)).index_select(0, bag_of)
+        grad = torch.zeros(ctx.n_rows, grad_out.shape[1], dtype=g.dtype, device=g.device)
+        grad.index_put_((idx,), g, accumulate=True)
+        return grad, None, None, None, None
 
 
 class FieldEmbedding(nn.Module):
@@ -48,6 +77,9 @@ class FieldEmbedding(nn.Module):
         self.reset_parameters()
         off = torch.tensor([offsets[v] for v in field_vocabs], dtype=torch.int64)
         self.register_buffer("field_offsets", off, persistent=False)
+        self.fused = False
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, leaf) per forward
+        self._slot: torch.Tensor | None = None
 
     @property
     def table_rows(self) -> int:
@@ -69,8 +101,10 @@ class FieldEmbedding(nn.Module):
         a = self.vocab_offsets[vocab]
         return slice(a, a + self.vocab_sizes[vocab])
 
-    def bag_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat table rows and bag offsets, field-major: all samples of field 0, then 1, ..."""
+    def bag_inputs(self, batch: Batch, with_sizes: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, ...]:
+        """Flat table rows and bag offsets, field-major: all samples of field 0, then 1, ...
+        (with ``with_sizes``, also each bag's size)."""
         ids = batch.ids
         bsz, s = ids.shape
         off = self.field_offsets
@@ -83,10 +117,39 @@ class FieldEmbedding(nn.Module):
         size = torch.cat(sizes)
         offsets = torch.zeros_like(size)
         torch.cumsum(size[:-1], 0, out=offsets[1:])
+        if with_sizes:
+            return torch.cat(parts), offsets, size
         return torch.cat(parts), offsets
 
+    def unique_rows(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows, inverse`` with ``rows[inverse] == flat``, in O(len(flat)) without a sort.
+
+        A table-sized slot array remembers, for each row, one position where it occurs.
+        """
+        n = flat.shape[0]
+        if self._slot is None or self._slot.device != flat.device:
+            self._slot = torch.full((self.table_rows,), -1, dtype=torch.int64, device=flat.device)
+        pos = torch.arange(n, device=flat.device)
+        self._slot.index_put_((flat,), pos)  # duplicates: any one writer wins, all read it back
+        first = self._slot.index_select(0, flat)
+        reps = (first == pos).nonzero().squeeze(1)
+        rows = flat.index_select(0, reps)
+        compact = torch.empty(n, dtype=torch.int64, device=flat.device)
+        compact.index_copy_(0, reps, torch.arange(reps.shape[0], device=flat.device))
+        self._slot.index_fill_(0, rows, -1)
+        return rows, compact.index_select(0, first)
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        flat, offsets = self.bag_inputs(batch)
-        out = F.embedding_bag(flat, self.weight, offsets, mode="mean",
-                              sparse=True)
+        if self.fused and self.weight.requires_grad and torch.is_grad_enabled():
+            flat, offsets, size = self.bag_inputs(batch, with_sizes=True)
+            rows, inv = self.unique_rows(flat)
+            leaf = self.weight.detach().index_select(0, rows).requires_grad_()
+            self.pending.append((rows, leaf))
+            bag_of = torch.repeat_interleave(torch.arange(size.shape[0], device=size.device),
+                                             size, output_size=flat.shape[0])
+            inv_size = 1.0 / size.clamp(min=1).to(leaf.dtype)
+            out = _MeanBagLookup.apply(leaf, inv, offsets, bag_of, inv_size)
+        else:
+            flat, offsets = self.bag_inputs(batch)
+            out = F.embedding_bag(flat, self.weight, offsets, mode="mean", sparse=True)
         return out.view(self.n_fields, len(batch), self.dim).transpose(0, 1)

@@ -40,9 +40,13 @@ class Verdict:
     at_epoch: int = 0  # the epoch whose start shows that drop (2 = start of the second epoch)
     min_drop: float = 0.005
     window: float = 0.1
+    too_sparse: bool = False  # boundaries crossed, but no evaluation inside the window
 
     def line(self) -> str:
         """``one-epoch phenomenon: yes (drop 0.021 at epoch 2)`` or ``... no (...)``."""
+        if not self.boundaries and self.too_sparse:
+            return (f"one-epoch phenomenon: unknown (no evaluation within {self.window:g} epoch "
+                    "after a boundary: evaluate more often, e.g. eval.per_epoch=20)")
         if not self.boundaries:
             return "one-epoch phenomenon: unknown (train at least 2 epochs to see a boundary)"
         if self.phenomenon:
@@ -80,6 +84,7 @@ def one_epoch_verdict(epochs: ArrayLike, aucs: ArrayLike, steps: ArrayLike | Non
         before = np.flatnonzero(e <= k + _EPS)
         after = np.flatnonzero((e > k + _EPS) & (e <= k + window + _EPS))
         if len(before) == 0 or len(after) == 0:
+            v.too_sparse = v.too_sparse or (len(before) > 0 and bool((e > k + _EPS).any()))
             continue
         at = float(a[before[-1]])
         lo = float(a[after].min())

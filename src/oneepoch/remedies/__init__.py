@@ -16,4 +16,9 @@ if TYPE_CHECKING:
 
 def hooks_from_config(cfg: TrainConfig) -> list[Hook]:
     """The hooks a config asks for (none by default)."""
-    return []
+    hooks: list[Hook] = []
+    # paper B stage 2: init.embeddings (frozen / finetune) and single_stage.weight
+    from oneepoch.remedies.pretrained_init import hooks_for
+
+    hooks += hooks_for(cfg)
+    return hooks

@@ -27,24 +27,46 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
 RowScale = Callable[[torch.Tensor], torch.Tensor]
 
 
-def coalesce_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique rows of a sparse COO gradient and their summed values."""
-    if grad.is_coalesced():
-        return grad.indices()[0], grad.values()
-    idx, vals = grad._indices()[0], grad._values()
+def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique rows of (row, gradient) pairs and their summed gradients."""
     rows, inv = torch.unique(idx, return_inverse=True)
     summed = torch.zeros(rows.shape[0], vals.shape[1], dtype=vals.dtype, device=vals.device)
     summed.index_add_(0, inv, vals)
     return rows, summed
 
 
+def _row_grads(param: nn.Parameter, module: nn.Module | None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """This step's (unique rows, summed gradient) of a table, from the fused leaves of
+    ``module`` (see FieldEmbedding) and/or the parameter's own (sparse or dense) gradient."""
+    parts = []
+    if module is not None and getattr(module, "pending", None):
+        parts = [(r, leaf.grad) for r, leaf in module.pending if leaf.grad is not None]
+        module.pending = []
+    g = param.grad
+    if g is not None:
+        if not g.is_sparse:
+            g = g.to_sparse()
+        g = g.coalesce() if not parts else g
+        parts.append((g._indices()[0], g._values()))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return coalesce_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
 class RowWiseOptimizer:
     """Row-wise optimizer for one embedding table with sparse gradients."""
 
-    def __init__(self, param: nn.Parameter, cfg: OptimConfig, lr: float) -> None:
+    def __init__(self, param: nn.Parameter, cfg: OptimConfig, lr: float,
+                 module: nn.Module | None = None) -> None:
         if cfg.name not in OPTIMIZERS:
             raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (choose {OPTIMIZERS})")
         self.param, self.cfg, self.lr = param, cfg, lr
+        self.module = module
+        if module is not None and hasattr(module, "fused"):
+            module.fused = True
         self.step_count = 0
         self.state: dict[str, torch.Tensor] = {}
         z = lambda: torch.zeros_like(param, memory_format=torch.contiguous_format)  # noqa: E731
@@ -62,54 +84,54 @@ class RowWiseOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        g = self.param.grad
-        if g is None:
+        got = _row_grads(self.param, self.module)
+        if got is None:
             return
         self.step_count += 1
-        if not g.is_sparse:
-            g = g.to_sparse()
-        rows, grad = coalesce_rows(g)
+        rows, grad = got
         if rows.numel() == 0:
             return
         c, w = self.cfg, self.param
+        w_r = w.index_select(0, rows)
         if c.weight_decay:
-            grad = grad + c.weight_decay * w[rows]
+            grad = grad + c.weight_decay * w_r
         lr: float | torch.Tensor = self.lr
         if self.row_scale is not None:
             lr = self.lr * self.row_scale(rows)
         if c.name == "adam":
             m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-            m_r = m[rows].mul_(c.beta1).add_(grad, alpha=1 - c.beta1)
-            v_r = v[rows].mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
-            m[rows], v[rows] = m_r, v_r
+            m_r = m.index_select(0, rows).mul_(c.beta1).add_(grad, alpha=1 - c.beta1)
+            v_r = v.index_select(0, rows).mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
+            m.index_copy_(0, rows, m_r)
+            v.index_copy_(0, rows, v_r)
             bc1 = 1 - c.beta1 ** self.step_count
             bc2 = 1 - c.beta2 ** self.step_count
             delta = (m_r / bc1).div_((v_r / bc2).sqrt_().add_(c.eps)).mul_(lr)
         elif c.name == "rmsprop":
             sq = self.state["square_avg"]
-            s_r = sq[rows].mul_(0.99).addcmul_(grad, grad, value=0.01)
-            sq[rows] = s_r
+            s_r = sq.index_select(0, rows).mul_(0.99).addcmul_(grad, grad, value=0.01)
+            sq.index_copy_(0, rows, s_r)
             delta = grad / s_r.sqrt().add_(c.eps)
             if c.momentum > 0:
                 buf = self.state["momentum_buffer"]
-                b_r = buf[rows].mul_(c.momentum).add_(delta)
-                buf[rows] = b_r
+                b_r = buf.index_select(0, rows).mul_(c.momentum).add_(delta)
+                buf.index_copy_(0, rows, b_r)
                 delta = b_r
             delta = delta * lr
         elif c.name == "adagrad":
             sq = self.state["square_avg"]
-            s_r = sq[rows].addcmul_(grad, grad)
-            sq[rows] = s_r
+            s_r = sq.index_select(0, rows).addcmul_(grad, grad)
+            sq.index_copy_(0, rows, s_r)
             delta = grad / s_r.sqrt().add_(1e-10) * lr
         else:  # sgd
             delta = grad
             if c.momentum > 0:
                 buf = self.state["momentum_buffer"]
-                b_r = buf[rows].mul_(c.momentum).add_(grad)
-                buf[rows] = b_r
+                b_r = buf.index_select(0, rows).mul_(c.momentum).add_(grad)
+                buf.index_copy_(0, rows, b_r)
                 delta = b_r
             delta = delta * lr
-        w.index_add_(0, rows, delta, alpha=-1.0)
+        w.index_copy_(0, rows, w_r.sub_(delta))
         if self.track_updates:
             self.last_update_linf = float(delta.abs().max())
 
@@ -136,10 +158,12 @@ class Optimizer:
         self.sparse: dict[str, RowWiseOptimizer] = {}
         dense: list[nn.Parameter] = []
         self.names = {p: n for n, p in model.named_parameters()}
+        owners = {id(m.weight): m for m in model.modules() if hasattr(m, "fused")}
         for group, params in model.param_groups():  # type: ignore[operator]
             for p in params:
                 if group == "embedding":
-                    self.sparse[self.names[p]] = RowWiseOptimizer(p, cfg, cfg.lr * cfg.emb_lr_scale)
+                    self.sparse[self.names[p]] = RowWiseOptimizer(
+                        p, cfg, cfg.lr * cfg.emb_lr_scale, owners.get(id(p)))
                 else:
                     dense.append(p)
         self.dense_params = dense

@@ -221,7 +221,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
         row: dict[str, Any] = {"step": s.step, "epoch": s.epoch_float}
         row.update(evaluate(model, eval_test, None, test_split.label, test_split.user, "test"))
         row.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
-        row["train_loss"] = loss_sum / n_loss if n_loss else float("nan")
+        row["train_loss"] = loss_sum / n_loss if n_loss else None
         row["elapsed_s"] = time.time() - t0
         for h in hooks:
             h.on_eval(s, row)

@@ -26,6 +26,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_limit.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_pretrain.py
+	$(BIN)/python benchmarks/bench_peers.py
+	$(BIN)/python benchmarks/summarize.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

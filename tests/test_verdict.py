@@ -48,3 +48,10 @@ def test_verdict_single_epoch_is_unknown():
 def test_verdict_says_when_evaluation_is_too_sparse():
     v = one_epoch_verdict([0, 0.5, 1.0, 1.5, 2.0], [0.5, 0.6, 0.7, 0.6, 0.6])
     assert "evaluate more often" in v.line()
+
+
+def test_verdict_window_allows_step_rounding():
+    # 629 steps per epoch, 10 evaluations: the first point of epoch 2 is at 1 + 63/629 = 1.1002
+    ep = [0.5, 1.0, 1 + 63 / 629, 1.2, 2.0]
+    v = one_epoch_verdict(ep, [0.6, 0.7, 0.69, 0.69, 0.69])
+    assert v.boundaries and abs(v.drop - 0.01) < 1e-12

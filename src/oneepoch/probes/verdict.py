@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 _EPS = 1e-9
+_WINDOW_SLACK = 0.01  # evaluation points land on whole steps: 1.1004 counts as "10% into"
 
 
 @dataclass
@@ -68,7 +69,8 @@ def one_epoch_verdict(epochs: ArrayLike, aucs: ArrayLike, steps: ArrayLike | Non
     """Judge a test-AUC curve sampled at fractional ``epochs``.
 
     For each integer boundary k that has evaluations after it, the drop is the AUC at the last
-    evaluation at or before k minus the lowest AUC in (k, k + window]. The phenomenon is
+    evaluation at or before k minus the lowest AUC in (k, k + window] (plus 0.01 epoch of slack,
+    as evaluation points fall on whole steps). The phenomenon is
     declared when some drop is at least ``min_drop``.
     """
     e = np.asarray(epochs, dtype=np.float64)
@@ -82,7 +84,7 @@ def one_epoch_verdict(epochs: ArrayLike, aucs: ArrayLike, steps: ArrayLike | Non
     v = Verdict(bi, float(e[bi]), float(a[bi]), int(st[bi]), min_drop=min_drop, window=window)
     for k in range(1, int(np.floor(e.max() - _EPS)) + 1):
         before = np.flatnonzero(e <= k + _EPS)
-        after = np.flatnonzero((e > k + _EPS) & (e <= k + window + _EPS))
+        after = np.flatnonzero((e > k + _EPS) & (e <= k + window + _WINDOW_SLACK))
         if len(before) == 0 or len(after) == 0:
             v.too_sparse = v.too_sparse or (len(before) > 0 and bool((e > k + _EPS).any()))
             continue

@@ -1,0 +1,88 @@
+"""Collect benchmarks/results/*.json into the Markdown table the README links to
+(benchmarks/results/README.md). Sections whose JSON is missing are listed as not run.
+
+    python benchmarks/summarize.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | list | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def main() -> None:
+    out = ["# Benchmark results", "",
+           "Written by `make bench` (benchmarks/summarize.py) from the JSON files beside this one; "
+           "measured on the machine named in `core.json`. Re-run `make bench` to refresh.", ""]
+    core = load("core")
+    out += ["## Base CTR model (paper A), oneepoch", ""]
+    if core:
+        out += ["| threads | train samples/s | eval rows/s | AUC over 10^7 (s) | peak RSS (MiB) |",
+                "|---:|---:|---:|---:|---:|"]
+        for r in core["runs"]:
+            out.append(f"| {r['threads']} | {r['train_samples_per_s']:,.0f} | "
+                       f"{r.get('eval_rows_per_s', float('nan')):,.0f} | "
+                       f"{r.get('auc_1e7_seconds', float('nan')):.2f} | "
+                       f"{r['peak_rss_mib']:,.0f} |")
+    else:
+        out.append("not run")
+    limit = load("limit")
+    out += ["", "## The machine's limit (MLP GEMMs)", ""]
+    if limit and core:
+        out += ["| threads | GEMM GFLOP/s | compute ceiling (samples/s) | oneepoch's fraction |",
+                "|---:|---:|---:|---:|"]
+        speed = {r["threads"]: r["train_samples_per_s"] for r in core["runs"]}
+        for r in limit["runs"]:
+            frac = speed.get(r["threads"], float("nan")) / r["ceiling_samples_per_s"]
+            out.append(f"| {r['threads']} | {r['gflops']:.1f} | {r['ceiling_samples_per_s']:,.0f} "
+                       f"| {100 * frac:.0f}% |")
+        out.append(f"\n{limit['flops_per_sample'] / 1e3:.0f} kFLOP per sample (forward + backward)")
+    else:
+        out.append("not run")
+    peers = load("peers")
+    out += ["", "## Side by side with peers (one epoch, alternating runs, medians)", ""]
+    if peers:
+        out += ["| threads | system | median samples/s | oneepoch / system | runs | errors |",
+                "|---:|---|---:|---:|---:|---|"]
+        for r in peers["summary"]:
+            m = r["median_samples_per_s"]
+            ratio = r.get("oneepoch_over_system")
+            out.append(f"| {r['threads']} | {r['system']} | {f'{m:,.0f}' if m else '-'} | "
+                       f"{f'{ratio:.1f}x' if ratio else '-'} | {r['n']} | "
+                       f"{'; '.join(e[:120] for e in r['errors'])} |")
+        out.append(f"\n{peers['rows']:,} training rows, batch {peers['batch']}, "
+                   f"{peers['rounds']} rounds.")
+    else:
+        out.append("not run")
+    scale = load("scale")
+    out += ["", "## Table size (10^5 vs 10^7 item IDs, one thread)", ""]
+    if scale:
+        out += ["| dim | item IDs | step (ms, wall) | step (ms, CPU) | peak RSS (MiB) |",
+                "|---:|---:|---:|---:|---:|"]
+        for r in scale:
+            out.append(f"| {r['dim']} | {r['n_items']:,} | {r['step_ms_wall']:.2f} | "
+                       f"{r['step_ms_cpu']:.2f} | {r['peak_rss_mib']:,.0f} |")
+    else:
+        out.append("not run")
+    for name, title in (("pretrain", "Stage-1 pre-training (paper B)"),
+                        ("prepare_taobao", "Preparing Taobao UserBehavior")):
+        data = load(name)
+        out += ["", f"## {title}", ""]
+        out.append("```json\n" + json.dumps(data, indent=1)[:3000] + "\n```" if data
+                   else "not run")
+    tmp = RESULTS / "README.md.tmp"
+    tmp.write_text("\n".join(out) + "\n")
+    os.replace(tmp, RESULTS / "README.md")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,8 @@ class Verdict:
         if self.phenomenon:
             return (f"one-epoch phenomenon: yes (drop {self.drop:.3f} at epoch {self.at_epoch}; "
                     f"best AUC {self.best_auc:.4f} at epoch {self.best_epoch:.2f})")
-        return (f"one-epoch phenomenon: no (largest drop after a boundary {self.drop:+.3f} < "
+        shown = round(self.drop, 3) + 0.0  # no "-0.000"
+        return (f"one-epoch phenomenon: no (largest drop after a boundary {shown:+.3f} < "
                 f"{self.min_drop}; best AUC {self.best_auc:.4f} at epoch {self.best_epoch:.2f})")
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def img(path: str | Path, alt: str = "") -> str:
 
 def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.{digits}f}"
+        if v != v:
+            return "nan"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
     return esc(v)
 
 

@@ -65,3 +65,13 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown config key 'model.kind'" in capsys.readouterr().err
     assert run("train", "--config", "nope.yaml") == 2
     assert "config file 'nope.yaml' not found" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    from oneepoch.cli import build_parser
+
+    assert run("train", "model.kind=dnn", "--config", "ctr", "epochs=2") == 2
+    assert "unknown config key 'model.kind'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "ctr", "--bogus"])
+    assert build_parser() is not None

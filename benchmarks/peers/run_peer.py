@@ -74,6 +74,9 @@ class Result:
     parameters: int
     first_batch_wait_s: float = 0.0  # timed region start -> first batch reaches the model
     samples_per_s_after_first_batch: float = 0.0
+    # CPU time of the benchmark process itself (all its threads, not its child processes) over
+    # the timed region: a check on how much of `seconds` it actually got the CPU for.
+    process_cpu_s: float = 0.0
     embedding_rows: dict[str, int] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -125,6 +128,15 @@ def _check_installed(system: str) -> None:
             f"{PIP_NAMES[system]} is not installed in {sys.prefix}; run "
             "benchmarks/peers/setup_venv.sh and use .venv-bench/bin/python"
         )
+
+
+def _stop_ray() -> None:
+    """Stop the Ray runtime FuxiCTR may have started (raylet, workers)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def read_train(data_dir: Path, max_rows: int | None) -> pa.Table:
@@ -245,9 +257,9 @@ def run_deepctr(table: pa.Table, batch: int, seed: int) -> Result:
 
     first: list[float] = []
     hook = model.register_forward_pre_hook(lambda *_: first.append(time.perf_counter()))
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     history = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     hook.remove()
 
     n_cols = len(SINGLE_FIELDS) + MAX_LEN * len(SEQUENCE_FIELDS)
@@ -283,6 +295,7 @@ def run_deepctr(table: pa.Table, batch: int, seed: int) -> Result:
         train_logloss=float(history.history["loss"][0]),
         parameters=sum(p.numel() for p in model.parameters()),
         first_batch_wait_s=first[0] - t0,
+        process_cpu_s=cpu_s,
         embedding_rows={k: sizes[k] for k in ("item_ID", "item_cate")},
         versions={"deepctr-torch": _version("deepctr-torch")},
     )
@@ -435,13 +448,9 @@ def run_fuxictr(table: pa.Table, batch: int, seed: int, loader: str, tmp: Path) 
     model._epoch_index = 0
     model._eval_steps = len(train_gen) + 1
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     model.train_epoch(train_gen)
-    seconds = time.perf_counter() - t0
-    if loader == "ray":
-        import ray
-
-        ray.shutdown()
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     specs = feature_map.features
     if loader == "ray":
@@ -496,6 +505,7 @@ def run_fuxictr(table: pa.Table, batch: int, seed: int, loader: str, tmp: Path) 
         train_logloss=model.loss_sum / max(model.seen, 1),
         parameters=sum(p.numel() for p in model.parameters()),
         first_batch_wait_s=model.first_batch_at - t0,
+        process_cpu_s=cpu_s,
         embedding_rows={k: int(specs[k]["vocab_size"]) for k in ("item_ID", "item_cate")},
         versions={
             "fuxictr": _version("fuxictr"),
@@ -615,13 +625,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.system == "deepctr":
                 result = run_deepctr(table, args.batch, args.seed)
             else:
-                result = run_fuxictr(table, args.batch, args.seed, args.fuxictr_loader, Path(tmp))
+                try:
+                    result = run_fuxictr(
+                        table, args.batch, args.seed, args.fuxictr_loader, Path(tmp)
+                    )
+                finally:
+                    _stop_ray()
         result.threads = args.threads
         result.samples_per_s_after_first_batch = round(
             result.rows / (result.seconds - result.first_batch_wait_s), 1
         )
         result.first_batch_wait_s = round(result.first_batch_wait_s, 3)
         result.seconds = round(result.seconds, 3)
+        result.process_cpu_s = round(result.process_cpu_s, 3)
         result.samples_per_s = round(result.samples_per_s, 1)
         result.train_logloss = round(result.train_logloss, 5)
         result.notes += (

@@ -14,7 +14,7 @@ import warnings
 from oneepoch.config import ConfigError
 from oneepoch.data.schema import DataError
 
-COMMANDS = ("demo", "train", "data", "report", "reproduce")
+COMMANDS = ("demo", "train", "data", "report", "reproduce", "sweep", "pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (argparse only takes them before)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                    for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.simplefilter("default")
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="other generator settings (see docs/synthetic.md), e.g. n_items=200000")
+    add_surface_options(s)
     s.set_defaults(func=synth)
 
     st = dsub.add_parser("stats", help="per-field ID statistics (paper A Table 1) + Fig. 10",
@@ -35,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", help="data-set folder")
     v.set_defaults(func=validate)
 
+    register_prepare(dsub)
+
 
 def synth(args: argparse.Namespace) -> int:
     import yaml
@@ -50,6 +53,8 @@ def synth(args: argparse.Namespace) -> int:
     if args.test_rows:
         kw["n_test"] = args.test_rows
     kw["seed"] = args.seed
+    if getattr(args, "surfaces", None):
+        return synth_surfaces(args, kw)
     info = write_synthetic(args.out, SynthConfig.from_dict(kw))
     print(f"wrote {args.out}: {info['rows']['train']:,} train / {info['rows']['test']:,} test rows")
     print(f"ground-truth AUC on test (ceiling): {info['ground_truth_auc_test']:.4f}")
@@ -78,3 +83,104 @@ def validate(args: argparse.Namespace) -> int:
         print(line)
     print("ok")
     return 0
+
+
+# ----------------------------------------------------------------------------- prepare
+# ``oneepoch data prepare NAME --raw PATH --out DIR``: public data sets from their raw files
+# (issue 5; the preparers live in oneepoch/data/prepare/).
+
+
+def register_prepare(dsub: argparse._SubParsersAction) -> None:
+    from oneepoch.data.prepare import PREPARERS
+
+    lines = []
+    for p in PREPARERS.values():
+        lines += [f"{p.name}: {p.summary}", f"  --raw: {p.raw}",
+                  "  options: " + " ".join(p.option_help()), ""]
+    pp = dsub.add_parser(
+        "prepare", help="prepare a public data set from raw files you already have",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a data set in the project's format (Parquet + schema.yaml, plus "
+        "prepare.md with rows read / dropped and per-field statistics, and engagements/ for "
+        "pre-training where the source allows) from raw files. Nothing is downloaded.",
+        epilog="data sets:\n\n" + "\n".join(lines) + "example: oneepoch data prepare "
+        "movielens --raw ml-100k/ --out data/ml100k --set threshold=4 max_len=20")
+    pp.add_argument("name", choices=sorted(PREPARERS), metavar="NAME",
+                    help="one of: " + ", ".join(sorted(PREPARERS)))
+    pp.add_argument("--raw", required=True, help="raw file or folder (see below)")
+    pp.add_argument("--out", required=True, help="output data-set folder")
+    pp.add_argument("--seed", type=int, help="random seed (negatives, splits; default 0)")
+    pp.add_argument("--max-len", type=int, help="history length")
+    pp.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="preparer options (listed below)")
+    pp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    pp.add_argument("--quiet", action="store_true", help="no progress lines")
+    pp.set_defaults(func=prepare_cmd)
+
+
+def prepare_cmd(args: argparse.Namespace) -> int:
+    import yaml
+
+    from oneepoch.data.prepare import prepare
+
+    opts = {}
+    for item in args.set:
+        k, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        opts[k] = yaml.safe_load(val)
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    if args.max_len is not None:
+        opts["max_len"] = args.max_len
+    summary = prepare(args.name, args.raw, args.out, opts, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    for split, n in summary["samples"].items():
+        print(f"{split}: {n:,} samples, positive rate {summary['positive_rate'][split]:.4f}")
+    for reason, n in summary["dropped"].items():
+        print(f"dropped {n:,}: {reason}")
+    print(f"wrote {args.out} ({summary['seconds']:.1f} s); summary: {args.out}/prepare.md")
+    return 0
+
+
+# ----------------------------------------------------------------------------- surfaces
+# ``oneepoch data synth --surfaces homefeed,related --out DIR``: paper B's multi-surface world
+# (per-surface CTR data with user_ID + an engagement log for pre-training; issue 4).
+
+
+def add_surface_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--surfaces", metavar="A,B",
+                   help="multi-surface mode (paper B): comma-separated surfaces of one world "
+                   "(homefeed, related, search); writes DIR/<surface>/ CTR data (train / valid / "
+                   "test, with user_ID) and DIR/engagements/; --rows and --test-rows are then "
+                   "per surface")
+    s.add_argument("--engagement-ratio", type=float,
+                   help="engagements written per training row of one surface (default 20)")
+
+
+def synth_surfaces(args: argparse.Namespace, kw: dict) -> int:
+    from dataclasses import replace
+
+    from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurface
+
+    base = SurfacesConfig()
+    rows = {k: kw.pop(k) for k in ("n_train", "n_test") if k in kw}
+    if "n_test" in rows:
+        rows["n_valid"] = rows["n_test"]
+    world = replace(base.world, **{f: v for f, v in SynthConfig.from_dict(kw).__dict__.items()
+                                   if f in kw})
+    cfg = replace(base, world=world, surfaces=[x for x in args.surfaces.split(",") if x], **rows)
+    if args.engagement_ratio:
+        cfg.engagement_ratio = args.engagement_ratio
+    info = write_multisurface(args.out, cfg)
+    print(f"wrote {args.out}/engagements: {info['engagements']['train']:,} engagements "
+          f"(+ {info['engagements']['test']:,} held out)")
+    for name, d in info["surfaces"].items():
+        cov = info["coverage"][name]
+        print(f"wrote {args.out}/{name}: {d['rows']['train']:,} train / {d['rows']['valid']:,} "
+              f"valid / {d['rows']['test']:,} test rows; ground-truth test AUC "
+              f"{d['ground_truth_auc_test']:.4f}; {cov['engagements_per_train_row']:.1f} "
+              f"engagements per train row; {100 * cov['tail_items_in_log']:.1f}% of test tail "
+              "items in the log")
+    return 0
+

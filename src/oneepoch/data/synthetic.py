@@ -261,6 +261,9 @@ DEFAULT_SURFACES = {"homefeed": SurfaceSpec("homefeed", 0.9, 0.3),
 class SurfacesConfig:
     """A multi-surface sample of one world: per-surface CTR data and an engagement log.
 
+    Each surface's CTR data has ``train`` (users uniform), ``valid`` and ``test`` splits (in
+    requests of ``slate`` items per user, the user being the GAUC / Hit@K group).
+
     ``engagement_ratio`` x ``n_train`` engagements (clicks) are written for pre-training:
     the clicks of every surface's training impressions plus fresh clicks drawn on all the
     surfaces in turn; ``n_heldout`` further fresh clicks form its held-out split.
@@ -274,6 +277,7 @@ class SurfacesConfig:
     n_test: int = 10_000
     engagement_ratio: float = 20.0
     n_heldout: int = 20_000
+    slate: int = 10  # valid / test impressions come in requests of this many items per user
 
 
 def surface_spec(name: str) -> SurfaceSpec:
@@ -289,11 +293,20 @@ def _surface_cdf(world: World, spec: SurfaceSpec) -> np.ndarray:
     return np.cumsum(w / w.sum())
 
 
-def sample_surface(world: World, spec: SurfaceSpec, n: int, rng: np.random.Generator
-                   ) -> dict[str, np.ndarray]:
-    """``n`` impressions on one surface: user uniform, item by the surface's exposure."""
+def sample_surface(world: World, spec: SurfaceSpec, n: int, rng: np.random.Generator,
+                   slate: int = 0) -> dict[str, np.ndarray]:
+    """``n`` impressions on one surface: user uniform, item by the surface's exposure.
+
+    With ``slate > 0`` impressions come in requests of ``slate`` items for one user (distinct
+    users while there are enough), so per-request ranking metrics (Hit@K) can be computed.
+    """
     c = world.cfg
-    users = rng.integers(0, c.n_users, n)
+    if slate > 0:
+        k = -(-n // slate)
+        who = rng.choice(c.n_users, k, replace=k > c.n_users)
+        users = np.repeat(who, slate)[:n]
+    else:
+        users = rng.integers(0, c.n_users, n)
     items = np.minimum(np.searchsorted(_surface_cdf(world, spec), rng.random(n)), c.n_items - 1)
     scenes = rng.integers(0, c.n_scenes, n)
     logit = world.logit(users, items, scenes) + spec.noise * rng.standard_normal(n)
@@ -304,19 +317,18 @@ def sample_surface(world: World, spec: SurfaceSpec, n: int, rng: np.random.Gener
 
 def sample_engagements(world: World, specs: list[SurfaceSpec], n: int,
                        rng: np.random.Generator, chunk: int = 500_000) -> dict[str, np.ndarray]:
-    """``n`` clicks (positive user-item pairs) drawn on the surfaces in turn."""
+    """``n`` clicks (positive user-item pairs), an equal share drawn on each surface."""
     users, items, surf = [], [], []
-    got, k = 0, 0
-    while got < n:
-        j = k % len(specs)
-        imp = sample_surface(world, specs[j], chunk, rng)
-        keep = imp["label"] == 1
-        take = min(int(keep.sum()), n - got)
-        users.append(imp["user"][keep][:take])
-        items.append(imp["item"][keep][:take])
-        surf.append(np.full(take, j, dtype=np.int64))
-        got += take
-        k += 1
+    for j, spec in enumerate(specs):
+        want = n // len(specs) + (j < n % len(specs))
+        got = 0
+        while got < want:
+            imp = sample_surface(world, spec, min(chunk, 3 * (want - got) + 100), rng)
+            keep = np.flatnonzero(imp["label"] == 1)[: want - got]
+            users.append(imp["user"][keep])
+            items.append(imp["item"][keep])
+            surf.append(np.full(len(keep), j, dtype=np.int64))
+            got += len(keep)
     return {"user": np.concatenate(users), "item": np.concatenate(items),
             "surface": np.concatenate(surf)}
 
@@ -361,8 +373,10 @@ def write_multisurface(out: str | Path, cfg: SurfacesConfig | None = None) -> di
     n_items = cfg.world.n_items
     ctr: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for spec in specs:
-        ctr[spec.name] = {split: sample_surface(world, spec, n, rng) for split, n in
-                          (("train", cfg.n_train), ("valid", cfg.n_valid), ("test", cfg.n_test))}
+        ctr[spec.name] = {split: sample_surface(world, spec, n, rng, 0 if split == "train"
+                                                else cfg.slate)
+                          for split, n in (("train", cfg.n_train), ("valid", cfg.n_valid),
+                                           ("test", cfg.n_test))}
     # the log: every surface's training clicks + fresh clicks up to the ratio (no test pairs)
     parts = []
     for j, spec in enumerate(specs):

@@ -1,0 +1,124 @@
+"""Stage-1 (paper B) throughput: positive pairs/s of one training step of ``oneepoch
+pretrain`` at dim 64, batch 4096, 4096 uniform negatives (in-batch negatives too), with
+row-wise sparse Adam on 10^6-row user and item tables, at 1 and 2 threads; beside it the bound
+set by the step's three GEMMs (forward logits and the two gradient products) at the same
+shapes, and oneepoch's fraction of it. Writes benchmarks/results/pretrain.json.
+
+    python benchmarks/bench_pretrain.py [--rows 1000000] [--steps 5] [--threads 1,2]
+
+Each thread count runs in a fresh subprocess; timings are medians over ``--steps`` steps
+after 2 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from oneepoch.config import load_config
+    from oneepoch.pretrain.config import PretrainConfig
+    from oneepoch.pretrain.model import TwoTower
+    from oneepoch.pretrain.train import Stage1Step
+    from oneepoch.training.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    b, n, d, rows = args.batch, args.negatives, args.dim, args.rows
+    cfg = load_config(PretrainConfig, "pretrain", [f"batch_size={b}", f"loss.n_uniform={n}",
+                                                   f"model.dim={d}"])
+
+    class _Data:  # catalogue facts the step needs (popularity only matters with logQ)
+        n_users, n_items = rows, rows
+
+        def item_freq(self) -> np.ndarray:
+            return np.full(rows, 1.0 / rows)
+
+    model = TwoTower(rows, rows, d)
+    opt = build_optimizer(model, cfg.optim)
+    step = Stage1Step(model, cfg, _Data())
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    # Zipf-like item popularity, so batches repeat popular rows as real logs do
+    pop = 1.0 / np.arange(1, rows + 1) ** 0.9
+    cdf = np.cumsum(pop / pop.sum())
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.from_numpy(rng.integers(1, rows, b))
+        i = torch.from_numpy(np.minimum(np.searchsorted(cdf, rng.random(b)), rows - 1))
+        return u, i.clamp(min=1)
+
+    times = []
+    for k in range(args.steps + 2):
+        u, i = batch()
+        t = time.perf_counter()
+        loss = step.loss(u, i, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if k >= 2:
+            times.append(time.perf_counter() - t)
+    a = torch.randn(b, d)
+    c = torch.randn(b + n, d)
+    g = torch.randn(b, b + n)
+    gemm = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        a @ c.t()
+        g @ c
+        g.t() @ a
+        gemm.append(time.perf_counter() - t)
+    step_s, gemm_s = float(np.median(times)), float(np.median(gemm))
+    return {"threads": args.threads, "pairs_per_s": b / step_s, "step_ms": 1000 * step_s,
+            "gemm_bound_pairs_per_s": b / gemm_s, "fraction_of_bound": gemm_s / step_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of each table")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--negatives", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.threads = int(args.threads)
+        print(json.dumps(worker(args)))
+        return
+    out = {"shape": {"rows": args.rows, "dim": args.dim, "batch": args.batch,
+                     "uniform_negatives": args.negatives, "in_batch": True},
+           "machine": platform.processor() or platform.machine(), "runs": []}
+    for t in args.threads.split(","):
+        cmd = [sys.executable, __file__, "--worker", "--threads", t, "--rows", str(args.rows),
+               "--dim", str(args.dim), "--batch", str(args.batch), "--negatives",
+               str(args.negatives), "--steps", str(args.steps)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                      text=True).stdout.strip().splitlines()[-1])
+        out["runs"].append(r)
+        print(f"stage 1, {t} thread(s): {r['pairs_per_s']:,.0f} pairs/s "
+              f"({r['step_ms']:.0f} ms/step); GEMM bound {r['gemm_bound_pairs_per_s']:,.0f} "
+              f"pairs/s; {100 * r['fraction_of_bound']:.0f}% of it")
+    if len(out["runs"]) > 1:
+        out["speedup"] = out["runs"][-1]["pairs_per_s"] / out["runs"][0]["pairs_per_s"]
+        print(f"speed-up {out['runs'][-1]['threads']} vs {out['runs'][0]['threads']} threads: "
+              f"{out['speedup']:.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / "pretrain.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(RESULTS / "pretrain.json")
+
+
+if __name__ == "__main__":
+    main()

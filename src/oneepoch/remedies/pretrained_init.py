@@ -1,0 +1,200 @@
+"""Paper B's stage 2 inside the CTR trainer: pre-trained ID rows (frozen or fine-tuned) and
+the single-stage ("merged") contrastive term.
+
+``init.embeddings=RUN/embeddings`` copies the export's user vectors into the rows of the
+``init.user_fields`` vocabularies and its item vectors into the ``init.item_fields``
+vocabularies (fields sharing a vocabulary, e.g. ``his_item_ID`` with ``item_ID``, share the
+rows, so they are covered too), aligned by raw ID. IDs absent from the export keep their fresh
+initialisation and train normally; the counts go to ``RUN/init.json``. Then, through the
+row-wise optimizer's per-row learning-rate scale, the loaded rows are either never updated
+(``init.mode=frozen``: bit-identical after training) or trained at ``init.lr_scale`` x the
+embedding learning rate (``finetune``; paper B's feasibility study needed 0.1x: at full lr the
+one-epoch peak comes back).
+
+``single_stage.weight=L`` adds ``L x`` paper B's contrastive loss (in-batch + uniform
+negatives, learned clamped temperature) over the clicked (user_ID, item_ID) pairs of each
+batch, computed on the model's own ID rows.
+
+    >>> from oneepoch.config import load_config, TrainConfig
+    >>> cfg = load_config(TrainConfig, "ctr", ["init.embeddings=runs/pt/embeddings",
+    ...                                        "init.mode=frozen", "model.emb_dim=64"])
+    >>> [type(h).__name__ for h in hooks_for(cfg)]
+    ['PretrainedInit']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oneepoch.config import TrainConfig
+from oneepoch.training.trainer import Hook, State
+
+MODES = ("frozen", "finetune")
+COVERAGE_WARN = 0.9  # warn when fewer downstream IDs than this share are in the export
+
+
+def _embedding(s: State, setting: str) -> Any:
+    emb = getattr(s.model, "embedding", None)
+    if emb is None or not hasattr(emb, "rows") or s.cfg.model.type != "dnn":
+        raise ValueError(f"{setting}: needs the dnn model (model.type=dnn) with ID embeddings")
+    return emb
+
+
+def _field_vocab(s: State, setting: str, name: str) -> str:
+    if name not in s.data.fields:
+        raise ValueError(f"{setting}: field {name!r} is not in the data (fields: "
+                         f"{s.data.fields}); excluded by data.exclude_fields?")
+    return s.data.field_vocab(name)
+
+
+class PretrainedInit(Hook):
+    """Load pre-trained user / item rows at the start; freeze or slow them down."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        ic = cfg.init
+        if ic.mode not in MODES:
+            raise ValueError(f"init.mode: unknown mode {ic.mode!r} (choose {MODES})")
+        if ic.mode == "finetune" and ic.lr_scale < 0:
+            raise ValueError(f"init.lr_scale: must be >= 0, got {ic.lr_scale}")
+        self.cfg = cfg
+        self.report: dict[str, dict[str, int]] = {}
+
+    def on_train_start(self, s: State) -> None:
+        from oneepoch.embeddings import load_embeddings
+
+        ic = self.cfg.init
+        exp = load_embeddings(ic.embeddings)
+        emb = _embedding(s, "init.embeddings")
+        if exp.user.dim != emb.dim:
+            raise ValueError(f"init.embeddings: {ic.embeddings} has dim {exp.user.dim} but "
+                             f"model.emb_dim is {emb.dim}: set model.emb_dim={exp.user.dim}")
+        targets: dict[str, str] = {}
+        for kind, names in (("user", ic.user_fields), ("item", ic.item_fields)):
+            for name in names:
+                vname = _field_vocab(s, f"init.{kind}_fields", name)
+                if targets.setdefault(vname, kind) != kind:
+                    raise ValueError(f"init: vocabulary {vname!r} listed as both user and item")
+        scale_vec = torch.ones(emb.table_rows, 1, dtype=emb.weight.dtype)
+        lr_scale = 0.0 if ic.mode == "frozen" else ic.lr_scale
+        resumed = s.step > 0  # weights already come from the run's checkpoint
+        for vname, kind in targets.items():
+            vocab = s.data.vocabs[vname]
+            if vocab.n_ids >= 0:
+                raise ValueError(f"init.embeddings: vocabulary {vname!r} is hashed "
+                                 "(data.sparsity=hash): raw IDs cannot be aligned")
+            table = exp.table(kind)
+            start = emb.rows(vname).start + 1  # row 0 of the vocabulary = OOV: keep fresh
+            found = table.rows_of(vocab.raw) > 0
+            if not resumed:
+                rep = table.init(emb.weight.data, vocab.raw, offset=start, scale=ic.scale)
+                self.report[vname] = {"table": kind, "matched": rep.matched,  # type: ignore
+                                      "unseen": rep.unseen, "rows": len(vocab.raw)}
+                if len(vocab.raw) and rep.matched < COVERAGE_WARN * len(vocab.raw):
+                    warnings.warn(f"init.embeddings: only {rep.matched:,} of {len(vocab.raw):,} "
+                                  f"{vname} IDs ({100 * rep.matched / len(vocab.raw):.1f}%) occur "
+                                  "in the pre-training log; two-stage needs a log that covers "
+                                  "the downstream IDs (see docs/tame.md)", stacklevel=2)
+            scale_vec[torch.from_numpy(np.flatnonzero(found) + start)] = lr_scale
+        if lr_scale != 1.0:
+            ro = s.optimizer.sparse.get("embedding.weight")
+            if ro is None:
+                raise ValueError("init.mode: the embedding table has no row-wise optimizer")
+            prev = ro.row_scale
+            ro.row_scale = ((lambda rows: scale_vec[rows]) if prev is None
+                            else (lambda rows: scale_vec[rows] * prev(rows)))
+        if self.report:
+            out = {"embeddings": ic.embeddings, "mode": ic.mode, "lr_scale": lr_scale,
+                   "vocabularies": self.report}
+            tmp = s.run_dir / "init.json.tmp"
+            tmp.write_text(json.dumps(out, indent=1))
+            os.replace(tmp, s.run_dir / "init.json")
+
+
+class SingleStageContrastive(Hook):
+    """Adds ``weight x`` the contrastive loss over the batch's clicked (user, item) pairs."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        sc = cfg.single_stage
+        if not 0 < sc.tau_min <= sc.temperature <= sc.tau_max:
+            raise ValueError(f"single_stage.temperature: need 0 < tau_min ({sc.tau_min}) <= "
+                             f"temperature ({sc.temperature}) <= tau_max ({sc.tau_max})")
+        if sc.n_uniform < 0:
+            raise ValueError(f"single_stage.n_uniform: must be >= 0, got {sc.n_uniform}")
+        self.cfg = cfg
+        self.log_tau = torch.nn.Parameter(torch.tensor(math.log(sc.temperature)))
+        self.opt = torch.optim.Adam([self.log_tau], lr=cfg.optim.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+
+    def on_train_start(self, s: State) -> None:
+        sc = self.cfg.single_stage
+        emb = _embedding(s, "single_stage")
+        uv = _field_vocab(s, "single_stage.user_field", sc.user_field)
+        iv = _field_vocab(s, "single_stage.item_field", sc.item_field)
+        for name in (sc.user_field, sc.item_field):
+            if name not in s.data.single_fields:
+                raise ValueError(f"single_stage: field {name!r} is a sequence; name a single-ID "
+                                 "field")
+        self.ucol = s.data.single_fields.index(sc.user_field)
+        self.icol = s.data.single_fields.index(sc.item_field)
+        self.uoff, self.ioff = emb.rows(uv).start, emb.rows(iv).start
+        self.n_items = emb.vocab_sizes[iv]
+        tr = s.data.splits[s.cfg.data.train_split]
+        clicked = np.asarray(tr.ids[:, self.icol])[np.asarray(tr.label) > 0.5]
+        q = np.bincount(clicked, minlength=self.n_items).astype(np.float64)
+        self.q = torch.from_numpy(q / max(q.sum(), 1.0)).float()
+        self.emb = emb
+
+    def tau(self) -> torch.Tensor:
+        sc = self.cfg.single_stage
+        return self.log_tau.clamp(math.log(sc.tau_min), math.log(sc.tau_max)).exp()
+
+    def on_loss(self, s: State, batch: Any, logits: torch.Tensor, loss: torch.Tensor
+                ) -> torch.Tensor:
+        from oneepoch.pretrain.losses import contrastive_loss
+
+        sc = self.cfg.single_stage
+        pos = batch.label > 0.5
+        if int(pos.sum()) < 2:
+            return loss
+        ids = batch.ids[pos]
+        u_rows = ids[:, self.ucol] + self.uoff
+        i_loc = ids[:, self.icol]
+        neg = torch.randint(1, self.n_items, (sc.n_uniform,), generator=self.gen)
+        cand_loc = torch.cat([i_loc, neg])
+        w = self.emb.weight
+        u = F.embedding(u_rows, w, sparse=True)
+        c = F.embedding(cand_loc + self.ioff, w, sparse=True)
+        if sc.normalize:
+            u, c = F.normalize(u, dim=-1), F.normalize(c, dim=-1)
+        logq = (torch.log(len(i_loc) * self.q[cand_loc] + sc.n_uniform / (self.n_items - 1))
+                if sc.logq else None)
+        cl = contrastive_loss(u, c, self.tau(), i_loc, cand_loc, logq, True, 1024)
+        return loss + sc.weight * cl
+
+    def after_step(self, s: State) -> None:
+        self.opt.step()
+        self.opt.zero_grad()
+        sc = self.cfg.single_stage
+        with torch.no_grad():
+            self.log_tau.clamp_(math.log(sc.tau_min), math.log(sc.tau_max))
+
+    def on_eval(self, s: State, row: dict[str, Any]) -> None:
+        row["single_stage_tau"] = float(self.tau().detach())
+
+
+def hooks_for(cfg: TrainConfig) -> list[Hook]:
+    """The paper-B hooks ``cfg`` asks for (``init.embeddings``, ``single_stage.weight``)."""
+    hooks: list[Hook] = []
+    if cfg.init.embeddings:
+        hooks.append(PretrainedInit(cfg))
+    if cfg.single_stage.weight > 0:
+        hooks.append(SingleStageContrastive(cfg))
+    return hooks

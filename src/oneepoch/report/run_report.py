@@ -52,7 +52,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         summ = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         last = rows[-1]
         verdict_rows.append([label, v.best_auc, round(v.best_epoch, 2), v.best_step,
-                             last["test_auc"], round(last["epoch"], 2), v.drop, summ.get("seconds", float("nan")),
+                             last["test_auc"], round(last["epoch"], 2), v.drop,
+                             summ.get("seconds", float("nan")),
                              summ.get("samples_per_s", float("nan"))])
         for b in v.boundaries:
             boundary_rows.append([label, b.epoch, b.auc_at_boundary, b.auc_at_window_end,

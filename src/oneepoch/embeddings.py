@@ -20,9 +20,6 @@ the table's fresh initialisation; their count is reported)::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from oneepoch.data.dataset import Vocab
 from oneepoch.data.schema import DataError
+from oneepoch.io import atomic_dir
 
 KINDS = ("user", "item")
 FORMAT_VERSION = 1
@@ -140,9 +138,7 @@ def export_embeddings(path: str | Path, user_weight: torch.Tensor, item_weight: 
         if w.shape[0] != v.size:
             raise ValueError(f"export_embeddings: {kind} table has {w.shape[0]} rows but the "
                              f"vocabulary needs {v.size} (IDs + OOV row)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
         for kind, w, v in (("user", user_weight, user_vocab), ("item", item_weight, item_vocab)):
             save_file({"weight": w.detach().float().cpu().contiguous().clone()},
                       str(tmp / f"{kind}.safetensors"))
@@ -150,12 +146,6 @@ def export_embeddings(path: str | Path, user_weight: torch.Tensor, item_weight: 
         full = {"format_version": FORMAT_VERSION, "users": user_vocab.size - 1,
                 "items": item_vocab.size - 1, **meta}
         (tmp / "meta.json").write_text(json.dumps(full, indent=1, default=_json_default))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from oneepoch.data.schema import DataError, Schema, load_schema, split_files
+from oneepoch.io import atomic_dir
 
 CACHE_DIR = ".oneepoch-cache"
 CACHE_VERSION = 1
@@ -373,8 +371,7 @@ def _write_cache(directory: Path, cdir: Path, schema: Schema, vocabs: dict[str, 
                  enc: dict[str, EncodedSplit]) -> None:
     root = directory / CACHE_DIR
     root.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    with atomic_dir(cdir) as tmp:
         for vname, v in vocabs.items():
             pq.write_table(v.to_table(), tmp / f"vocab.{vname}.parquet")
         for s, e in enc.items():
@@ -382,12 +379,6 @@ def _write_cache(directory: Path, cdir: Path, schema: Schema, vocabs: dict[str, 
         (tmp / "meta.json").write_text(json.dumps(
             {"version": CACHE_VERSION, "rows": {s: len(e) for s, e in enc.items()},
              "vocab_sizes": {k: v.size for k, v in vocabs.items()}}, indent=1))
-        if cdir.exists():
-            shutil.rmtree(cdir)
-        os.replace(tmp, cdir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def validate(directory: str | Path) -> list[str]:

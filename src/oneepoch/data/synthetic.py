@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from oneepoch.data.schema import Feature, Schema
+from oneepoch.io import atomic_dir
 from oneepoch.metrics import auc
 
 
@@ -217,19 +215,11 @@ def write_synthetic(out: str | Path, cfg: SynthConfig | None = None) -> dict[str
         "item_tail_share": tail_share(item_counts),
         "test_items_unseen_in_train": float((item_counts[test["item"]] == 0).mean()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         pq.write_table(impressions_table(world, train), tmp / "train.parquet")
         pq.write_table(impressions_table(world, test), tmp / "test.parquet")
         synthetic_schema(cfg.hist_max).save(tmp)
         (tmp / "synth.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
@@ -413,9 +403,7 @@ def write_multisurface(out: str | Path, cfg: SurfacesConfig | None = None) -> di
             "tail_items_in_log": float(in_log.mean()) if len(tail) else float("nan"),
             "tail_median_log_count": float(np.median(log_counts[tail])) if len(tail) else 0.0,
         }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         for spec in specs:
             sd = tmp / spec.name
             sd.mkdir()
@@ -430,10 +418,4 @@ def write_multisurface(out: str | Path, cfg: SurfacesConfig | None = None) -> di
                            ed / f"{split}.parquet")
         engagement_schema().save(ed)
         (tmp / "synth.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info

@@ -8,14 +8,14 @@ half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from oneepoch.io import atomic_dir
 
 _TENSOR = "__tensor__"
 
@@ -49,18 +49,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
         # shared storage (e.g. views) is not allowed by safetensors: store independent copies
         save_file({k: v.clone() if v.storage_offset() or not v.is_contiguous() else v
                    for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

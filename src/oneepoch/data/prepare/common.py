@@ -16,11 +16,8 @@ import ast
 import gzip
 import io
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from oneepoch.data.schema import DataError, Schema
+from oneepoch.io import atomic_dir as _atomic_dir
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -521,19 +519,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PrepareError(f"{out}: already exists and is not empty (pass --overwrite to "
                            "replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the data set should not be
-    try:
+    with _atomic_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_ctr(directory: Path, tables: dict[str, pa.Table], schema: Schema) -> None:

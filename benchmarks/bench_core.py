@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> dict:
            "train_samples_per_s": rates[1], "train_rounds": rates}
     if args.eval:
         te = data.splits["test"]
-        ev = Batcher(te, 65536)
+        ev = Batcher(te, 16384)
         predict(model, ev)
         t = time.perf_counter()
         reps = 3

@@ -67,7 +67,7 @@ class EvalConfig:
     every_steps: int = 0
     at_start: bool = True  # also evaluate before the first step
     train_rows: int = 50_000  # fixed train subsample evaluated beside test
-    batch_size: int = 65_536
+    batch_size: int = 16_384  # rows per forward pass in evaluation
 
 
 @dataclass

@@ -139,7 +139,7 @@ class SlateMetrics(Hook):
         self.valid, self.test, self.k = valid, test, k
 
     def on_train_start(self, s: State) -> None:
-        self.batchers = {n: Batcher(s.data.splits[n], 65_536) for n in (self.valid, self.test)}
+        self.batchers = {n: Batcher(s.data.splits[n], 16_384) for n in (self.valid, self.test)}
 
     def on_eval(self, s: State, row: dict[str, Any]) -> None:
         for name, prefix in ((self.valid, "valid"), (self.test, "heldout")):

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from oneepoch.io import atomic_write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -117,9 +119,7 @@ def main() -> None:
 
     results["torch"] = torch.__version__
     RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "core.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(RESULTS / "core.json")
+    atomic_write_json(RESULTS / "core.json", results)
     print(f"wrote {RESULTS / 'core.json'}")
 
 

@@ -8,11 +8,12 @@ in samples/s (about 164 kFLOP per sample forward + backward). Writes results/lim
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from oneepoch.io import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results"
 DIMS = (56, 200, 80, 1)
@@ -60,9 +61,7 @@ def main() -> None:
         print(f"threads={t}: {gf:.1f} GFLOP/s on the MLP's GEMMs -> compute ceiling "
               f"{ceiling:,.0f} samples/s ({fps / 1e3:.0f} kFLOP/sample)")
     RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "limit.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(RESULTS / "limit.json")
+    atomic_write_json(RESULTS / "limit.json", out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from oneepoch.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
+
 RESULTS = Path(__file__).parent / "results"
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 PEERS = ("deepctr", "fuxictr")
@@ -138,9 +141,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = {"rows": a.rows, "batch": a.batch, "rounds": a.rounds, "data": a.data,
            "summary": summary, "runs": runs}
-    tmp = RESULTS / "peers.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(RESULTS / "peers.json")
+    atomic_write_json(RESULTS / "peers.json", out)
     print(f"wrote {RESULTS / 'peers.json'}")
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from oneepoch.io import atomic_write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -115,9 +117,7 @@ def main() -> None:
         print(f"speed-up {out['runs'][-1]['threads']} vs {out['runs'][0]['threads']} threads: "
               f"{out['speedup']:.2f}x")
     RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "pretrain.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(RESULTS / "pretrain.json")
+    atomic_write_json(RESULTS / "pretrain.json", out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from oneepoch.io import atomic_write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -93,9 +95,7 @@ def main() -> None:
         print(f"dim {dim}: 10^7 / 10^5 step time (CPU) = "
               f"{big['step_ms_cpu'] / small['step_ms_cpu']:.2f}x")
     RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "scale.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(RESULTS / "scale.json")
+    atomic_write_json(RESULTS / "scale.json", out)
     print(f"wrote {RESULTS / 'scale.json'}")
 
 

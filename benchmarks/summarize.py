@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from oneepoch.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,9 +79,7 @@ def main() -> None:
         out += ["", f"## {title}", ""]
         out.append("```json\n" + json.dumps(data, indent=1)[:3000] + "\n```" if data
                    else "not run")
-    tmp = RESULTS / "README.md.tmp"
-    tmp.write_text("\n".join(out) + "\n")
-    os.replace(tmp, RESULTS / "README.md")
+    atomic_write_text(RESULTS / "README.md", "\n".join(out) + "\n")
     print("\n".join(out))
 
 

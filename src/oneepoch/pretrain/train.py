@@ -15,8 +15,6 @@ with fixed negatives); plus ``train_loss`` (mean over the steps since the last e
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from oneepoch.config import to_dict
+from oneepoch.io import atomic_write_json
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
@@ -210,15 +209,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                "users": data.n_users - 1, "items": data.n_items - 1,
                "export": str(export_dir) if export_dir else None, "finished": True,
                "last": rows[-1]}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_json(run_dir / "summary.json", summary)
     return PretrainResult(run_dir, rows, export_dir, secs, pps)
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(type(o))

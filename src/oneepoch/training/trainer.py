@@ -10,8 +10,6 @@ Hooks (see :class:`Hook`) are how probes and remedies plug in without copying th
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from oneepoch.config import TrainConfig, to_dict
 from oneepoch.data.batcher import Batch, Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.transforms import apply_transforms
+from oneepoch.io import atomic_write_json
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.probes.verdict import Verdict, one_epoch_verdict
@@ -277,15 +276,6 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
     summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
                "finished": not s.stop and s.step >= total}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_json(run_dir / "summary.json", summary)
     return TrainResult(run_dir, s.rows, v, secs)
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(type(o))

@@ -19,7 +19,7 @@ from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurf
 from oneepoch.embeddings import load_embeddings
 from oneepoch.pretrain import PretrainConfig, pretrain
 from oneepoch.pretrain.data import load_engagements
-from oneepoch.training.checkpoint import load_checkpoint
+from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
 from oneepoch.training.trainer import train
 
 TINY = SurfacesConfig(world=SynthConfig(n_users=300, n_items=600, seed=1), n_train=1_500,
@@ -102,6 +102,42 @@ def test_pretrain_run_outputs_and_determinism(world: Path, export: Path, tmp_pat
     cfg = load_config(PretrainConfig, "pretrain", [f"data.path={world / 'engagements'}", *PRE])
     again = pretrain(cfg, tmp_path / "again")
     assert torch.equal(load_embeddings(again.export_dir).item.weight, emb.item.weight)
+
+
+def _timeless(rows):
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "pairs_per_s")} for r in rows]
+
+
+def test_pretrain_resume_is_identical(world: Path, tmp_path: Path):
+    over = [f"data.path={world / 'engagements'}", *PRE, "loss.type=contrastive"]
+    full = pretrain(load_config(PretrainConfig, "pretrain", over), tmp_path / "full")
+    half = pretrain(load_config(PretrainConfig, "pretrain", [*over, "epochs=1"]),
+                    tmp_path / "half")
+    assert [p.name for p in list_checkpoints(tmp_path / "half")] == ["epoch-001"]
+    ck = load_checkpoint(tmp_path / "half" / "checkpoints" / "epoch-001")
+    assert ck["epoch"] == 1 and _timeless(ck["rows"]) == _timeless(half.metrics)
+    assert ck["optim"]["sparse"]["item_weight"]["step_count"] == ck["step"] > 0
+    # settings that do not fit the checkpoint are refused
+    with pytest.raises(ValueError, match="cannot resume"):
+        pretrain(load_config(PretrainConfig, "pretrain", [*over, "model.dim=4"]),
+                 tmp_path / "half", resume=True)
+    # the CLI continues from RUN_DIR/config.yaml, to 2 epochs
+    assert main(["pretrain", "--resume", str(tmp_path / "half"), "epochs=2"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "half")] == ["epoch-002"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "epoch-002")
+    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "epoch-002")
+    for k in a["model"]:  # tables and temperature
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for table, st in a["optim"]["sparse"].items():  # row-wise Adam moments and step counts
+        for k, v in st.items():
+            got = b["optim"]["sparse"][table][k]
+            assert torch.equal(v, got) if torch.is_tensor(v) else v == got, (table, k)
+    ea, eb = load_embeddings(full.export_dir), load_embeddings(tmp_path / "half" / "embeddings")
+    assert torch.equal(ea.user.weight, eb.user.weight)
+    assert torch.equal(ea.item.weight, eb.item.weight)
+    rows = pq.read_table(tmp_path / "half" / "metrics.parquet").to_pylist()
+    assert len(rows) == 5 and _timeless(rows) == _timeless(full.metrics)
+    assert ea.meta["temperature"] == eb.meta["temperature"]
 
 
 @pytest.mark.parametrize("loss", ["bce", "contrastive-normalized-logq"])

@@ -70,12 +70,34 @@ def test_fig6_verdict_is_computed_from_the_numbers(tmp_path, tiny_synth):
             _fake_run(runs["lr"][s], lr_drop, s)
         c = z.Context(z.QUICK, out, data, arms, runs, z.fine_fields(data))
         res = z.fig6(c, ["base", "lr"])
-        assert res.images[0].exists() and "| DNN (base) | 2 |" in res.table
+        assert res.images[0].exists() and "| DNN (base) | 2 |" in res.table.markdown()
         return res.verdict, [ch.passed for ch in res.checks]
 
     assert verdict(0.02, 0.0) == ("reproduced", [True, True])
     assert verdict(0.02, 0.02) == ("mixed", [True, False])
     assert verdict(0.0, 0.02) == ("not reproduced", [False, False])
+
+
+def test_report_renders_figure_tables_as_html_tables(tmp_path, tiny_synth):
+    data = load_ctr(tiny_synth)
+    arms = z.build_arms(z.QUICK, z.fine_fields(data))
+    runs = {k: [tmp_path / "runs" / k / f"seed-{s}" for s in range(2)] for k in arms}
+    for s in range(2):
+        _fake_run(runs["base"][s], 0.02, s)
+        _fake_run(runs["lr"][s], 0.0, s)
+    c = z.Context(z.QUICK, tmp_path, data, arms, runs, z.fine_fields(data))
+    res = z.fig6(c, ["base", "lr"])
+    z._write_figure(c, "6", res, 1.0)
+    odd = z.Table(["field", "IDs"], [["<b>x</b> & y", 3]])  # cell text is escaped
+    z._write_figure(c, "10", z.FigureResult("mixed", [], [], odd), 0.0)
+    html = z.write_report(tmp_path).read_text()
+    head = "".join(f"<th>{h}</th>" for h in z.SUMMARY_HEADER)
+    assert f"<table><tr>{head}</tr><tr><td>DNN (base)</td><td>2</td><td>0.7" in html
+    assert "<tr><td>LR</td><td>2</td>" in html
+    assert "<tr><td>&lt;b&gt;x&lt;/b&gt; &amp; y</td><td>3</td></tr>" in html
+    assert "| DNN (base) |" not in html and "|---|" not in html and "<pre>" not in html
+    md = (tmp_path / "fig6" / "table.md").read_text()  # Markdown from the same rows
+    assert "| DNN (base) | 2 | 0.7" in md
 
 
 def test_update_ratios_measure_the_jump_at_the_boundary(tmp_path):

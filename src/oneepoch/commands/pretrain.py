@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,11 +13,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "contrastive loss (in-batch + uniform negatives, learned clamped temperature, optional "
         "logQ correction and L2 normalisation) or BCE with random negatives, for many epochs; "
         "evaluate Hit@K / Recall@K / NDCG@K against the full catalogue several times per "
-        "epoch; export RUN/embeddings/ for downstream models (init.embeddings=...).",
+        "epoch; checkpoint each epoch end; export RUN/embeddings/ for downstream models "
+        "(init.embeddings=...).",
         epilog="example: oneepoch pretrain --config pretrain data.path=DATA/engagements "
         "model.dim=32 loss.logq=true model.normalize=true")
     p.add_argument("--config", default="pretrain",
                    help="YAML file or built-in preset name (default: pretrain)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a killed run from its last epoch checkpoint (settings from "
+                   "RUN_DIR/config.yaml; overrides such as epochs=N apply on top)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=20")
     p.set_defaults(func=run)
 
@@ -25,8 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.config import load_config
     from oneepoch.pretrain import PretrainConfig, pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    res = pretrain(cfg)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+        cfg = load_config(PretrainConfig, run_dir / "config.yaml", args.overrides)
+        res = pretrain(cfg, run_dir, resume=True)
+    else:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        res = pretrain(cfg)
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

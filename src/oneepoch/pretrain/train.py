@@ -11,11 +11,19 @@ fixed subset of training pairs (``train_``): ``hit@K``, ``recall@K``, ``ndcg@K``
 full catalogue, ``full_loss`` (full-catalogue softmax) and ``sampled_loss`` (the training loss
 with fixed negatives); plus ``train_loss`` (mean over the steps since the last evaluation),
 ``tau``, ``epoch``, ``step``, ``elapsed_s`` and ``pairs_per_s`` (training steps only).
+
+Each epoch end writes ``RUN/checkpoints/epoch-NNN/`` atomically (only the latest is kept): the
+tables and temperature, the row-wise optimizer state with its step counts, the torch RNG and
+negative-sampling generator states, the evaluation rows so far and the step / epoch counters, in
+safetensors + JSON (:mod:`oneepoch.training.checkpoint`). ``pretrain(cfg, run_dir,
+resume=True)`` continues from the latest one and ends with the tables and metrics of an
+uninterrupted run (each epoch's order depends only on (seed, epoch)); ``epochs=`` may be raised.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +43,14 @@ from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
 from oneepoch.pretrain.losses import bce_loss, contrastive_loss
 from oneepoch.pretrain.model import TwoTower
-from oneepoch.training.optim import build_optimizer
+from oneepoch.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_optim_keys,
+    save_checkpoint,
+)
+from oneepoch.training.optim import Optimizer, build_optimizer
 
 LOSSES = ("contrastive", "bce")
 
@@ -103,9 +118,34 @@ def _eval_points(steps_per_epoch: int, epochs: int, per_epoch: int) -> set[int]:
     return pts
 
 
+def _restore(path: Path, model: TwoTower, opt: Optimizer, gen: torch.Generator,
+             steps_per_epoch: int) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`pretrain` into the model, optimizer and generator
+    (and the global torch RNG); returns it. Refuses one whose shapes do not fit this run."""
+    ck = load_checkpoint(path)
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ck["model"].items()}
+    if got != have or int(ck["steps_per_epoch"]) != steps_per_epoch:
+        raise ValueError(
+            f"{path}: cannot resume: the checkpoint has tables {got} and "
+            f"{ck['steps_per_epoch']} steps per epoch, these settings give {have} and "
+            f"{steps_per_epoch} (model.dim, batch_size or the data changed; resume with the "
+            "run's own settings)")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict({"sparse": ck["optim"]["sparse"],
+                         "dense": restore_optim_keys(ck["optim"]["dense"])})
+    torch.set_rng_state(ck["torch_rng"])
+    gen.set_state(ck["generator"])
+    return ck
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
-             data: EngagementData | None = None) -> PretrainResult:
-    """Train user and item ID tables on engagement pairs; see the module doc."""
+             data: EngagementData | None = None, resume: bool = False) -> PretrainResult:
+    """Train user and item ID tables on engagement pairs; see the module doc.
+
+    With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
+    has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed.
+    """
     from oneepoch.embeddings import export_embeddings
 
     t0 = time.time()
@@ -121,7 +161,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                                 cfg.data.holdout, cfg.data.surfaces, cfg.seed)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.seed)
     mc, lc = cfg.model, cfg.loss
     model = TwoTower(data.n_users, data.n_items, mc.dim, mc.init_std, mc.normalize,
@@ -141,6 +180,19 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     rows: list[dict[str, Any]] = []
     train_secs = 0.0
     pairs_done = 0
+    step, start_epoch = 0, 0
+    ckpts = list_checkpoints(run_dir)
+    if resume and ckpts:
+        ck = _restore(ckpts[-1], model, opt, gen, steps_per_epoch)
+        step, start_epoch = int(ck["step"]), int(ck["epoch"])
+        rows = ck["rows"]  # metrics written after the checkpoint are recomputed
+        train_secs, pairs_done = float(ck["train_secs"]), int(ck["pairs_done"])
+        t0 -= float(ck["elapsed_s"])
+        _write_rows(run_dir, rows)
+    elif not resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    # written once the checkpoint is known to fit, so a refused resume leaves the run as it was
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def do_eval(step: int, loss_sum: float, n_loss: int) -> None:
         model.eval()
@@ -165,12 +217,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         _write_rows(run_dir, rows)
         model.train()
 
-    do_eval(0, 0.0, 0)
+    if step == 0:
+        do_eval(0, 0.0, 0)
     k0 = f"test_hit@{min(cfg.eval.ks)}"
-    bar = tqdm(total=steps_per_epoch * cfg.epochs * cfg.batch_size, unit="pair", unit_scale=True,
-               disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0, desc=run_dir.name)
-    step = 0
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=steps_per_epoch * cfg.epochs * cfg.batch_size,
+               initial=min(step, steps_per_epoch * cfg.epochs) * cfg.batch_size, unit="pair",
+               unit_scale=True, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
+               desc=run_dir.name)
+    for epoch in range(start_epoch, cfg.epochs):
         order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch + 1]).permutation(n))
         loss_sum, n_loss = 0.0, 0
         for a in range(0, n, cfg.batch_size):
@@ -191,6 +245,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                 loss_sum, n_loss = 0.0, 0
                 bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}",
                                 hit=f"{rows[-1][k0]:.4f}", tau=f"{rows[-1]['tau']:.3f}")
+        save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}", {
+            "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+            "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
+            "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "rows": rows,
+            "train_secs": train_secs, "pairs_done": pairs_done, "elapsed_s": time.time() - t0})
+        prune_checkpoints(run_dir, 1)
     bar.close()
     export_dir = None
     if cfg.export:

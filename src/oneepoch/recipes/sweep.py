@@ -343,7 +343,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_summary(points: Sequence[PointSummary], out: str | Path, title: str) -> dict[str, Path]:
     """``sweep.png``, ``summary.md``, ``summary.json`` and ``summary.html`` in ``out``."""
     from oneepoch.report.figures import plot_mean_std
-    from oneepoch.report.html import img, write_page
+    from oneepoch.report.html import img, table, write_page
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,11 +357,9 @@ def write_summary(points: Sequence[PointSummary], out: str | Path, title: str) -
     js.write_text(json.dumps([{k: v for k, v in asdict(p).items()
                                if k not in ("curve_mean", "curve_std", "epochs")}
                               for p in points], indent=1, allow_nan=True))
-    table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-             + "</table>")
-    html = write_page(out / "summary.html", title, [("Test AUC", img(png, title)),
-                                                    ("Per point (mean ± std over seeds)", table)])
+    html = write_page(out / "summary.html", title, [
+        ("Test AUC", img(png, title)),
+        ("Per point (mean ± std over seeds)", table(SUMMARY_HEADER, rows))])
     return {"png": png, "md": md, "json": js, "html": html}
 
 

@@ -12,7 +12,8 @@ once) and a re-run skips finished runs, so ``--figure all`` can be interrupted a
 
 Output (``--out``, default ``runs/reproduce``): ``data/`` (the built-in synthetic set, made
 once), ``runs/<arm>/seed-<k>/`` (one training run each), ``fig<N>/`` (PNG, ``table.md``,
-``result.json``) and ``report.html`` with every figure done so far.
+``result.json``) and ``report.html`` with every figure done so far (each figure's table as an
+HTML table made from the same rows as ``table.md``).
 
     >>> sorted(FIGURES)[:3]
     ['10', '11', '12']
@@ -328,11 +329,23 @@ def boundary_jump(runs: Sequence[list[dict[str, Any]]], key: str) -> Jump:
 
 
 @dataclass
+class Table:
+    """A figure's table: column names and rows of cells, written as Markdown (``table.md``) and
+    as an HTML table (``report.html``) from the same cells."""
+
+    header: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        return markdown_table(self.header, self.rows)
+
+
+@dataclass
 class FigureResult:
     verdict: str
     checks: list[Check]
     images: list[Path]
-    table: str  # Markdown
+    table: Table
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -348,8 +361,8 @@ def _curve_png(c: Context, keys: Sequence[str], path: Path, title: str,
     return plot_mean_std(series, path, ylabel, title)
 
 
-def _auc_table(c: Context, keys: Sequence[str]) -> str:
-    return markdown_table(SUMMARY_HEADER, summary_rows([c.summary(k) for k in keys]))
+def _auc_table(c: Context, keys: Sequence[str]) -> Table:
+    return Table(list(SUMMARY_HEADER), summary_rows([c.summary(k) for k in keys]))
 
 
 def _all_drop(c: Context, keys: Sequence[str], fig: str, title: str) -> FigureResult:
@@ -417,8 +430,8 @@ def fig10(c: Context, keys: list[str]) -> FigureResult:
         shares[f] = tail_share(v)
         means[f] = float(seen.mean()) if len(seen) else math.nan
         rows.append([f, len(seen), int(seen.sum()), f"{means[f]:.1f}", f"{100 * shares[f]:.1f}%"])
-    table = markdown_table(["field", "IDs", "occurrences", "mean occurrences / ID",
-                            "share of occurrences in the least frequent 50% of IDs"], rows)
+    table = Table(["field", "IDs", "occurrences", "mean occurrences / ID",
+                   "share of occurrences in the least frequent 50% of IDs"], rows)
     coarse = [f for f in counts if f not in c.fine]
     checks = [Check(f"{f}: least frequent half of IDs hold <= 10% of occurrences (paper: 2.5%)",
                     bool(shares[f] <= 0.10), f"{100 * shares[f]:.1f}%") for f in c.fine]
@@ -486,8 +499,8 @@ def fig14_15(c: Context, keys: list[str]) -> FigureResult:
                             f"threshold {thr})", not j.is_jump(thr), j.text()))
     rows = [[f, jumps["train"][f].text(), jumps["test"][f].text()]
             for f in ["all fields", *c.data.fields]]
-    table = markdown_table(["base DNN: A-distance change at epoch 2", "train sample",
-                            "test sample"], rows)
+    table = Table(["base DNN: A-distance change at epoch 2", "train sample",
+                   "test sample"], rows)
     return FigureResult(verdict_of([x.passed for x in checks]), checks, imgs, table,
                         {"jumps": {sp: {f: vars(j) for f, j in d.items()}
                                    for sp, d in jumps.items()}})
@@ -546,8 +559,8 @@ def fig16(c: Context, keys: list[str]) -> FigureResult:
               Check(f"the embedding's update norm does not (< {thr})", bool(emb < thr),
                     f"embedding x{emb:.2f}")]
     png = _plot_updates(c, c.out / "fig16" / "fig16.png")
-    table = markdown_table(["layer", "update norm after / before the epoch-1 boundary "
-                            "(0.05 epoch each side)"], [[g, f"{ratio[g]:.3f}"] for g in groups])
+    table = Table(["layer", "update norm after / before the epoch-1 boundary "
+                   "(0.05 epoch each side)"], [[g, f"{ratio[g]:.3f}"] for g in groups])
     return FigureResult(verdict_of([x.passed for x in checks]), checks, [png], table,
                         {"ratios": ratio})
 
@@ -640,11 +653,12 @@ def _write_figure(c: Context, fig: str, res: FigureResult, seconds: float) -> No
     (d / "table.md").write_text(f"# Fig. {fig}: {f.title}\n\nClaim: {f.claim}\n\n"
                                 f"Verdict: **{res.verdict}**\n\n"
                                 + "".join(f"- {ch.line()}\n" for ch in res.checks)
-                                + "\n" + res.table)
+                                + "\n" + res.table.markdown())
     (d / "result.json").write_text(json.dumps({
         "figure": fig, "title": f.title, "claim": f.claim, "verdict": res.verdict,
         "checks": [vars(ch) for ch in res.checks], "images": [str(p) for p in res.images],
-        "table_md": res.table, "numbers": res.numbers, "seconds": seconds,
+        "table": {"header": res.table.header, "rows": res.table.rows},
+        "table_md": res.table.markdown(), "numbers": res.numbers, "seconds": seconds,
         "preset": c.preset.name, "runs": {k: [str(p) for p in c.runs[k]]
                                           for k in figure_arms(fig, c.preset)}},
         indent=1, default=float))
@@ -652,7 +666,7 @@ def _write_figure(c: Context, fig: str, res: FigureResult, seconds: float) -> No
 
 def write_report(out: Path) -> Path:
     """``out/report.html`` from every ``fig*/result.json`` present."""
-    from oneepoch.report.html import esc, img, write_page
+    from oneepoch.report.html import esc, img, table, write_page
 
     results = []
     for fig in ORDER:
@@ -671,9 +685,12 @@ def write_report(out: Path) -> Path:
             f"<li>{'✅' if ch['passed'] else '❌'} {esc(ch['text'])}: <b>{esc(ch['numbers'])}</b>"
             "</li>" for ch in r["checks"]) + "</ul>"
         imgs = "".join(img(p, r["title"]) for p in r["images"] if Path(p).exists())
+        t = r.get("table")
+        tab = (table(t["header"], t["rows"]) if t  # a result.json of an older version: text
+               else f"<pre>{esc(r.get('table_md', ''))}</pre>")
         body = (f"<p><b>Paper's claim:</b> {esc(r['claim'])}</p>"
                 f"<div class='verdict {cls.get(r['verdict'], '')}'>verdict: {esc(r['verdict'])}"
-                f"</div>{checks}{imgs}<pre>{esc(r['table_md'])}</pre>"
+                f"</div>{checks}{imgs}{tab}"
                 f"<p>preset {esc(r['preset'])}; analysis written after {r['seconds']:.0f} s of "
                 "training for this figure.</p>")
         sections.append((f"Fig. {r['figure']}: {r['title']}", body))

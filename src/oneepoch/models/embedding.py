@@ -11,6 +11,10 @@ owns the table it switches on ``fused`` updates: each forward de-duplicates the 
 (without sorting), gathers them into a small dense leaf, and the optimizer reads that leaf's
 already-summed gradient, so no sparse tensor is built or coalesced.
 
+On the CPU (float32 table), pooling, de-duplication and the backward scatter run as one native
+pass each (:mod:`oneepoch.kernels`); elsewhere, or with the kernels disabled, the PyTorch path
+above gives the same numbers.
+
     >>> emb = FieldEmbedding({"item": 100, "cate": 10}, ["item", "cate", "item"], n_single=2, dim=8)
     >>> emb.table_rows
     110
@@ -22,7 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oneepoch import kernels
 from oneepoch.data.batcher import Batch
+
+
+class _NativePool(torch.autograd.Function):
+    """Routes the gradient of natively pooled embeddings to the batch's distinct rows."""
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, pooled: torch.Tensor, inv: torch.Tensor,
+                lens: list[torch.Tensor], n_single: int) -> torch.Tensor:
+        ctx.inv, ctx.lens, ctx.n_single, ctx.rows = inv, lens, n_single, leaf.shape
+        return pooled
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        g = g.contiguous()
+        grad = g.new_empty(ctx.rows)
+        kernels.lib().emb_pool_backward(g.data_ptr(), g.shape[0], ctx.n_single, len(ctx.lens),
+                                        kernels.ptr_array(ctx.lens), ctx.inv.data_ptr(),
+                                        ctx.rows[0], ctx.rows[1], grad.data_ptr())
+        return grad, None, None, None, None
 
 
 class _MeanBagLookup(torch.autograd.Function):
@@ -80,6 +104,7 @@ class FieldEmbedding(nn.Module):
         self.fused = False
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, leaf) per forward
         self._slot: torch.Tensor | None = None
+        self._slot32: torch.Tensor | None = None  # the native path's (int32, CPU)
 
     @property
     def table_rows(self) -> int:
@@ -139,7 +164,47 @@ class FieldEmbedding(nn.Module):
         self._slot.index_fill_(0, rows, -1)
         return rows, compact.index_select(0, first)
 
+    def _native(self, batch: Batch) -> torch.Tensor:
+        """Pooling (and, when training fused, de-duplication) in one native pass."""
+        ids = batch.ids.contiguous()
+        seqs = [q.contiguous() for q in batch.seqs]
+        lens = [n.contiguous() for n in batch.lens]
+        bsz, s = ids.shape
+        train = self.fused and self.weight.requires_grad and torch.is_grad_enabled()
+        w = self.weight.detach()
+        out = w.new_empty(bsz, self.n_fields, self.dim)
+        rows = inv = slot = None
+        if train:
+            cap = bsz * (s + sum(q.shape[1] for q in seqs))
+            if self._slot32 is None:
+                self._slot32 = torch.full((self.table_rows,), -1, dtype=torch.int32)
+            slot = self._slot32
+            rows = torch.empty(cap, dtype=torch.int64)
+            inv = torch.empty(cap, dtype=torch.int32)
+        n = kernels.lib().emb_pool_forward(
+            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), len(seqs),
+            kernels.ptr_array(seqs), kernels.int64_array([q.shape[1] for q in seqs]),
+            kernels.ptr_array(lens), w.data_ptr(), self.table_rows, self.dim, out.data_ptr(),
+            kernels.ptr(slot), kernels.ptr(rows), kernels.ptr(inv))
+        if n < 0:
+            raise IndexError(self._bad_lookup(batch, n))
+        if not train:
+            return out
+        leaf = w.new_empty(n, self.dim).requires_grad_()  # receives the rows' summed gradient
+        self.pending.append((rows[:n], leaf))
+        return _NativePool.apply(leaf, out, inv, lens, s)
+
+    def _bad_lookup(self, batch: Batch, code: int) -> str:
+        if code <= -(1 << 40):
+            return "FieldEmbedding: a sequence length is negative or longer than its padding"
+        return (f"FieldEmbedding: lookup {-1 - code} of the batch is outside the table "
+                f"({self.table_rows} rows): an ID is negative or beyond its vocabulary")
+
     def forward(self, batch: Batch) -> torch.Tensor:
+        needs_grad = self.weight.requires_grad and torch.is_grad_enabled()
+        if (self.fused or not needs_grad) and batch.ids.dtype == torch.int64 \
+                and self.weight.dtype == torch.float32 and kernels.usable(self.weight, batch.ids):
+            return self._native(batch)
         if self.fused and self.weight.requires_grad and torch.is_grad_enabled():
             flat, offsets, size = self.bag_inputs(batch, with_sizes=True)
             rows, inv = self.unique_rows(flat)

@@ -6,6 +6,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oneepoch import kernels
+
+
+class _NativeDice(torch.autograd.Function):
+    """Dice's forward and backward in one native pass each (see kernels/native.c)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor,
+                var: torch.Tensor, stats: bool, eps: float):
+        lib, (b, h) = kernels.lib(), x.shape
+        if stats:
+            mean, var = x.new_empty(h), x.new_empty(h)
+        rstd, p, y = x.new_empty(h), torch.empty_like(x), torch.empty_like(x)
+        lib.dice_forward(x.data_ptr(), alpha.data_ptr(), b, h, int(stats), eps, mean.data_ptr(),
+                         var.data_ptr(), rstd.data_ptr(), p.data_ptr(), y.data_ptr())
+        ctx.save_for_backward(x, p, alpha, mean, rstd)
+        ctx.stats = stats
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, *_):  # type: ignore[override]
+        x, p, alpha, mean, rstd = ctx.saved_tensors
+        b, h = x.shape
+        dy = dy.contiguous()
+        dx, dalpha, acc = torch.empty_like(x), alpha.new_empty(h), x.new_empty(2 * h)
+        kernels.lib().dice_backward(x.data_ptr(), p.data_ptr(), dy.data_ptr(), alpha.data_ptr(),
+                                    mean.data_ptr(), rstd.data_ptr(), b, h, int(ctx.stats),
+                                    dx.data_ptr(), dalpha.data_ptr(), acc.data_ptr())
+        return dx, dalpha, None, None, None, None
+
 
 class Dice(nn.Module):
     """DIN's Dice: ``p * x + (1 - p) * alpha * x`` with ``p = sigmoid(BN(x))``.
@@ -24,6 +55,20 @@ class Dice(nn.Module):
         self.eps, self.momentum = eps, momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and kernels.usable(x, self.alpha) and x.dtype == torch.float32:
+            stats = self.training and x.shape[0] > 1
+            y, mean, var = _NativeDice.apply(x.contiguous(), self.alpha, self.running_mean,
+                                             self.running_var, stats, self.eps)
+            if stats:  # as F.batch_norm: running variance is the unbiased one
+                n = x.shape[0]
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
+            return y
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain PyTorch path (any device and dtype); the native kernel's twin."""
         xn = F.batch_norm(x, self.running_mean, self.running_var, None, None,
                           self.training and x.shape[0] > 1, self.momentum, self.eps)
         p = torch.sigmoid(xn)

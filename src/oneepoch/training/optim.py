@@ -6,7 +6,8 @@ so a step's cost does not grow with the table. Like ``torch.optim.SparseAdam`` (
 LazyAdam), the moment estimates of rows absent from a batch are not decayed; weight decay is
 applied to the rows the batch touches.
 
-    >>> from oneepoch.config import OptimConfig
+    >>> from oneepoch import kernels
+from oneepoch.config import OptimConfig
     >>> opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))   # doctest: +SKIP
     >>> loss.backward(); opt.step(); opt.zero_grad()                       # doctest: +SKIP
 """
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oneepoch import kernels
 from oneepoch.config import OptimConfig
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
@@ -92,6 +94,8 @@ class RowWiseOptimizer:
         if rows.numel() == 0:
             return
         c, w = self.cfg, self.param
+        if c.name == "adam" and self._native_adam(rows, grad):
+            return
         w_r = w.index_select(0, rows)
         if c.weight_decay:
             grad = grad + c.weight_decay * w_r
@@ -134,6 +138,23 @@ class RowWiseOptimizer:
         w.index_copy_(0, rows, w_r.sub_(delta))
         if self.track_updates:
             self.last_update_linf = float(delta.abs().max())
+
+    def _native_adam(self, rows: torch.Tensor, grad: torch.Tensor) -> bool:
+        """The Adam update above in one native pass over the rows; False if not applicable."""
+        w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
+        if not (w.dtype == grad.dtype == torch.float32 and rows.dtype == torch.int64
+                and kernels.usable(w, m, v, rows, grad)):
+            return False
+        c = self.cfg
+        scale = None
+        if self.row_scale is not None:
+            scale = self.row_scale(rows).to(torch.float32).reshape(-1).contiguous()
+        linf = kernels.lib().rowwise_adam(
+            w.data_ptr(), m.data_ptr(), v.data_ptr(), rows.data_ptr(), grad.data_ptr(),
+            rows.shape[0], w.shape[1], self.lr, kernels.ptr(scale), c.beta1, c.beta2, c.eps,
+            1 - c.beta1 ** self.step_count, 1 - c.beta2 ** self.step_count, c.weight_decay)
+        self.last_update_linf = float(linf)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, **self.state}

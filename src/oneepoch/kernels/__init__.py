@@ -1,0 +1,154 @@
+"""Native CPU kernels for the training step's hot loops, with a pure-PyTorch fallback.
+
+``native.c`` (plain C, no torch headers) is compiled on first use with the system C compiler
+(``$CC``, else ``cc``) into ``$ONEEPOCH_CACHE/native/`` (default ``~/.cache/oneepoch``), once
+per source version and CPU, in about a second, and loaded with :mod:`ctypes`. Each kernel has
+a PyTorch twin that gives the same numbers within float tolerance; the twin is used when
+
+* the tensors are not contiguous float32 on the CPU (e.g. on CUDA),
+* ``ONEEPOCH_NATIVE=0`` is set, or
+* no C compiler is found (a warning says so once).
+
+    >>> from oneepoch import kernels
+    >>> kernels.available() in (True, False)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c11",
+          "-fPIC", "-shared"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_off = 0  # > 0 inside ``disabled()``
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+_SIGNATURES = {
+    "dice_forward": (None, [_P, _P, _I, _I, ctypes.c_int, _F, _P, _P, _P, _P, _P]),
+    "dice_backward": (None, [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _P, _P, _P]),
+    "emb_pool_forward": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P]),
+    "emb_pool_backward": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _P]),
+    "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
+}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$ONEEPOCH_CACHE/native`` or ``~/.cache/oneepoch``."""
+    root = os.environ.get("ONEEPOCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "oneepoch")
+    return Path(root) / "native"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + cc.encode()
+                         + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
+    out = cache_dir() / f"oneepoch-native-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{r.stderr.strip()}")
+        os.replace(tmp, out)  # atomic: concurrent builders each publish a whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; ``None`` if disabled or unavailable."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("ONEEPOCH_NATIVE", "1") == "0" or sys.platform == "win32":
+        return None
+    try:
+        handle = ctypes.CDLL(str(_build()))
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(handle, name)
+            fn.restype, fn.argtypes = res, args
+        _lib = handle
+    except (OSError, RuntimeError, AttributeError) as e:
+        warnings.warn(f"oneepoch: native CPU kernels unavailable, using the PyTorch path "
+                      f"(slower): {e}", RuntimeWarning, stacklevel=2)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and enabled."""
+    return lib() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Use the PyTorch path inside this block (for comparisons and debugging)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True if the native kernels are available and every tensor is a contiguous CPU float32
+    (or integer) tensor, i.e. the native path applies."""
+    if _off or lib() is None:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype in (
+                torch.float16, torch.bfloat16, torch.float64):
+            return False
+    return True
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """The data pointer of a tensor (``None`` for a missing optional array)."""
+    return None if t is None else t.data_ptr()
+
+
+def ptr_array(ts: list[torch.Tensor]) -> ctypes.Array:
+    """A C array of data pointers (for lists of per-field arrays)."""
+    return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
+
+
+def int64_array(values: list[int]) -> ctypes.Array:
+    """A C array of int64 values."""
+    return (ctypes.c_int64 * max(1, len(values)))(*values)

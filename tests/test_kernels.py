@@ -1,0 +1,186 @@
+"""The native CPU kernels against their PyTorch twins (same numbers within float tolerance)."""
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from oneepoch import kernels
+from oneepoch.config import ModelConfig, OptimConfig, TrainConfig, load_config
+from oneepoch.data.batcher import Batch
+from oneepoch.models.embedding import FieldEmbedding
+from oneepoch.models.layers import Dice
+from oneepoch.training.optim import build_optimizer
+from oneepoch.training.trainer import train
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler here")
+
+
+@pytest.mark.parametrize("shape", [(512, 200), (7, 3), (1, 5)])
+def test_dice_matches_reference(shape):
+    g = torch.Generator().manual_seed(0)
+    a, b = Dice(shape[1]), Dice(shape[1])
+    with torch.no_grad():
+        a.alpha.normal_(generator=g)
+        b.alpha.copy_(a.alpha)
+    x = (torch.randn(shape, generator=g) * 2 + 1).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    gy = torch.randn(shape, generator=g)
+    y, y2 = a(x), b.reference(x2)
+    (y * gy).sum().backward()
+    (y2 * gy).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(a.alpha.grad, b.alpha.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.running_mean, b.running_mean, **tol)
+    torch.testing.assert_close(a.running_var, b.running_var, **tol)
+    a.eval()
+    b.eval()
+    torch.testing.assert_close(a(x), b.reference(x), **tol)
+
+
+def _fields(bsz=64, seed=0, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    vocab = {"user": 50, "item": 300, "cate": 20}
+    emb = FieldEmbedding(vocab, ["user", "item", "cate", "item", "cate"], n_single=3, dim=dim,
+                         init_std=0.1)
+    ids = torch.stack([torch.randint(0, n, (bsz,), generator=g) for n in (50, 300, 20)], 1)
+    seqs = [torch.randint(0, 300, (bsz, 6), generator=g),
+            torch.randint(0, 20, (bsz, 4), generator=g)]
+    lens = [torch.randint(0, 7, (bsz,), generator=g), torch.randint(0, 5, (bsz,), generator=g)]
+    lens[0][:3] = 0  # empty sequences pool to zeros
+    return emb, Batch(ids, seqs, lens, torch.zeros(bsz))
+
+
+def _dense_grad(emb):
+    (rows, leaf), = emb.pending
+    emb.pending = []
+    out = torch.zeros_like(emb.weight)
+    out[rows] = leaf.grad
+    return rows, out
+
+
+@pytest.mark.parametrize("dim", [8, 1])
+def test_embedding_pool_and_gradient_match_reference(dim):
+    emb, batch = _fields(dim=dim)
+    gout = torch.randn(len(batch), emb.n_fields, dim)
+    emb.fused = True
+    out = emb(batch)
+    (out * gout).sum().backward()
+    rows, grad = _dense_grad(emb)
+    with kernels.disabled():
+        ref = emb(batch)
+        (ref * gout).sum().backward()
+        ref_rows, ref_grad = _dense_grad(emb)
+    torch.testing.assert_close(out, ref)
+    assert sorted(rows.tolist()) == sorted(ref_rows.tolist())
+    assert len(set(rows.tolist())) == len(rows)
+    torch.testing.assert_close(grad, ref_grad)
+    with torch.no_grad():  # evaluation path (no de-duplication)
+        torch.testing.assert_close(emb(batch), ref)
+    emb.fused = False  # not fused: the table's own (sparse) gradient, as before
+    emb(batch).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+
+
+def test_embedding_out_of_range_id_is_a_clear_error_and_leaves_no_trace():
+    emb, batch = _fields()
+    emb.fused = True
+    good = emb(batch)
+    emb.pending = []
+    bad = Batch(batch.ids.clone(), [q.clone() for q in batch.seqs],
+                [n.clone() for n in batch.lens], batch.label)
+    bad.seqs[0][5, 0] = 10_000
+    bad.lens[0][5] = 3
+    with pytest.raises(IndexError, match="outside the table"):
+        emb(bad)
+    bad.seqs[0][5, 0] = 0
+    bad.lens[0][5] = 99  # longer than the padding
+    with pytest.raises(IndexError, match="length"):
+        emb(bad)
+    assert (emb._slot32 == -1).all()  # the de-duplication scratch is clean again
+    torch.testing.assert_close(emb(batch), good)
+
+
+@pytest.mark.parametrize("over", [dict(), dict(weight_decay=0.1)])
+def test_rowwise_adam_matches_reference(over):
+    from oneepoch.models.ctr import build_model
+
+    def make():
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(hidden=[16]), {"user": 50, "item": 300, "cate": 20},
+                        ["user", "item", "cate", "item", "cate"], 3)
+        o = build_optimizer(m, OptimConfig(**over))
+        scale = torch.linspace(0.1, 1.0, m.embedding.table_rows).unsqueeze(1)
+        o.sparse["embedding.weight"].row_scale = lambda rows: scale[rows]
+        return m, o
+
+    runs = []
+    for native in (True, False):
+        m, o = make()
+        with kernels.disabled() if not native else contextlib.nullcontext():
+            for seed in range(3):
+                _, batch = _fields(seed=seed)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    m(batch), torch.rand(len(batch), generator=torch.Generator().manual_seed(seed)))
+                o.zero_grad()
+                loss.backward()
+                o.step()
+        runs.append((m.embedding.weight.detach().clone(), o.sparse["embedding.weight"].state))
+    (w1, s1), (w2, s2) = runs
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-7)
+
+
+def test_short_training_run_matches_pytorch_path(tiny_synth, tmp_path):
+    def run(name):
+        cfg = load_config(TrainConfig, None, [
+            f"data.path={tiny_synth}", f"out_dir={tmp_path}", f"name={name}", "progress=false",
+            "threads=1", "batch_size=256", "eval.per_epoch=2", "epochs=1"])
+        return train(cfg).metrics
+
+    fast = run("native")
+    with kernels.disabled():
+        ref = run("torch")
+    for a, b in zip(fast, ref, strict=True):
+        assert a["step"] == b["step"]
+        for k in ("test_auc", "test_logloss", "train_auc"):
+            assert abs(a[k] - b[k]) < 2e-4, (k, a[k], b[k])
+
+
+def test_disabled_by_environment_and_missing_compiler_falls_back(tmp_path):
+    code = ("import warnings, torch\nfrom oneepoch import kernels\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(kernels.available(), any('unavailable' in str(x.message) for x in w))\n"
+            "from oneepoch.models.layers import Dice\n"
+            "print(tuple(Dice(3)(torch.randn(4, 3)).shape))\n")
+    env = {**os.environ, "ONEEPOCH_CACHE": str(tmp_path)}
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "ONEEPOCH_NATIVE": "0"},
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert off[:2] == ["False False", "(4, 3)"]
+    nocc = subprocess.run([sys.executable, "-c", code], env={**env, "CC": "/nonexistent/cc"},
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    assert nocc[:2] == ["False True", "(4, 3)"]
+    built = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    assert built[:2] == ["True False", "(4, 3)"]
+    assert len(list((tmp_path / "native").glob("*.so"))) == 1
+    assert not list((tmp_path / "native").glob("*.tmp"))
+
+
+def test_kernels_are_deterministic():
+    outs = []
+    for _ in range(2):
+        emb, batch = _fields(bsz=256)
+        emb.fused = True
+        (emb(batch) * torch.arange(emb.n_fields * 8.0).view(1, -1, 8)).sum().backward()
+        outs.append(_dense_grad(emb))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert np.array_equal(outs[0][0].numpy(), outs[1][0].numpy())

@@ -97,7 +97,7 @@ def test_embedding_out_of_range_id_is_a_clear_error_and_leaves_no_trace():
                 [n.clone() for n in batch.lens], batch.label)
     bad.seqs[0][5, 0] = 10_000
     bad.lens[0][5] = 3
-    with pytest.raises(IndexError, match="outside the table"):
+    with pytest.raises(IndexError, match="has ID 10000"):
         emb(bad)
     bad.seqs[0][5, 0] = 0
     bad.lens[0][5] = 99  # longer than the padding

@@ -2,7 +2,9 @@
 
 ``native.c`` (plain C, no torch headers) is compiled on first use with the system C compiler
 (``$CC``, else ``cc``) into ``$ONEEPOCH_CACHE/native/`` (default ``~/.cache/oneepoch``), once
-per source version and CPU, in about a second, and loaded with :mod:`ctypes`. Each kernel has
+per source version and CPU, in about a second, and loaded with :mod:`ctypes`. With OpenMP it
+runs on PyTorch's own thread pool (``torch.set_num_threads``); results do not depend on the
+number of threads. Each kernel has
 a PyTorch twin that gives the same numbers within float tolerance; the twin is used when
 
 * the tensors are not contiguous float32 on the CPU (e.g. on CUDA),
@@ -80,9 +82,13 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
+        # With OpenMP if the compiler has it (multi-threaded kernels), else without.
+        for extra in (["-fopenmp"], []):
+            r = subprocess.run([cc, *CFLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} failed on {SOURCE}:\n{r.stderr.strip()}")
         os.replace(tmp, out)  # atomic: concurrent builders each publish a whole library
     finally:

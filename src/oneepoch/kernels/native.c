@@ -5,10 +5,18 @@
  * tolerance (tests/test_kernels.py compares them). Arrays are C-contiguous float32 / int64 /
  * int32, sizes are int64. Loops are written so that the inner loop runs over independent lanes
  * (columns or embedding dims) and vectorises without reassociating sums.
+ *
+ * Built with OpenMP when the compiler has it, sharing PyTorch's own runtime (the same
+ * libgomp.so.1, already loaded), so torch.set_num_threads sets their threads too. Work is split
+ * by columns, samples or rows, never inside one sum, so results do not depend on the thread
+ * count.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* exp(x) for float: 2^(x log2 e) with a degree-5 polynomial on the fraction (rel. err ~2e-7).
  * Inlined and vectorisable, unlike libm's expf without -ffast-math. */
@@ -38,27 +46,30 @@ static inline float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 /* x, y, p: [B, H]. With batch statistics (stats = 1) mean and the biased variance over the    */
 /* batch are written to mean/var; otherwise mean/var are read (running statistics).           */
 /* ---------------------------------------------------------------------------------------- */
-void dice_forward(const float *restrict x, const float *restrict alpha, int64_t B, int64_t H,
-                  int stats, float eps, float *restrict mean, float *restrict var,
-                  float *restrict rstd, float *restrict p, float *restrict y) {
-    if (stats) {
-        for (int64_t h = 0; h < H; h++) mean[h] = 0.0f, var[h] = 0.0f;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xr = x + b * H;
-            for (int64_t h = 0; h < H; h++) mean[h] += xr[h];
-        }
-        for (int64_t h = 0; h < H; h++) mean[h] /= (float)B;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xr = x + b * H;
-            for (int64_t h = 0; h < H; h++) {
-                float d = xr[h] - mean[h];
-                var[h] += d * d;
-            }
-        }
-        for (int64_t h = 0; h < H; h++) var[h] /= (float)B;
-    }
-    for (int64_t h = 0; h < H; h++) rstd[h] = 1.0f / sqrtf(var[h] + eps);
+/* Column statistics of x [B, H] over columns [h0, h1). */
+static void dice_stats(const float *restrict x, int64_t B, int64_t H, int64_t h0, int64_t h1,
+                       float *restrict mean, float *restrict var) {
+    for (int64_t h = h0; h < h1; h++) mean[h] = 0.0f, var[h] = 0.0f;
     for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * H;
+        for (int64_t h = h0; h < h1; h++) mean[h] += xr[h];
+    }
+    for (int64_t h = h0; h < h1; h++) mean[h] /= (float)B;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * H;
+        for (int64_t h = h0; h < h1; h++) {
+            float d = xr[h] - mean[h];
+            var[h] += d * d;
+        }
+    }
+    for (int64_t h = h0; h < h1; h++) var[h] /= (float)B;
+}
+
+/* Rows [b0, b1) of the forward output. */
+static void dice_rows(const float *restrict x, const float *restrict alpha, int64_t b0,
+                      int64_t b1, int64_t H, const float *restrict mean,
+                      const float *restrict rstd, float *restrict p, float *restrict y) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *xr = x + b * H;
         float *pr = p + b * H, *yr = y + b * H;
         for (int64_t h = 0; h < H; h++) {
@@ -69,17 +80,45 @@ void dice_forward(const float *restrict x, const float *restrict alpha, int64_t 
     }
 }
 
-/* Gradients of dice_forward: dx [B, H] and dalpha [H] (overwritten). With batch statistics the
- * gradient also flows through mean and variance (batch-norm backward). acc: scratch [2H]. */
-void dice_backward(const float *restrict x, const float *restrict p, const float *restrict dy,
-                   const float *restrict alpha, const float *restrict mean,
-                   const float *restrict rstd, int64_t B, int64_t H, int stats,
-                   float *restrict dx, float *restrict dalpha, float *restrict acc) {
-    float *sg = acc, *sgx = acc + H;
-    for (int64_t h = 0; h < H; h++) sg[h] = 0.0f, sgx[h] = 0.0f, dalpha[h] = 0.0f;
+/* This thread's share [*i0, *i1) of n items (multiples of `quantum`). */
+static inline void share(int64_t n, int64_t quantum, int64_t *i0, int64_t *i1) {
+    int64_t t = 0, T = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num(), T = omp_get_num_threads();
+#endif
+    int64_t per = ((n + T - 1) / T + quantum - 1) / quantum * quantum;
+    *i0 = t * per < n ? t * per : n;
+    *i1 = (t + 1) * per < n ? (t + 1) * per : n;
+}
+
+void dice_forward(const float *x, const float *alpha, int64_t B, int64_t H, int stats,
+                  float eps, float *mean, float *var, float *rstd, float *p, float *y) {
+#pragma omp parallel if (B * H >= 16384)
+    {
+        int64_t i0, i1;
+        if (stats) {  /* each thread owns a block of columns */
+            share(H, 16, &i0, &i1);
+            dice_stats(x, B, H, i0, i1, mean, var);
+#pragma omp barrier
+        }
+#pragma omp single
+        for (int64_t h = 0; h < H; h++) rstd[h] = 1.0f / sqrtf(var[h] + eps);
+        share(B, 1, &i0, &i1);  /* and a block of rows */
+        dice_rows(x, alpha, i0, i1, H, mean, rstd, p, y);
+    }
+}
+
+/* Column sums for the backward over columns [h0, h1): sg = mean(g), sgx = mean(g * xn) (times
+ * inv_b), dalpha. */
+static void dice_back_sums(const float *restrict x, const float *restrict p,
+                           const float *restrict dy, const float *restrict alpha,
+                           const float *restrict mean, const float *restrict rstd, int64_t B,
+                           int64_t H, int64_t h0, int64_t h1, float inv_b, float *restrict sg,
+                           float *restrict sgx, float *restrict dalpha) {
+    for (int64_t h = h0; h < h1; h++) sg[h] = 0.0f, sgx[h] = 0.0f, dalpha[h] = 0.0f;
     for (int64_t b = 0; b < B; b++) {
         const float *xr = x + b * H, *pr = p + b * H, *dr = dy + b * H;
-        for (int64_t h = 0; h < H; h++) {
+        for (int64_t h = h0; h < h1; h++) {
             float dyx = dr[h] * xr[h];
             float g = dyx * (1.0f - alpha[h]) * pr[h] * (1.0f - pr[h]);  /* d loss / d xn */
             float xn = (xr[h] - mean[h]) * rstd[h];
@@ -88,9 +127,15 @@ void dice_backward(const float *restrict x, const float *restrict p, const float
             dalpha[h] += dyx * (1.0f - pr[h]);
         }
     }
-    float inv_b = stats ? 1.0f / (float)B : 0.0f;
-    for (int64_t h = 0; h < H; h++) sg[h] *= inv_b, sgx[h] *= inv_b;
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = h0; h < h1; h++) sg[h] *= inv_b, sgx[h] *= inv_b;
+}
+
+static void dice_back_rows(const float *restrict x, const float *restrict p,
+                           const float *restrict dy, const float *restrict alpha,
+                           const float *restrict mean, const float *restrict rstd, int64_t b0,
+                           int64_t b1, int64_t H, const float *restrict sg,
+                           const float *restrict sgx, float *restrict dx) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *xr = x + b * H, *pr = p + b * H, *dr = dy + b * H;
         float *out = dx + b * H;
         for (int64_t h = 0; h < H; h++) {
@@ -102,6 +147,23 @@ void dice_backward(const float *restrict x, const float *restrict p, const float
     }
 }
 
+/* Gradients of dice_forward: dx [B, H] and dalpha [H] (overwritten). With batch statistics the
+ * gradient also flows through mean and variance (batch-norm backward). acc: scratch [2H]. */
+void dice_backward(const float *x, const float *p, const float *dy, const float *alpha,
+                   const float *mean, const float *rstd, int64_t B, int64_t H, int stats,
+                   float *dx, float *dalpha, float *acc) {
+    const float inv_b = stats ? 1.0f / (float)B : 0.0f;
+#pragma omp parallel if (B * H >= 16384)
+    {
+        int64_t i0, i1;
+        share(H, 16, &i0, &i1);
+        dice_back_sums(x, p, dy, alpha, mean, rstd, B, H, i0, i1, inv_b, acc, acc + H, dalpha);
+#pragma omp barrier
+        share(B, 1, &i0, &i1);
+        dice_back_rows(x, p, dy, alpha, mean, rstd, i0, i1, H, acc, acc + H, dx);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Pooled field embeddings of a batch, straight from the table.                               */
 /* Fields in model order: S single-ID fields (ids [B, S]), then K sequence fields             */
@@ -110,77 +172,115 @@ void dice_backward(const float *restrict x, const float *restrict p, const float
 /* With slot != NULL (int32 [R], all -1 on entry and on return) the batch's distinct rows are  */
 /* listed in rows (first-occurrence order) and each lookup's position in that list is written  */
 /* to inv, in the order the lookups are visited (sample-major, fields in order).              */
-/* Returns the number of distinct rows (0 without slot); -1 - j if lookup j is outside the     */
-/* table, -(2^40) if a length is outside [0, L[k]].                                          */
+/* Returns the number of distinct rows (0 without slot), -1 if a row is outside the table,    */
+/* -2 if a length is outside [0, L[k]].                                                       */
 /* ---------------------------------------------------------------------------------------- */
-int64_t emb_pool_forward(const int64_t *restrict ids, int64_t B, int64_t S, const int64_t *off,
-                         int64_t K, const int64_t *const *seqs, const int64_t *L,
-                         const int64_t *const *lens, const float *restrict W, int64_t R,
-                         int64_t D, float *restrict out, int32_t *restrict slot,
-                         int64_t *restrict rows, int32_t *restrict inv) {
-    const int64_t F = S + K;
+typedef struct {
+    const int64_t *ids, *off, *L;
+    const int64_t *const *seqs, *const *lens;
+    const float *W;
+    int64_t B, S, K, R, D;
+    float *out;
+} Bags;
+
+/* Prefetch sample b's scattered table rows (if rows) and slots (if slot). */
+static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot, int rows) {
+    for (int64_t s = 0; s < a->S; s++) {
+        int64_t r = a->ids[b * a->S + s] + a->off[s];
+        if (r >= 0 && r < a->R) {
+            if (rows) __builtin_prefetch(a->W + r * a->D);
+            if (slot) __builtin_prefetch(slot + r, 1);
+        }
+    }
+    for (int64_t k = 0; k < a->K; k++) {
+        const int64_t *q = a->seqs[k] + b * a->L[k];
+        for (int64_t t = 0, n = a->lens[k][b]; t < n && t < a->L[k]; t++) {
+            int64_t r = q[t] + a->off[a->S + k];
+            if (r >= 0 && r < a->R) {
+                if (rows) __builtin_prefetch(a->W + r * a->D);
+                if (slot) __builtin_prefetch(slot + r, 1);
+            }
+        }
+    }
+}
+
+/* Pool samples [b0, b1); with slot, also de-duplicate (then b0 must be 0 and the range is
+ * visited in order). Returns U, or -1 / -2 as emb_pool_forward. */
+static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_t *rows,
+                    int32_t *inv, int pooling) {
+    const int64_t F = a->S + a->K, D = a->D;
     int64_t j = 0, U = 0, err = 0;
-#define TAKE(r_expr)                                                              \
-    do {                                                                          \
-        int64_t r_ = (r_expr);                                                    \
-        if (r_ < 0 || r_ >= R) { err = -1 - j; goto fail; }                         \
-        const float *w_ = W + r_ * D;                                             \
-        for (int64_t d = 0; d < D; d++) o[d] += w_[d];                            \
-        if (slot) {                                                               \
-            int32_t s_ = slot[r_];                                                \
-            if (s_ < 0) { s_ = (int32_t)U; slot[r_] = s_; rows[U++] = r_; }       \
-            inv[j] = s_;                                                          \
-        }                                                                         \
-        j++;                                                                      \
-    } while (0)
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t pb = b + 2;  /* prefetch a later sample's table rows (and slots) */
-        if (pb < B) {
-            for (int64_t s = 0; s < S; s++) {
-                int64_t r = ids[pb * S + s] + off[s];
-                if (r >= 0 && r < R) {
-                    __builtin_prefetch(W + r * D);
-                    if (slot) __builtin_prefetch(slot + r, 1);
+    for (int64_t b = b0; b < b1; b++) {
+        if (b + 2 < b1) prefetch_sample(a, b + 2, slot, pooling);
+        float *ob = a->out + b * F * D;
+        if (pooling) memset(ob, 0, sizeof(float) * F * D);
+        for (int64_t f = 0; f < F; f++) {
+            const int64_t *q;
+            int64_t n;
+            if (f < a->S) {
+                q = a->ids + b * a->S + f, n = 1;
+            } else {
+                int64_t k = f - a->S;
+                q = a->seqs[k] + b * a->L[k], n = a->lens[k][b];
+                if (n < 0 || n > a->L[k]) { err = -2; goto done; }
+            }
+            float *o = ob + f * D;
+            for (int64_t t = 0; t < n; t++, j++) {
+                int64_t r = q[t] + a->off[f];
+                if (r < 0 || r >= a->R) { err = -1; goto done; }
+                if (pooling) {
+                    const float *w = a->W + r * D;
+                    for (int64_t d = 0; d < D; d++) o[d] += w[d];
+                }
+                if (slot) {
+                    int32_t s_ = slot[r];
+                    if (s_ < 0) { s_ = (int32_t)U; slot[r] = s_; rows[U++] = r; }
+                    inv[j] = s_;
                 }
             }
-            for (int64_t k = 0; k < K; k++) {
-                int64_t n = lens[k][pb];
-                const int64_t *q = seqs[k] + pb * L[k];
-                for (int64_t t = 0; t < n && t < L[k]; t++) {
-                    int64_t r = q[t] + off[S + k];
-                    if (r >= 0 && r < R) {
-                        __builtin_prefetch(W + r * D);
-                        if (slot) __builtin_prefetch(slot + r, 1);
-                    }
-                }
-            }
-        }
-        float *ob = out + b * F * D;
-        memset(ob, 0, sizeof(float) * F * D);
-        for (int64_t s = 0; s < S; s++) {
-            float *o = ob + s * D;
-            TAKE(ids[b * S + s] + off[s]);
-        }
-        for (int64_t k = 0; k < K; k++) {
-            float *o = ob + (S + k) * D;
-            int64_t n = lens[k][b];
-            if (n < 0 || n > L[k]) { err = -((int64_t)1 << 40); goto fail; }
-            const int64_t *q = seqs[k] + b * L[k];
-            for (int64_t t = 0; t < n; t++) TAKE(q[t] + off[S + k]);
-            if (n > 1) {
+            if (pooling && n > 1) {
                 float inv_n = 1.0f / (float)n;
                 for (int64_t d = 0; d < D; d++) o[d] *= inv_n;
             }
         }
     }
-#undef TAKE
-    if (slot)
+done:
+    if (slot)  /* leave the slot array clean, also after an error */
         for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
+    return err ? err : U;
+}
+
+int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S, const int64_t *off,
+                         int64_t K, const int64_t *const *seqs, const int64_t *L,
+                         const int64_t *const *lens, const float *W, int64_t R, int64_t D,
+                         float *out, int32_t *slot, int64_t *rows, int32_t *inv) {
+    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out};
+    int64_t T = 1, U = 0, err = 0;
+#ifdef _OPENMP
+    T = B * (S + K) * D >= 8192 ? omp_get_max_threads() : 1;
+#endif
+    if (T == 1) {  /* one pass does both */
+        U = pool(&a, 0, B, slot, rows, inv, 1);
+    } else {
+        /* Thread 0 de-duplicates (in order); the others pool their share of the samples. */
+#pragma omp parallel num_threads(T) reduction(min : err)
+        {
+            int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+            int64_t workers = slot ? nt - 1 : nt, w = slot ? t - 1 : t;
+            if (slot && t == 0) {  /* (a team of one also pools) */
+                U = pool(&a, 0, B, slot, rows, inv, workers == 0);
+                err = U < 0 ? U : 0;
+            } else {
+                int64_t r = pool(&a, B * w / workers, B * (w + 1) / workers, NULL, NULL, NULL, 1);
+                err = r < 0 ? r : 0;
+            }
+        }
+        if (err < 0) U = err;
+    }
     return U;
-fail:
-    if (slot)
-        for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
-    return err;
 }
 
 /* Gradient of emb_pool_forward's output gout [B, S + K, D] with respect to the distinct rows:
@@ -215,14 +315,13 @@ void emb_pool_backward(const float *restrict gout, int64_t B, int64_t S, int64_t
 /* The same update as RowWiseOptimizer's torch path; row_lr [U] (or NULL) scales lr per row.   */
 /* Returns the largest |update| applied.                                                      */
 /* ---------------------------------------------------------------------------------------- */
-float rowwise_adam(float *restrict W, float *restrict m, float *restrict v,
-                   const int64_t *restrict rows, const float *restrict grad, int64_t U,
-                   int64_t D, float lr, const float *restrict row_lr, float b1, float b2,
-                   float eps, float bc1, float bc2, float wd) {
+static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
+                       const int64_t *restrict rows, const float *restrict grad, int64_t u0,
+                       int64_t u1, int64_t D, float lr, const float *restrict row_lr, float b1,
+                       float b2, float eps, float ib1, float ib2, float wd) {
     float linf = 0.0f;
-    const float ib1 = 1.0f / bc1, ib2 = 1.0f / bc2;
-    for (int64_t u = 0; u < U; u++) {
-        if (u + PREFETCH < U) {  /* rows are scattered: ask for a later row's lines now (~4x) */
+    for (int64_t u = u0; u < u1; u++) {
+        if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
             __builtin_prefetch(W + q, 1);
             __builtin_prefetch(m + q, 1);
@@ -243,6 +342,20 @@ float rowwise_adam(float *restrict W, float *restrict m, float *restrict v,
             float ad = fabsf(delta);
             linf = ad > linf ? ad : linf;
         }
+    }
+    return linf;
+}
+
+float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const float *grad,
+                   int64_t U, int64_t D, float lr, const float *row_lr, float b1, float b2,
+                   float eps, float bc1, float bc2, float wd) {
+    float linf = 0.0f;
+#pragma omp parallel reduction(max : linf) if (U * D >= 8192)
+    {
+        int64_t u0, u1;
+        share(U, 1, &u0, &u1);  /* rows are distinct: threads never touch the same row */
+        linf = adam_rows(W, m, v, rows, grad, u0, u1, D, lr, row_lr, b1, b2, eps, 1.0f / bc1,
+                         1.0f / bc2, wd);
     }
     return linf;
 }

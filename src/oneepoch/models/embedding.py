@@ -195,10 +195,23 @@ class FieldEmbedding(nn.Module):
         return _NativePool.apply(leaf, out, inv, lens, s)
 
     def _bad_lookup(self, batch: Batch, code: int) -> str:
-        if code <= -(1 << 40):
-            return "FieldEmbedding: a sequence length is negative or longer than its padding"
-        return (f"FieldEmbedding: lookup {-1 - code} of the batch is outside the table "
-                f"({self.table_rows} rows): an ID is negative or beyond its vocabulary")
+        """Which field holds the lookup the native pass refused (the slow way: only on error)."""
+        s = batch.ids.shape[1]
+        for f, vocab in enumerate(self.field_vocabs):
+            n = self.vocab_sizes[vocab]
+            if f < s:
+                vals = batch.ids[:, f]
+            else:
+                seq, ln = batch.seqs[f - s], batch.lens[f - s]
+                if bool((ln < 0).any()) or bool((ln > seq.shape[1]).any()):
+                    return (f"FieldEmbedding: field {f} ({vocab!r} vocabulary): a sequence "
+                            f"length is negative or longer than its padding ({seq.shape[1]})")
+                vals = seq[torch.arange(seq.shape[1]) < ln.unsqueeze(1)]
+            bad = vals[(vals < 0) | (vals >= n)]
+            if bad.numel():
+                return (f"FieldEmbedding: field {f} ({vocab!r} vocabulary, {n} rows) has ID "
+                        f"{int(bad[0])}: negative or beyond its vocabulary")
+        return f"FieldEmbedding: a lookup is outside the table (code {code})"
 
     def forward(self, batch: Batch) -> torch.Tensor:
         needs_grad = self.weight.requires_grad and torch.is_grad_enabled()

@@ -184,3 +184,23 @@ def test_kernels_are_deterministic():
         outs.append(_dense_grad(emb))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert np.array_equal(outs[0][0].numpy(), outs[1][0].numpy())
+
+
+def test_results_do_not_depend_on_thread_count():
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            emb, batch = _fields(bsz=512)
+            emb.fused = True
+            d = Dice(emb.n_fields * 8)
+            y = d(emb(batch).reshape(len(batch), -1))
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            rows, grad = _dense_grad(emb)
+            outs.append((y.detach(), rows, grad, d.alpha.grad))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)

@@ -204,3 +204,26 @@ def test_results_do_not_depend_on_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+@pytest.mark.parametrize("with_logq", [False, True])
+def test_contrastive_loss_native_softmax_matches_reference(in_batch, with_logq):
+    from oneepoch.pretrain.losses import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 300, 200, 16
+    logq = torch.rand(b + n, generator=g) if with_logq else None
+    pos = torch.randint(0, 50, (b,), generator=g)  # many accidental hits
+    cand = torch.cat([pos, torch.randint(0, 50, (n,), generator=g)])
+    u0, c0 = torch.randn(b, d, generator=g), torch.randn(b + n, d, generator=g)
+    results = []
+    for ctx in (contextlib.nullcontext(), kernels.disabled()):
+        u, c = u0.clone().requires_grad_(), c0.clone().requires_grad_()
+        tau = torch.tensor(0.2, requires_grad=True)
+        with ctx:
+            loss = contrastive_loss(u, c, tau, pos, cand, logq, in_batch, chunk=64)
+            loss.backward()
+        results.append((loss.detach(), u.grad, c.grad, tau.grad))
+    for a, b_ in zip(*results, strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)

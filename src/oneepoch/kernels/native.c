@@ -18,9 +18,11 @@
 #include <omp.h>
 #endif
 
-/* exp(x) for float: 2^(x log2 e) with a degree-5 polynomial on the fraction (rel. err ~2e-7).
+/* exp(x) for float: 2^(x log2 e) with a degree-5 polynomial on the fraction (rel. err ~2e-7);
+ * 0 below -87.
  * Inlined and vectorisable, unlike libm's expf without -ffast-math. */
 static inline float fexp(float x) {
+    const float under = x < -87.0f ? 0.0f : 1.0f;  /* exp(-inf) and underflow give 0 */
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float t = x * 1.44269504088896341f;
     float fi = floorf(t);
@@ -33,7 +35,7 @@ static inline float fexp(float x) {
     p = p * f + 9.9999994e-1f;
     union { float f; int32_t i; } u;
     u.i = ((int32_t)fi + 127) << 23;
-    return p * u.f;
+    return p * u.f * under;
 }
 
 /* How many rows ahead the scattered-row loops prefetch. */
@@ -358,4 +360,48 @@ float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const floa
                          1.0f / bc2, wd);
     }
     return linf;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Sampled-softmax rows (stage-1 contrastive loss): z [n, C] logits, row i's positive at      */
+/* column col0 + i. Returns sum_i (logsumexp(z_i) - z_i,pos); with grad, z is overwritten by  */
+/* softmax(z_i) - onehot(pos), the loss's gradient with respect to the logits.                 */
+/* ---------------------------------------------------------------------------------------- */
+#define LANES 16
+static double softmax_row(float *restrict z, int64_t C, int64_t pos, int grad) {
+    float mx[LANES], sm[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
+    const int64_t C16 = C / LANES * LANES;
+    for (int64_t j = 0; j < C16; j += LANES)
+        for (int l = 0; l < LANES; l++) mx[l] = z[j + l] > mx[l] ? z[j + l] : mx[l];
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (int64_t j = C16; j < C; j++) m = z[j] > m ? z[j] : m;
+    const float zpos = z[pos];
+    for (int64_t j = 0; j < C16; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = fexp(z[j + l] - m);
+            z[j + l] = e;
+            sm[l] += e;
+        }
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += sm[l];
+    for (int64_t j = C16; j < C; j++) {
+        float e = fexp(z[j] - m);
+        z[j] = e;
+        sum += e;
+    }
+    if (grad) {
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < C; j++) z[j] *= inv;
+        z[pos] -= 1.0f;
+    }
+    return (double)logf(sum) + (double)m - (double)zpos;
+}
+
+double softmax_xent_rows(float *z, int64_t n, int64_t C, int64_t col0, int grad) {
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (n * C >= 65536)
+    for (int64_t i = 0; i < n; i++) total += softmax_row(z + i * C, C, col0 + i, grad);
+    return total;
 }

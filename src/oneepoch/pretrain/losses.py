@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from oneepoch import kernels
+
 
 def accidental_hits(pos_ids: torch.Tensor, cand_ids: torch.Tensor, in_batch: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +63,18 @@ class _SampledSoftmax(torch.autograd.Function):
                 ):  # type: ignore[override]
         n = u.shape[0]
         inv_tau = float(1.0 / tau)
-        bias = (-logq if logq is not None else u.new_zeros(c.shape[0])).unsqueeze(0)
         hr, hc = accidental_hits(pos_ids, cand_ids, in_batch)
         hit_start = torch.searchsorted(hr, torch.arange(0, n + chunk, chunk, device=u.device))
         gu = torch.empty_like(u) if want_grad else None
         gc = torch.zeros_like(c) if want_grad else None
         total = 0.0
+        native = u.dtype == torch.float32 and kernels.usable(u, c)
         for k, a in enumerate(range(0, n, chunk)):
             b = min(a + chunk, n)
             r = torch.arange(b - a, device=u.device)
-            z = torch.addmm(bias, u[a:b], c.t(), alpha=inv_tau)  # [b, C] logits
+            z = torch.mm(u[a:b] * inv_tau, c.t())  # [b, C] logits
+            if logq is not None:
+                z.sub_(logq)
             h0, h1 = int(hit_start[k]), int(hit_start[k + 1])
             if h1 > h0:
                 z[hr[h0:h1] - a, hc[h0:h1]] = float("-inf")
@@ -78,14 +82,19 @@ class _SampledSoftmax(torch.autograd.Function):
             if not in_batch:
                 z[:, :n] = float("-inf")
                 z[r, r + a] = zpos
-            m = z.amax(1, keepdim=True)
-            z.sub_(m).exp_()
-            ssum = z.sum(1, keepdim=True)
-            total += float((ssum.log() + m).squeeze(1).sub(zpos).sum())
+            if native:  # the same softmax / loss / gradient in one pass per row
+                total += kernels.lib().softmax_xent_rows(z.data_ptr(), b - a, z.shape[1], a,
+                                                         int(want_grad))
+            else:
+                m = z.amax(1, keepdim=True)
+                z.sub_(m).exp_()
+                ssum = z.sum(1, keepdim=True)
+                total += float((ssum.log() + m).squeeze(1).sub(zpos).sum())
+                if want_grad:
+                    z.div_(ssum)  # softmax
+                    z[r, r + a] -= 1.0  # dL_i/dz_ij (before the 1/n mean)
             if want_grad:
-                z.div_(ssum)  # softmax
-                z[r, r + a] -= 1.0  # dL_i/dz_ij (before the 1/n mean)
-                gu[a:b] = z @ c
+                torch.mm(z, c, out=gu[a:b])
                 gc.addmm_(z.t(), u[a:b])
         if want_grad:
             ctx.save_for_backward(u, gu, gc, tau)

@@ -76,10 +76,19 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + cc.encode()
                          + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
-    out = cache_dir() / f"oneepoch-native-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"oneepoch-native-{key}.so"
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"oneepoch-native-{os.getuid()}"):
+        out = d / name
+        if out.exists():
+            return out
+        try:  # the cache may be read-only (e.g. a locked-down HOME): then a private temp dir
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(d, os.W_OK):
+                break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable folder for the compiled kernels (tried {cache_dir()})")
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:

@@ -2,8 +2,9 @@
 pretrain`` at dim 64, batch 4096, 4096 uniform negatives (in-batch negatives too), with
 row-wise sparse Adam on 10^6-row user and item tables, at 1 and 2 threads; beside it the bound
 set by the step's three GEMMs (forward logits and the two gradient products) at the same
-shapes, timed alone in their fastest row blocking, and oneepoch's fraction of it. Writes
-benchmarks/results/pretrain.json.
+shapes, timed alone in their fastest row blocking, and oneepoch's fraction of it; and the rate
+of full-catalogue evaluation (held-out pairs ranked against every item for Hit/Recall/NDCG@K).
+Writes benchmarks/results/pretrain.json.
 
     python benchmarks/bench_pretrain.py [--rows 1000000] [--steps 5] [--threads 1,2]
 
@@ -88,12 +89,24 @@ def worker(args: argparse.Namespace) -> dict:
             reps.append(time.perf_counter() - t)
         gemm[block] = float(np.median(reps))
     best = min(gemm, key=gemm.get)
+    # full-catalogue evaluation: held-out pairs ranked against every item (Hit/Recall/NDCG@K)
+    from oneepoch.pretrain.evaluate import ranking_metrics
+
+    ut, it = model.tables()
+    uu = rng.integers(1, rows, args.eval_pairs)
+    ii = rng.integers(1, rows, args.eval_pairs)
+    ranking_metrics(ut, it, uu[:32], ii[:32], cfg.eval.ks, candidate_start=1)
+    t = time.perf_counter()
+    ranking_metrics(ut, it, uu, ii, cfg.eval.ks, candidate_start=1)
+    eval_s = time.perf_counter() - t
     step_s, gemm_s = float(np.median(times)), gemm[best]
     flops = 3 * 2 * b * (b + n) * d
     return {"threads": args.threads, "pairs_per_s": b / step_s, "step_ms": 1000 * step_s,
             "gemm_bound_pairs_per_s": b / gemm_s, "fraction_of_bound": gemm_s / step_s,
             "gemm_gflops": flops / gemm_s / 1e9, "gemm_block_rows": best,
-            "gemm_ms_by_block": {k: 1000 * v for k, v in gemm.items()}}
+            "gemm_ms_by_block": {k: 1000 * v for k, v in gemm.items()},
+            "eval_pairs_per_s": args.eval_pairs / eval_s, "eval_pairs": args.eval_pairs,
+            "eval_ks": list(cfg.eval.ks)}
 
 
 def main() -> None:
@@ -104,6 +117,8 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--eval-pairs", type=int, default=256,
+                   help="held-out pairs ranked against the full catalogue (evaluation rate)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -116,14 +131,16 @@ def main() -> None:
     for t in args.threads.split(","):
         cmd = [sys.executable, __file__, "--worker", "--threads", t, "--rows", str(args.rows),
                "--dim", str(args.dim), "--batch", str(args.batch), "--negatives",
-               str(args.negatives), "--steps", str(args.steps)]
+               str(args.negatives), "--steps", str(args.steps), "--eval-pairs",
+               str(args.eval_pairs)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1])
         out["runs"].append(r)
         print(f"stage 1, {t} thread(s): {r['pairs_per_s']:,.0f} pairs/s "
               f"({r['step_ms']:.0f} ms/step); GEMM bound {r['gemm_bound_pairs_per_s']:,.0f} "
               f"pairs/s ({r['gemm_gflops']:.0f} GFLOP/s in {r['gemm_block_rows']}-row blocks); "
-              f"{100 * r['fraction_of_bound']:.0f}% of it")
+              f"{100 * r['fraction_of_bound']:.0f}% of it; full-catalogue evaluation "
+              f"{r['eval_pairs_per_s']:,.0f} held-out pairs/s against {args.rows:,} items")
     by = {r["threads"]: r for r in out["runs"]}
     if 1 in by and len(by) > 1:
         most = max(by)

@@ -227,3 +227,33 @@ def test_contrastive_loss_native_softmax_matches_reference(in_batch, with_logq):
         results.append((loss.detach(), u.grad, c.grad, tau.grad))
     for a, b_ in zip(*results, strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_mlp_matches_layer_by_layer(train):
+    from oneepoch.models.layers import MLP
+
+    torch.manual_seed(0)
+    a = MLP(24, [32, 16])
+    b = MLP(24, [32, 16])
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for m in (a, b):
+            for i, act in enumerate(m.acts):
+                act.alpha.copy_(torch.linspace(-0.5, 0.5, act.alpha.numel()) * (i + 1))
+    a.train(train)
+    b.train(train)
+    x = torch.randn(64, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(64)
+    ya = a(xa)
+    yb = b.reference(xb)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ya, yb, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
+    for k, v in a.state_dict().items():  # running statistics too
+        torch.testing.assert_close(v, b.state_dict()[k], **tol)

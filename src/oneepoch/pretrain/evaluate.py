@@ -28,6 +28,8 @@ import math
 import numpy as np
 import torch
 
+SCORE_BLOCK = 1 << 25  # floats of user x item scores held at once (128 MiB)
+
 
 def _seen_mask_keys(users: np.ndarray, train_user: np.ndarray, train_item: np.ndarray,
                     n_items: int) -> np.ndarray:
@@ -50,10 +52,14 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
             index their rows.
         candidate_start: first item row that is a candidate (1 to leave out an OOV row 0).
         exclude_seen: drop each user's ``(train_user, train_item)`` items from its candidates.
+        batch_size: users scored at once (fewer when ``batch_size x n_items`` would exceed
+            ``SCORE_BLOCK`` floats, so memory stays bounded at 10^6+ items).
     """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     n_items = item_table.shape[0]
+    # a block of scores is batch x n_items floats: keep it near SCORE_BLOCK at large catalogues
+    batch_size = max(1, min(batch_size, SCORE_BLOCK // max(n_items, 1)))
     ks = sorted(set(int(k) for k in ks))
     kmax = max(ks)
     if exclude_seen and (train_user is None or train_item is None):

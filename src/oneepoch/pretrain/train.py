@@ -37,7 +37,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from oneepoch.config import to_dict
-from oneepoch.io import atomic_write_json
+from oneepoch.io import atomic_write_json, atomic_write_text
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
@@ -192,7 +192,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     elif not resume:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     # written once the checkpoint is known to fit, so a refused resume leaves the run as it was
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def do_eval(step: int, loss_sum: float, n_loss: int) -> None:
         model.eval()

@@ -27,7 +27,7 @@ from oneepoch.config import TrainConfig, to_dict
 from oneepoch.data.batcher import Batch, Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.transforms import apply_transforms
-from oneepoch.io import atomic_write_json
+from oneepoch.io import atomic_write_json, atomic_write_text
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.probes.verdict import Verdict, one_epoch_verdict
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     data = prepare_data(cfg, data)
     model, opt = build(cfg, data)
     hooks = [*hooks_from_config(cfg), *hooks]

@@ -125,3 +125,23 @@ def test_sparse_step_touches_only_batch_rows(tiny_synth):
     flat, _ = m.embedding.bag_inputs(b)
     assert set(changed.tolist()) <= set(flat.tolist())
     assert len(changed) > 0.5 * len(set(flat.tolist()))
+
+
+def test_fresh_run_drops_an_earlier_runs_checkpoints_and_summary(tiny_synth, tmp_path):
+    from oneepoch.recipes.hsu2024 import _resumable, _same_config
+
+    cfg = cfg_for(tiny_synth, tmp_path, "name=r", "epochs=2")
+    stale = tmp_path / "r" / "checkpoints" / "epoch-009"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, hooks=[Kill(-(-6000 // 256) + 2)])  # killed early in epoch 2
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["epoch-001"]
+    assert not (tmp_path / "r" / "summary.json").exists()
+    # a reproduction recipe continues such a run rather than starting over
+    assert _resumable(tmp_path / "r", cfg) and not _same_config(tmp_path / "r", cfg)
+    other = cfg_for(tiny_synth, tmp_path, "name=r", "epochs=2", "seed=5")
+    assert not _resumable(tmp_path / "r", other)
+    train(cfg, tmp_path / "r", resume=True)
+    assert _same_config(tmp_path / "r", cfg) and not _resumable(tmp_path / "r", cfg)

@@ -189,8 +189,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         train_secs, pairs_done = float(ck["train_secs"]), int(ck["pairs_done"])
         t0 -= float(ck["elapsed_s"])
         _write_rows(run_dir, rows)
-    elif not resume:
+    elif not resume:  # a fresh run: an earlier run's checkpoints and summary no longer apply
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
     # written once the checkpoint is known to fit, so a refused resume leaves the run as it was
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

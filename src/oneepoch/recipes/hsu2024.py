@@ -49,6 +49,7 @@ from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.train import pretrain
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_mean_std
+from oneepoch.training.checkpoint import list_checkpoints
 from oneepoch.training.trainer import Hook, State, predict, read_metrics, train
 
 ID_FIELDS = ["user_ID", "item_ID", "his_item_ID"]
@@ -153,10 +154,22 @@ class SlateMetrics(Hook):
 # ----------------------------------------------------------------------------- runs
 
 
-def _same_config(run_dir: Path, cfg: Any) -> bool:
+def _config_matches(run_dir: Path, cfg: Any) -> bool:
     c = run_dir / "config.yaml"
-    return ((run_dir / "summary.json").exists() and c.exists()
-            and yaml.safe_load(c.read_text()) == yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    return c.exists() and yaml.safe_load(c.read_text()) == yaml.safe_load(
+        yaml.safe_dump(to_dict(cfg)))
+
+
+def _same_config(run_dir: Path, cfg: Any) -> bool:
+    """A finished run with these settings (reused as it is)."""
+    return (run_dir / "summary.json").exists() and _config_matches(run_dir, cfg)
+
+
+def _resumable(run_dir: Path, cfg: Any) -> bool:
+    """An unfinished run with these settings and an epoch checkpoint (a killed reproduction
+    continues from it instead of starting over)."""
+    return (not (run_dir / "summary.json").exists() and _config_matches(run_dir, cfg)
+            and bool(list_checkpoints(run_dir)))
 
 
 def ensure_data(root: Path, preset: Preset) -> dict[str, Any]:
@@ -189,7 +202,7 @@ def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Prese
     run_dir = out / "pretrain" / f"{loss}-s{seed}"
     if not _same_config(run_dir, cfg):
         t = time.time()
-        res = pretrain(cfg, run_dir)
+        res = pretrain(cfg, run_dir, resume=_resumable(run_dir, cfg))
         print(f"  pretrain {loss} seed {seed}: {time.time() - t:.0f} s, "
               f"{res.pairs_per_s:,.0f} pairs/s, held-out Hit@3 {res.metrics[-1]['test_hit@3']:.4f}",
               flush=True)
@@ -214,7 +227,8 @@ def downstream_run(out: Path, data: CTRData, surface: str, method: str, seed: in
     run_dir = out / "downstream" / surface / f"{method}-s{seed}"
     if not _same_config(run_dir, cfg):
         t = time.time()
-        train(cfg, run_dir, hooks=[SlateMetrics()], data=data)
+        train(cfg, run_dir, hooks=[SlateMetrics()], data=data,
+              resume=_resumable(run_dir, cfg))
         print(f"  {surface} {method} seed {seed}: {time.time() - t:.0f} s", flush=True)
     return run_dir
 

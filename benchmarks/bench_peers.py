@@ -10,7 +10,8 @@ up or run is reported with the exact reason.
     python benchmarks/bench_peers.py [--rows 200000] [--rounds 3]
 
 Timed region for oneepoch: the epoch's batch loop (slicing pre-encoded arrays, forward, loss,
-backward, optimizer step), after the data set was encoded, like the peers' preprocessing.
+backward, optimizer step), after the data set was encoded, like the peers' preprocessing. Each
+run starts once the machine is idle again (a peer's Ray workers can take seconds to exit).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ PEERS = ("deepctr", "fuxictr")
 def oneepoch_epoch(data: str, threads: int, max_rows: int, batch: int) -> dict:
     import torch
 
+    from oneepoch import kernels
     from oneepoch.config import TrainConfig, load_config
     from oneepoch.data.batcher import Batcher
     from oneepoch.training.trainer import build, epoch_order, prepare_data
 
     torch.set_num_threads(threads)
+    kernels.lib()  # built (once per machine) before the timed epoch
     cfg = load_config(TrainConfig, "ctr", [f"data.path={data}", f"batch_size={batch}"])
     d = prepare_data(cfg)
     model, opt = build(cfg, d)
@@ -60,6 +63,28 @@ def oneepoch_epoch(data: str, threads: int, max_rows: int, batch: int) -> dict:
     secs = time.perf_counter() - t
     return {"system": "oneepoch", "threads": threads, "rows": int(n), "seconds": secs,
             "samples_per_s": n / secs, "train_logloss": total / n, "activation": "dice"}
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # total, idle + iowait
+
+
+def wait_quiet(max_s: float = 30.0, idle: float = 0.9) -> float:
+    """Wait (up to ``max_s``) until the machine is idle for a 0.5 s window, so a run does not
+    start while the previous one's processes (e.g. a peer's Ray workers) are still exiting;
+    returns the seconds waited."""
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_s:
+        a = _cpu_times()
+        time.sleep(0.5)
+        b = _cpu_times()
+        if b[0] > a[0] and (b[1] - a[1]) / (b[0] - a[0]) >= idle:
+            break
+    return time.perf_counter() - t0
 
 
 def run_one(system: str, data: str, threads: int, rows: int, batch: int) -> dict:
@@ -115,8 +140,9 @@ def main() -> None:
     for threads in a.threads:
         for rnd in range(a.rounds):
             for s in systems:
+                waited = wait_quiet()
                 res = run_one(s, a.data, threads, a.rows, a.batch)
-                res["round"] = rnd
+                res["round"], res["waited_for_idle_s"] = rnd, round(waited, 1)
                 runs.append(res)
                 msg = (f"{res['samples_per_s']:,.0f} samples/s" if "samples_per_s" in res
                        else f"ERROR {res['error']}")

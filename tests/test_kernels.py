@@ -257,3 +257,23 @@ def test_fused_mlp_matches_layer_by_layer(train):
         torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
     for k, v in a.state_dict().items():  # running statistics too
         torch.testing.assert_close(v, b.state_dict()[k], **tol)
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_ranking_metrics_native_matches_reference(exclude_seen):
+    from oneepoch.pretrain.evaluate import ranking_metrics
+
+    g = torch.Generator().manual_seed(0)
+    ut = torch.randn(40, 8, generator=g)
+    it = torch.randn(300, 8, generator=g).round(decimals=1)  # ties among scores
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 40, 120), rng.integers(1, 300, 120)
+    tu, ti = rng.integers(0, 40, 2000), rng.integers(1, 300, 2000)
+    kw = dict(ks=[1, 3, 50], tau=0.3, batch_size=16, exclude_seen=exclude_seen, train_user=tu,
+              train_item=ti, candidate_start=1)
+    fast = ranking_metrics(ut, it, users, items, **kw)
+    with kernels.disabled():
+        ref = ranking_metrics(ut, it, users, items, **kw)
+    assert fast.keys() == ref.keys()
+    for k in ref:
+        assert fast[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k

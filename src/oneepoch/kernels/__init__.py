@@ -51,6 +51,7 @@ _SIGNATURES = {
     "emb_pool_backward": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _P]),
     "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
     "softmax_xent_rows": (ctypes.c_double, [_P, _I, _I, _I, ctypes.c_int]),
+    "rank_rows": (None, [_P, _I, _I, _I, _P, _P, _F, _P, _P]),
 }
 
 

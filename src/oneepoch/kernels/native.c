@@ -405,3 +405,45 @@ double softmax_xent_rows(float *z, int64_t n, int64_t C, int64_t col0, int grad)
     for (int64_t i = 0; i < n; i++) total += softmax_row(z + i * C, C, col0 + i, grad);
     return total;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Full-catalogue ranking rows: s [n, C] scores, row i's held-out item at column pos[i] with   */
+/* score s_pos[i]. Over the candidate columns j >= c0: lse[i] = logsumexp(s_ij * inv_tau)    */
+/* (the held-out item included) and rank[i] = #{j != pos[i] : s_ij >= s_pos[i]} (pessimistic  */
+/* ties). Masked candidates hold -inf and count in neither.                                   */
+/* ---------------------------------------------------------------------------------------- */
+static void rank_row(const float *restrict s, int64_t C, int64_t c0, int64_t pos, float sp,
+                     float inv_tau, float *lse, int64_t *rank) {
+    float mx[LANES], sm[LANES];
+    int32_t cnt[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f, cnt[l] = 0;
+    const int64_t n = C - c0, n16 = n / LANES * LANES;
+    const float *r = s + c0;
+    for (int64_t j = 0; j < n16; j += LANES)
+        for (int l = 0; l < LANES; l++) mx[l] = r[j + l] > mx[l] ? r[j + l] : mx[l];
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (int64_t j = n16; j < n; j++) m = r[j] > m ? r[j] : m;
+    for (int64_t j = 0; j < n16; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            sm[l] += fexp((r[j + l] - m) * inv_tau);
+            cnt[l] += r[j + l] >= sp;
+        }
+    float sum = 0.0f;
+    int64_t c = 0;
+    for (int l = 0; l < LANES; l++) sum += sm[l], c += cnt[l];
+    for (int64_t j = n16; j < n; j++) {
+        sum += fexp((r[j] - m) * inv_tau);
+        c += r[j] >= sp;
+    }
+    if (pos >= c0 && s[pos] >= sp) c -= 1;  /* the held-out item itself */
+    *lse = m * inv_tau + logf(sum);
+    *rank = c;
+}
+
+void rank_rows(const float *s, int64_t n, int64_t C, int64_t c0, const int64_t *pos,
+               const float *s_pos, float inv_tau, float *lse, int64_t *rank) {
+#pragma omp parallel for schedule(static) if (n * C >= 65536)
+    for (int64_t i = 0; i < n; i++)
+        rank_row(s + i * C, C, c0, pos[i], s_pos[i], inv_tau, lse + i, rank + i);
+}

@@ -28,6 +28,8 @@ import math
 import numpy as np
 import torch
 
+from oneepoch import kernels
+
 SCORE_BLOCK = 1 << 25  # floats of user x item scores held at once (128 MiB)
 
 
@@ -78,8 +80,13 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
         idx = keys[start + np.arange(int(cnt.sum()))] % n_items
         return torch.from_numpy(rr), torch.from_numpy(idx)
 
+    buf: list[torch.Tensor] = []  # one score block, reused (no fresh pages per batch)
+
     def masked_scores(urows: np.ndarray) -> torch.Tensor:
-        s = user_table[torch.from_numpy(urows)] @ item_table.t()
+        u = user_table[torch.from_numpy(urows)]
+        if not buf:
+            buf.append(u.new_empty(batch_size, n_items))
+        s = torch.mm(u, item_table.t(), out=buf[0][:len(urows)])
         if candidate_start:
             s[:, :candidate_start] = float("-inf")
         if len(seen_keys):
@@ -95,10 +102,16 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
         r = torch.arange(len(ub))
         it = torch.from_numpy(ib)
         s_pos = (user_table[torch.from_numpy(ub)] * item_table[it]).sum(-1)
-        lse = torch.logsumexp(s / tau, 1)  # the held-out item is always a candidate
+        if s.dtype == torch.float32 and kernels.usable(s, s_pos, it):  # one native pass a row
+            lse, rank = torch.empty(len(ub)), torch.empty(len(ub), dtype=torch.int64)
+            kernels.lib().rank_rows(s.data_ptr(), len(ub), s.shape[1], 0, it.data_ptr(),
+                                    s_pos.data_ptr(), 1.0 / tau, lse.data_ptr(),
+                                    rank.data_ptr())
+        else:
+            lse = torch.logsumexp(s / tau, 1)  # the held-out item is always a candidate
+            s[r, it] = float("-inf")
+            rank = (s >= s_pos.unsqueeze(1)).sum(1)
         loss_sum += float((lse - s_pos / tau).sum())
-        s[r, it] = float("-inf")
-        rank = (s >= s_pos.unsqueeze(1)).sum(1)
         for k in ks:
             hits[k] += int((rank < k).sum())
     out = {f"hit@{k}": hits[k] / max(len(users), 1) for k in ks}

@@ -54,13 +54,23 @@ def main() -> None:
     peers = load("peers")
     out += ["", "## Side by side with peers (one epoch, alternating runs, medians)", ""]
     if peers:
-        out += ["| threads | system | median samples/s | oneepoch / system | runs | errors |",
-                "|---:|---|---:|---:|---:|---|"]
+        out += ["| threads | system | median samples/s | oneepoch / system (medians) "
+                "| per round | runs | errors |",
+                "|---:|---|---:|---:|---:|---:|---|"]
+        speed = {(r["system"], r["threads"], r["round"]): r.get("samples_per_s")
+                 for r in peers["runs"]}
         for r in peers["summary"]:
             m = r["median_samples_per_s"]
             ratio = r.get("oneepoch_over_system")
+            # the ratio round by round (runs next to each other share the machine's state)
+            paired = [speed[("oneepoch", r["threads"], k)] / speed[(r["system"], r["threads"], k)]
+                      for k in range(peers["rounds"])
+                      if speed.get(("oneepoch", r["threads"], k))
+                      and speed.get((r["system"], r["threads"], k))]
+            per = ", ".join(f"{x:.1f}x" for x in paired)
+            per = per if r["system"] != "oneepoch" else ""
             out.append(f"| {r['threads']} | {r['system']} | {f'{m:,.0f}' if m else '-'} | "
-                       f"{f'{ratio:.1f}x' if ratio else '-'} | {r['n']} | "
+                       f"{f'{ratio:.1f}x' if ratio else '-'} | {per} | {r['n']} | "
                        f"{'; '.join(e[:120] for e in r['errors'])} |")
         out.append(f"\n{peers['rows']:,} training rows, batch {peers['batch']}, "
                    f"{peers['rounds']} rounds.")

@@ -407,10 +407,11 @@ double softmax_xent_rows(float *z, int64_t n, int64_t C, int64_t col0, int grad)
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Full-catalogue ranking rows: s [n, C] scores, row i's held-out item at column pos[i] with   */
-/* score s_pos[i]. Over the candidate columns j >= c0: lse[i] = logsumexp(s_ij * inv_tau)    */
-/* (the held-out item included) and rank[i] = #{j != pos[i] : s_ij >= s_pos[i]} (pessimistic  */
-/* ties). Masked candidates hold -inf and count in neither.                                   */
+/* Full-catalogue ranking rows: held-out pair i is scored by row row[i] of s [*, C] (row i     */
+/* when row is NULL), its item at column pos[i] with score s_pos[i]. Over the candidate        */
+/* columns j >= c0: lse[i] = logsumexp(s_ij * inv_tau) (the held-out item included) and       */
+/* rank[i] = #{j != pos[i] : s_ij >= s_pos[i]} (pessimistic ties). Masked candidates hold     */
+/* -inf and count in neither.                                                                 */
 /* ---------------------------------------------------------------------------------------- */
 static void rank_row(const float *restrict s, int64_t C, int64_t c0, int64_t pos, float sp,
                      float inv_tau, float *lse, int64_t *rank) {
@@ -441,9 +442,62 @@ static void rank_row(const float *restrict s, int64_t C, int64_t c0, int64_t pos
     *rank = c;
 }
 
-void rank_rows(const float *s, int64_t n, int64_t C, int64_t c0, const int64_t *pos,
-               const float *s_pos, float inv_tau, float *lse, int64_t *rank) {
+void rank_rows(const float *s, int64_t n, int64_t C, int64_t c0, const int64_t *row,
+               const int64_t *pos, const float *s_pos, float inv_tau, float *lse,
+               int64_t *rank) {
 #pragma omp parallel for schedule(static) if (n * C >= 65536)
     for (int64_t i = 0; i < n; i++)
-        rank_row(s + i * C, C, c0, pos[i], s_pos[i], inv_tau, lse + i, rank + i);
+        rank_row(s + (row ? row[i] : i) * C, C, c0, pos[i], s_pos[i], inv_tau, lse + i, rank + i);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Top-K columns of each row of s [n, C] (K <= C), by descending score: idx [n, K]. One pass  */
+/* with a K-element min-heap; a block of 16 scores is only looked at one by one when its      */
+/* maximum beats the heap's minimum, so the pass runs at about memory speed. Ties: any order. */
+/* ---------------------------------------------------------------------------------------- */
+static void sift_down(float *hv, int64_t *hi, int64_t K, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < K && hv[l] < hv[m]) m = l;
+        if (r < K && hv[r] < hv[m]) m = r;
+        if (m == i) return;
+        float tv = hv[i]; hv[i] = hv[m]; hv[m] = tv;
+        int64_t ti = hi[i]; hi[i] = hi[m]; hi[m] = ti;
+        i = m;
+    }
+}
+
+static void topk_row(const float *restrict s, int64_t C, int64_t K, float *hv, int64_t *hi,
+                     int64_t *out) {
+    for (int64_t j = 0; j < K; j++) hv[j] = s[j], hi[j] = j;
+    for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(hv, hi, K, i);
+    int64_t j = K;
+    for (; j < C && (j % LANES); j++)
+        if (s[j] > hv[0]) hv[0] = s[j], hi[0] = j, sift_down(hv, hi, K, 0);
+    for (; j + LANES <= C; j += LANES) {
+        float mx = s[j];
+        for (int l = 1; l < LANES; l++) mx = s[j + l] > mx ? s[j + l] : mx;
+        if (mx > hv[0])
+            for (int l = 0; l < LANES; l++)
+                if (s[j + l] > hv[0]) hv[0] = s[j + l], hi[0] = j + l, sift_down(hv, hi, K, 0);
+    }
+    for (; j < C; j++)
+        if (s[j] > hv[0]) hv[0] = s[j], hi[0] = j, sift_down(hv, hi, K, 0);
+    for (int64_t k = K - 1; k >= 0; k--) {  /* pop the minimum into the last free slot */
+        out[k] = hi[0];
+        hv[0] = hv[k], hi[0] = hi[k];
+        sift_down(hv, hi, k, 0);
+    }
+}
+
+void topk_rows(const float *s, int64_t n, int64_t C, int64_t K, float *hv, int64_t *hi,
+               int64_t *idx) {
+#pragma omp parallel for schedule(static) if (n * C >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        topk_row(s + i * C, C, K, hv + t * K, hi + t * K, idx + i * K);
+    }
 }

@@ -93,41 +93,44 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
             s[user_pairs(seen_keys, urows)] = float("-inf")
         return s
 
-    # pair level: rank of each held-out item, full-catalogue loss
+    # One scoring pass per block of distinct users serves both levels: the pair level (rank of
+    # each held-out item, full-catalogue loss) and the user level (top-K lists).
+    uniq, n_held = np.unique(held_keys // n_items, return_counts=True)  # distinct items
+    pair_user = np.searchsorted(uniq, users)  # every pair's user is in uniq
+    pair_order = np.argsort(pair_user, kind="stable")
+    bounds = np.searchsorted(pair_user[pair_order], np.arange(0, len(uniq) + batch_size,
+                                                               batch_size))
     hits = {k: 0 for k in ks}
     loss_sum = 0.0
-    for a in range(0, len(users), batch_size):
-        ub, ib = users[a:a + batch_size], items[a:a + batch_size]
-        s = masked_scores(ub)
-        r = torch.arange(len(ub))
-        it = torch.from_numpy(ib)
-        s_pos = (user_table[torch.from_numpy(ub)] * item_table[it]).sum(-1)
-        if s.dtype == torch.float32 and kernels.usable(s, s_pos, it):  # one native pass a row
-            lse, rank = torch.empty(len(ub)), torch.empty(len(ub), dtype=torch.int64)
-            kernels.lib().rank_rows(s.data_ptr(), len(ub), s.shape[1], 0, it.data_ptr(),
-                                    s_pos.data_ptr(), 1.0 / tau, lse.data_ptr(),
-                                    rank.data_ptr())
-        else:
-            lse = torch.logsumexp(s / tau, 1)  # the held-out item is always a candidate
-            s[r, it] = float("-inf")
-            rank = (s >= s_pos.unsqueeze(1)).sum(1)
-        loss_sum += float((lse - s_pos / tau).sum())
-        for k in ks:
-            hits[k] += int((rank < k).sum())
-    out = {f"hit@{k}": hits[k] / max(len(users), 1) for k in ks}
-    out["full_loss"] = loss_sum / max(len(users), 1)
-    # user level: top-K lists against the user's held-out items
-    uniq, n_held = np.unique(held_keys // n_items, return_counts=True)  # distinct items
     rec = {k: 0.0 for k in ks}
     ndcg = {k: 0.0 for k in ks}
     disc = 1.0 / np.log2(np.arange(kmax) + 2.0)
     cdisc = np.cumsum(disc)
-    for a in range(0, len(uniq), batch_size):
+    for blk, a in enumerate(range(0, len(uniq), batch_size)):
         ub = uniq[a:a + batch_size]
         s = masked_scores(ub)
+        # pair level, for the pairs of these users
+        pidx = pair_order[bounds[blk]:bounds[blk + 1]]
+        prow = torch.from_numpy(pair_user[pidx] - a)
+        it = torch.from_numpy(items[pidx])
+        s_pos = (user_table[torch.from_numpy(users[pidx])] * item_table[it]).sum(-1)
+        if s.dtype == torch.float32 and kernels.usable(s, s_pos, it, prow):  # a pass per pair
+            lse, rank = torch.empty(len(pidx)), torch.empty(len(pidx), dtype=torch.int64)
+            kernels.lib().rank_rows(s.data_ptr(), len(pidx), s.shape[1], 0, prow.data_ptr(),
+                                    it.data_ptr(), s_pos.data_ptr(), 1.0 / tau,
+                                    lse.data_ptr(), rank.data_ptr())
+        else:
+            sp = s[prow]
+            lse = torch.logsumexp(sp / tau, 1)  # the held-out item is always a candidate
+            sp[torch.arange(len(pidx)), it] = float("-inf")
+            rank = (sp >= s_pos.unsqueeze(1)).sum(1)
+        loss_sum += float((lse - s_pos / tau).sum())
+        for k in ks:
+            hits[k] += int((rank < k).sum())
+        # user level: top-K lists against the user's held-out items
         rr, idx = user_pairs(held_keys, ub)  # ties: held-out items after the others
         s[rr, idx] = torch.nextafter(s[rr, idx], torch.tensor(float("-inf"), dtype=s.dtype))
-        top = torch.topk(s, min(kmax, s.shape[1]), dim=1).indices.numpy()
+        top = kernels.topk_indices(s, kmax).numpy()
         rel = np.isin(ub[:, None] * n_items + top, held_keys).astype(np.float64)
         nh = n_held[a:a + batch_size]
         for k in ks:
@@ -135,6 +138,8 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
             rec[k] += float((got.sum(1) / nh).sum())
             idcg = cdisc[np.minimum(k, nh) - 1]
             ndcg[k] += float(((got * disc[:k]).sum(1) / idcg).sum())
+    out = {f"hit@{k}": hits[k] / max(len(users), 1) for k in ks}
+    out["full_loss"] = loss_sum / max(len(users), 1)
     for k in ks:
         out[f"recall@{k}"] = rec[k] / max(len(uniq), 1)
         out[f"ndcg@{k}"] = ndcg[k] / max(len(uniq), 1)

@@ -52,7 +52,7 @@ _SIGNATURES = {
     "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
     "softmax_xent_rows": (ctypes.c_double, [_P, _I, _I, _I, ctypes.c_int]),
     "rank_rows": (None, [_P, _I, _I, _I, _P, _P, _P, _F, _P, _P]),
-    "topk_rows": (None, [_P, _I, _I, _I, _P, _P, _P]),
+    "topk_rows": (ctypes.c_int, [_P, _I, _I, _I, _P]),
 }
 
 
@@ -178,9 +178,8 @@ def topk_indices(s: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, s.shape[1])
     if not (s.dim() == 2 and s.dtype == torch.float32 and k > 0 and usable(s)):
         return torch.topk(s, k, dim=1).indices
-    n_threads = max(1, torch.get_num_threads())
-    hv, hi = s.new_empty(n_threads * k), torch.empty(n_threads * k, dtype=torch.int64)
     idx = torch.empty(s.shape[0], k, dtype=torch.int64)
-    _lib.topk_rows(s.data_ptr(), s.shape[0], s.shape[1], k, hv.data_ptr(),  # type: ignore[union-attr]
-                   hi.data_ptr(), idx.data_ptr())
+    if _lib.topk_rows(s.data_ptr(), s.shape[0], s.shape[1], k,  # type: ignore[union-attr]
+                      idx.data_ptr()):
+        raise MemoryError(f"topk_indices: no memory for a {k}-element heap")
     return idx

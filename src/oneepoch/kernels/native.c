@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -490,14 +491,18 @@ static void topk_row(const float *restrict s, int64_t C, int64_t K, float *hv, i
     }
 }
 
-void topk_rows(const float *s, int64_t n, int64_t C, int64_t K, float *hv, int64_t *hi,
-               int64_t *idx) {
-#pragma omp parallel for schedule(static) if (n * C >= 65536)
-    for (int64_t i = 0; i < n; i++) {
-        int64_t t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        topk_row(s + i * C, C, K, hv + t * K, hi + t * K, idx + i * K);
+int topk_rows(const float *s, int64_t n, int64_t C, int64_t K, int64_t *idx) {
+    int failed = 0;
+#pragma omp parallel if (n * C >= 65536) reduction(| : failed)
+    {
+        float *hv = malloc(sizeof(float) * K);  /* this thread's heap */
+        int64_t *hi = malloc(sizeof(int64_t) * K);
+        failed = !hv || !hi;
+#pragma omp for schedule(static)  /* every thread reaches the loop, even without buffers */
+        for (int64_t i = 0; i < n; i++)
+            if (hv && hi) topk_row(s + i * C, C, K, hv, hi, idx + i * K);
+        free(hv);
+        free(hi);
     }
+    return failed;
 }

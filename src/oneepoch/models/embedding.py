@@ -1,4 +1,4 @@
-"""ID embeddings for all fields in one table, looked up with a single ``embedding_bag``.
+"""ID embeddings for all fields in one table, pooled in one pass (native or ``embedding_bag``).
 
 As in paper A's reference code, one table holds every vocabulary at its own row offset (IDs of
 different fields never collide); fields sharing a vocabulary (``his_item_ID`` and ``item_ID``)

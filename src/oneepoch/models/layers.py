@@ -9,35 +9,6 @@ from torch import nn
 from oneepoch import kernels
 
 
-class _NativeDice(torch.autograd.Function):
-    """Dice's forward and backward in one native pass each (see kernels/native.c)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor,
-                var: torch.Tensor, stats: bool, eps: float):
-        lib, (b, h) = kernels.lib(), x.shape
-        if stats:
-            mean, var = x.new_empty(h), x.new_empty(h)
-        rstd, p, y = x.new_empty(h), torch.empty_like(x), torch.empty_like(x)
-        lib.dice_forward(x.data_ptr(), alpha.data_ptr(), b, h, int(stats), eps, mean.data_ptr(),
-                         var.data_ptr(), rstd.data_ptr(), p.data_ptr(), y.data_ptr())
-        ctx.save_for_backward(x, p, alpha, mean, rstd)
-        ctx.stats = stats
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, *_):  # type: ignore[override]
-        x, p, alpha, mean, rstd = ctx.saved_tensors
-        b, h = x.shape
-        dy = dy.contiguous()
-        dx, dalpha, acc = torch.empty_like(x), alpha.new_empty(h), x.new_empty(2 * h)
-        kernels.lib().dice_backward(x.data_ptr(), p.data_ptr(), dy.data_ptr(), alpha.data_ptr(),
-                                    mean.data_ptr(), rstd.data_ptr(), b, h, int(ctx.stats),
-                                    dx.data_ptr(), dalpha.data_ptr(), acc.data_ptr())
-        return dx, dalpha, None, None, None, None
-
-
 def _dice_fwd(x: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
               stats: bool, eps: float) -> tuple[torch.Tensor, ...]:
     """Native Dice forward: ``y, p, mean, var, rstd`` (batch statistics when ``stats``)."""
@@ -62,6 +33,25 @@ def _dice_bwd(x: torch.Tensor, p: torch.Tensor, dy: torch.Tensor, alpha: torch.T
                                 mean.data_ptr(), rstd.data_ptr(), b, h, int(stats),
                                 dx.data_ptr(), dalpha.data_ptr(), acc.data_ptr())
     return dx, dalpha
+
+
+class _NativeDice(torch.autograd.Function):
+    """Dice's forward and backward in one native pass each (see kernels/native.c)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor,
+                var: torch.Tensor, stats: bool, eps: float):
+        y, p, mean, var, rstd = _dice_fwd(x, alpha, mean, var, stats, eps)
+        ctx.save_for_backward(x, p, alpha, mean, rstd)
+        ctx.stats = stats
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, *_):  # type: ignore[override]
+        x, p, alpha, mean, rstd = ctx.saved_tensors
+        dx, dalpha = _dice_bwd(x, p, dy, alpha, mean, rstd, ctx.stats)
+        return dx, dalpha, None, None, None, None
 
 
 class _FusedDiceMLP(torch.autograd.Function):

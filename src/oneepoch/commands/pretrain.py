@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,18 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneepoch.config import load_config
+    from oneepoch.commands import config_and_run_dir
     from oneepoch.pretrain import PretrainConfig, pretrain
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(PretrainConfig, run_dir / "config.yaml", args.overrides)
-        res = pretrain(cfg, run_dir, resume=True)
-    else:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        res = pretrain(cfg)
+    cfg, run_dir = config_and_run_dir(args, PretrainConfig)
+    res = pretrain(cfg, run_dir, resume=run_dir is not None)
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

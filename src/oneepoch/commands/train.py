@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,19 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneepoch.config import TrainConfig, load_config
+    from oneepoch.commands import config_and_run_dir
+    from oneepoch.config import TrainConfig
     from oneepoch.report.run_report import build_report
     from oneepoch.training.trainer import train
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(TrainConfig, run_dir / "config.yaml", args.overrides)
-        res = train(cfg, run_dir, resume=True)
-    else:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        res = train(cfg)
+    cfg, run_dir = config_and_run_dir(args, TrainConfig)
+    res = train(cfg, run_dir, resume=run_dir is not None)
     report = build_report([res.run_dir])
     print(res.verdict.line())
     print(f"run: {res.run_dir}\nreport: {report}")

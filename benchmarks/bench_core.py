@@ -1,11 +1,13 @@
 """Core speed: training samples/s of paper A's base model (1 and 2 threads), evaluation
 rows/s, AUC over 10^7 predictions, and peak RSS. Writes benchmarks/results/core.json.
 
-    python benchmarks/bench_core.py [--rows 400000] [--steps 150] [--data DIR]
+    python benchmarks/bench_core.py [--rows 400000] [--steps 50] [--rounds 3] [--repeats 3]
 
-Each measurement runs in a fresh subprocess (so thread settings and RSS are its own) on the
-built-in synthetic data; training is timed over ``--steps`` batches after 20 warm-up steps,
-as the median of 3 rounds.
+Fresh processes with a fixed thread count (as a user runs ``threads=N``) on the built-in
+synthetic data, alternating 1, 2, 1, 2, ... for ``--repeats`` repetitions so that both thread
+counts see the same drift of a shared machine; each times ``--rounds`` rounds of ``--steps``
+batches after warm-up. Reported: the median per thread count and the median of the paired
+ratios as the speed-up. Evaluation and AUC are timed in every process (medians).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,19 +32,21 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from oneepoch import kernels
     from oneepoch.config import TrainConfig, load_config
     from oneepoch.data.batcher import Batcher
     from oneepoch.metrics import auc
     from oneepoch.training.trainer import build, epoch_order, predict, prepare_data
 
-    torch.set_num_threads(args.threads)
+    kernels.lib()
     cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", f"batch_size={args.batch}"])
     data = prepare_data(cfg)
     model, opt = build(cfg, data)
     tr = data.splits["train"]
     batcher = Batcher(tr, cfg.batch_size)
     order = epoch_order(len(tr), 0, "every", 0)
-    it = batcher.epoch(np.concatenate([order] * 4))
+    need = (20 + args.rounds * len(args.threads) * args.steps) * cfg.batch_size
+    it = batcher.epoch(np.concatenate([order] * (need // len(order) + 1)))
     lossf = torch.nn.functional.binary_cross_entropy_with_logits
 
     def steps(n: int) -> float:
@@ -54,39 +59,48 @@ def worker(args: argparse.Namespace) -> dict:
             opt.step()
         return time.perf_counter() - t
 
-    steps(20)
-    rates = sorted(args.steps * cfg.batch_size / steps(args.steps) for _ in range(3))
-    out = {"threads": args.threads, "batch": cfg.batch_size,
-           "train_samples_per_s": rates[1], "train_rounds": rates}
-    if args.eval:
-        te = data.splits["test"]
-        ev = Batcher(te, 16384)
+    for threads in args.threads:  # warm every thread count's pool
+        torch.set_num_threads(threads)
+        steps(10)
+    rates: dict[int, list[float]] = {t: [] for t in args.threads}
+    for _ in range(args.rounds):  # thread counts alternate, so they share the machine's state
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            rates[threads].append(args.steps * cfg.batch_size / steps(args.steps))
+    runs = [{"threads": t, "batch": cfg.batch_size, "train_samples_per_s": float(np.median(r)),
+             "train_rounds": r} for t, r in rates.items()]
+    torch.set_num_threads(1)
+    te = data.splits["test"]
+    ev = Batcher(te, 16384)
+    predict(model, ev)
+    t = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
         predict(model, ev)
-        t = time.perf_counter()
-        reps = 3
-        for _ in range(reps):
-            p = predict(model, ev)
-        out["eval_rows_per_s"] = reps * len(te) / (time.perf_counter() - t)
-        rng = np.random.default_rng(0)
-        y = rng.integers(0, 2, 10_000_000)
-        s = (rng.random(10_000_000) + 0.1 * y).astype(np.float32)
-        t = time.perf_counter()
-        auc(y, s)
-        out["auc_1e7_seconds"] = time.perf_counter() - t
-        del p
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+    runs[0]["eval_rows_per_s"] = reps * len(te) / (time.perf_counter() - t)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 10_000_000)
+    s = (rng.random(10_000_000) + 0.1 * y).astype(np.float32)
+    t = time.perf_counter()
+    auc(y, s)
+    runs[0]["auc_1e7_seconds"] = time.perf_counter() - t
+    base = rates[args.threads[0]]
+    speedups = {t: float(np.median([x / y for x, y in zip(r, base, strict=True)]))
+                for t, r in rates.items()}
+    return {"runs": runs, "speedup_per_round_median": speedups,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=400_000)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=50, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
+    ap.add_argument("--repeats", type=int, default=3, help="processes per thread count")
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--data", help="data set (default: generate the built-in one)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--eval", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a)))
@@ -97,24 +111,52 @@ def main() -> None:
 
         a.data = str(Path("runs") / "bench-data")
         ensure_synthetic(Path(a.data), SynthConfig(n_train=a.rows))
+    # Fresh processes with a fixed thread count (as a user runs threads=N), alternating
+    # 1, 2, 1, 2, ... so every thread count sees the same drift of a shared machine.
+    per: dict[int, list[dict]] = {t: [] for t in a.threads}
+    for rep in range(a.repeats):
+        for t in a.threads:
+            cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--steps",
+                   str(a.steps), "--rounds", str(a.rounds), "--batch", str(a.batch),
+                   "--threads", str(t)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          env=env).stdout.strip().splitlines()[-1])
+            r["runs"][0]["peak_rss_mib"] = r["peak_rss_mib"]
+            per[t].append(r["runs"][0])
+            print(f"repeat {rep} threads={t}: {r['runs'][0]['train_samples_per_s']:,.0f} "
+                  "samples/s", flush=True)
+    runs = []
+    for t, rs in per.items():
+        rounds = [x for r in rs for x in r["train_rounds"]]
+        run = {"threads": t, "batch": a.batch, "train_samples_per_s": float(statistics.median(
+            [r["train_samples_per_s"] for r in rs])), "train_rounds": rounds,
+            "process_medians": [r["train_samples_per_s"] for r in rs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+        for k in ("eval_rows_per_s", "auc_1e7_seconds"):
+            vals = [r[k] for r in rs if k in r]
+            if vals:
+                run[k] = float(statistics.median(vals))
+        runs.append(run)
+    base = per[a.threads[0]]
+    speedup = {t: float(statistics.median([x["train_samples_per_s"] / y["train_samples_per_s"]
+                                           for x, y in zip(rs, base, strict=True)]))
+               for t, rs in per.items()}
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "python": platform.python_version()}, "runs": []}
-    for threads in (1, 2):
-        cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--threads", str(threads),
-               "--steps", str(a.steps), "--batch", str(a.batch)] + (["--eval"] if threads == 1
-                                                                     else [])
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                      env=env).stdout.strip().splitlines()[-1])
-        results["runs"].append(r)
-        line = (f"threads={threads}: train {r['train_samples_per_s']:,.0f} samples/s "
-                f"(batch {r['batch']}), peak RSS {r['peak_rss_mib']:,.0f} MiB")
-        if "eval_rows_per_s" in r:
-            line += (f"; eval {r['eval_rows_per_s']:,.0f} rows/s; AUC over 1e7 predictions "
-                     f"{r['auc_1e7_seconds']:.2f} s")
+                           "python": platform.python_version()}, "runs": runs,
+               "speedup_per_round_median": speedup, "repeats": a.repeats}
+    for run in runs:
+        line = (f"threads={run['threads']}: train {run['train_samples_per_s']:,.0f} samples/s "
+                f"(median of {a.repeats} processes; rounds "
+                f"{min(run['train_rounds']):,.0f}-{max(run['train_rounds']):,.0f}; batch "
+                f"{run['batch']}), peak RSS {run['peak_rss_mib']:,.0f} MiB")
+        if "eval_rows_per_s" in run:
+            line += (f"; eval {run['eval_rows_per_s']:,.0f} rows/s; AUC over 1e7 predictions "
+                     f"{run['auc_1e7_seconds']:.2f} s")
         print(line, flush=True)
-    one, two = (r["train_samples_per_s"] for r in results["runs"])
-    print(f"2-thread speed-up: {two / one:.2f}x")
+    for t, x in speedup.items():
+        if t != a.threads[0]:
+            print(f"{t}-thread speed-up (median of the paired process ratios): {x:.2f}x")
     import torch
 
     results["torch"] = torch.__version__

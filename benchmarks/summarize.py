@@ -35,7 +35,11 @@ def main() -> None:
                        f"{min(rounds):,.0f}-{max(rounds):,.0f} | "
                        f"{r.get('eval_rows_per_s', float('nan')):,.0f} | "
                        f"{r.get('auc_1e7_seconds', float('nan')):.2f} | "
-                       f"{r['peak_rss_mib']:,.0f} |")
+                       f"{r.get('peak_rss_mib', core.get('peak_rss_mib', float('nan'))):,.0f} |")
+        for t, x in (core.get("speedup_per_round_median") or {}).items():
+            if int(t) != core["runs"][0]["threads"]:
+                out.append(f"\n{t} threads vs 1: {x:.2f}x (median of the ratios of paired "
+                           "processes; thread counts alternate process by process)")
     else:
         out.append("not run")
     limit = load("limit")
@@ -100,6 +104,9 @@ def main() -> None:
                        f"{r['gemm_bound_pairs_per_s']:,.0f} | {r['gemm_gflops']:.0f} "
                        f"({r['gemm_block_rows']}) | {100 * r['fraction_of_bound']:.0f}% | "
                        f"{f'{ev:,.0f}' if ev else '-'} |")
+        for t, x in (pre.get("speedup_per_round_median") or {}).items():
+            if int(t) != pre["runs"][0]["threads"]:
+                out.append(f"\n{t} threads vs 1: {x:.2f}x (median of the per-round ratios)")
         out.append(f"\ndim {sh['dim']}, batch {sh['batch']} + {sh['uniform_negatives']} uniform "
                    f"negatives (and in-batch), {sh['rows']:,}-row user and item tables; the "
                    "bound is the step's three GEMMs timed alone in their fastest row blocking; "

@@ -23,9 +23,11 @@ def run_worker(script: str, *args: str) -> dict:
 
 def test_core_worker(tiny_synth):
     r = run_worker("bench_core.py", "--worker", "--data", str(tiny_synth), "--threads", "1",
-                   "--steps", "3", "--batch", "256", "--eval")
-    assert r["train_samples_per_s"] > 0 and r["eval_rows_per_s"] > 0
-    assert 0 < r["auc_1e7_seconds"] < 60
+                   "2", "--steps", "2", "--rounds", "2", "--batch", "256")
+    one, two = r["runs"]
+    assert one["train_samples_per_s"] > 0 and two["train_samples_per_s"] > 0
+    assert one["eval_rows_per_s"] > 0 and 0 < one["auc_1e7_seconds"] < 60
+    assert r["speedup_per_round_median"]["2"] > 0
 
 
 def test_peers_oneepoch_worker(tiny_synth):
@@ -40,10 +42,13 @@ def test_scale_worker():
 
 
 def test_pretrain_worker():
-    r = run_worker("bench_pretrain.py", "--worker", "--threads", "1", "--rows", "5000",
+    r = run_worker("bench_pretrain.py", "--worker", "--threads", "1,2", "--rows", "5000",
                    "--batch", "256", "--negatives", "256", "--dim", "16", "--steps", "1",
                    "--eval-pairs", "8")
-    assert r["pairs_per_s"] > 0 and 0 < r["fraction_of_bound"] and r["eval_pairs_per_s"] > 0
+    for run in r["runs"]:
+        assert run["pairs_per_s"] > 0 and run["fraction_of_bound"] > 0
+        assert run["eval_pairs_per_s"] > 0
+    assert r["speedup_per_round_median"]["2"] > 0
 
 
 def test_summarize_reads_the_committed_results(tmp_path):

@@ -4,8 +4,8 @@
 (``$CC``, else ``cc``) into ``$ONEEPOCH_CACHE/native/`` (default ``~/.cache/oneepoch``), once
 per source version and CPU, in about a second, and loaded with :mod:`ctypes`. With OpenMP it
 runs on PyTorch's own thread pool (``torch.set_num_threads``); results do not depend on the
-number of threads. Each kernel has
-a PyTorch twin that gives the same numbers within float tolerance; the twin is used when
+number of threads. Each kernel has a PyTorch twin that gives the same numbers within float
+tolerance; the twin is used when
 
 * the tensors are not contiguous float32 on the CPU (e.g. on CUDA),
 * ``ONEEPOCH_NATIVE=0`` is set, or
@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c11",
-          "-fPIC", "-shared"]
+CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c11", "-fPIC", "-shared"]
+# tried in order: the first set this compiler accepts is used (OpenMP and -march are optional)
+EXTRA_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -76,7 +77,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + cc.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, EXTRA_FLAGS)).encode() + cc.encode()
                          + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
     name = f"oneepoch-native-{key}.so"
     for d in (cache_dir(), Path(tempfile.gettempdir()) / f"oneepoch-native-{os.getuid()}"):
@@ -94,8 +95,8 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
-        # With OpenMP if the compiler has it (multi-threaded kernels), else without.
-        for extra in (["-fopenmp"], []):
+        # With OpenMP and -march=native if the compiler has them, else without.
+        for extra in EXTRA_FLAGS:
             r = subprocess.run([cc, *CFLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
                                capture_output=True, text=True)
             if r.returncode == 0:

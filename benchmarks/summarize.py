@@ -19,6 +19,14 @@ def load(name: str) -> dict | list | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def speedup_lines(result: dict, how: str) -> list[str]:
+    """The speed-up of each thread count over the first one, as recorded by the benchmark."""
+    first = result["runs"][0]["threads"]
+    return [f"\n{t} threads vs {first}: {x:.2f}x ({how})"
+            for t, x in (result.get("speedup_per_round_median") or {}).items()
+            if int(t) != first]
+
+
 def main() -> None:
     out = ["# Benchmark results", "",
            "Written by `make bench` (benchmarks/summarize.py) from the JSON files beside this one; "
@@ -36,10 +44,8 @@ def main() -> None:
                        f"{r.get('eval_rows_per_s', float('nan')):,.0f} | "
                        f"{r.get('auc_1e7_seconds', float('nan')):.2f} | "
                        f"{r.get('peak_rss_mib', core.get('peak_rss_mib', float('nan'))):,.0f} |")
-        for t, x in (core.get("speedup_per_round_median") or {}).items():
-            if int(t) != core["runs"][0]["threads"]:
-                out.append(f"\n{t} threads vs 1: {x:.2f}x (median of the ratios of paired "
-                           "processes; thread counts alternate process by process)")
+        out += speedup_lines(core, "median of the ratios of paired processes; thread counts "
+                             "alternate process by process")
     else:
         out.append("not run")
     limit = load("limit")
@@ -104,9 +110,7 @@ def main() -> None:
                        f"{r['gemm_bound_pairs_per_s']:,.0f} | {r['gemm_gflops']:.0f} "
                        f"({r['gemm_block_rows']}) | {100 * r['fraction_of_bound']:.0f}% | "
                        f"{f'{ev:,.0f}' if ev else '-'} |")
-        for t, x in (pre.get("speedup_per_round_median") or {}).items():
-            if int(t) != pre["runs"][0]["threads"]:
-                out.append(f"\n{t} threads vs 1: {x:.2f}x (median of the per-round ratios)")
+        out += speedup_lines(pre, "median of the per-round ratios")
         out.append(f"\ndim {sh['dim']}, batch {sh['batch']} + {sh['uniform_negatives']} uniform "
                    f"negatives (and in-batch), {sh['rows']:,}-row user and item tables; the "
                    "bound is the step's three GEMMs timed alone in their fastest row blocking; "

@@ -23,7 +23,6 @@ uninterrupted run (each epoch's order depends only on (seed, epoch)); ``epochs=`
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from oneepoch.pretrain.evaluate import ranking_metrics
 from oneepoch.pretrain.losses import bce_loss, contrastive_loss
 from oneepoch.pretrain.model import TwoTower
 from oneepoch.training.checkpoint import (
+    clear_run_state,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -189,9 +189,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         train_secs, pairs_done = float(ck["train_secs"]), int(ck["pairs_done"])
         t0 -= float(ck["elapsed_s"])
         _write_rows(run_dir, rows)
-    elif not resume:  # a fresh run: an earlier run's checkpoints and summary no longer apply
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
+    elif not resume:
+        clear_run_state(run_dir)
     # written once the checkpoint is known to fit, so a refused resume leaves the run as it was
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -79,6 +79,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in d.glob("epoch-*") if (p / "state.json").exists())
 
 
+def clear_run_state(run_dir: str | Path) -> None:
+    """Forget an earlier run in ``run_dir`` (its checkpoints and ``summary.json``) before a
+    fresh run, so a later resume or reuse can never pick up a stale one."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    (Path(run_dir) / "summary.json").unlink(missing_ok=True)
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Keep the ``keep`` most recent epoch checkpoints (0 = keep all)."""
     if keep <= 0:

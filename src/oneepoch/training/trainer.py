@@ -11,7 +11,6 @@ Hooks (see :class:`Hook`) are how probes and remedies plug in without copying th
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from oneepoch.models.ctr import build_model
 from oneepoch.probes.verdict import Verdict, one_epoch_verdict
 from oneepoch.remedies import hooks_from_config
 from oneepoch.training.checkpoint import (
+    clear_run_state,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -191,9 +191,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh run: an earlier run's checkpoints and summary no longer apply
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
+    if not resume:
+        clear_run_state(run_dir)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     data = prepare_data(cfg, data)
     model, opt = build(cfg, data)

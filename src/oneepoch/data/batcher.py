@@ -85,8 +85,13 @@ class Batcher:
                       [n.index_select(0, idx) for n in lens], self._label_t.index_select(0, idx))
         return b.to(self.device)
 
-    def epoch(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
-        """Yield the batches of one pass over ``order`` (row indices), from ``start_step``."""
+    def epoch_rows(self, order: np.ndarray, start_step: int = 0) -> Iterator[np.ndarray]:
+        """Yield the row indices of each batch of one pass over ``order``, from ``start_step``."""
         bs = self.batch_size
         for a in range(start_step * bs, len(order), bs):
-            yield self.get(order[a:a + bs])
+            yield order[a:a + bs]
+
+    def epoch(self, order: np.ndarray, start_step: int = 0) -> Iterator[Batch]:
+        """Yield the batches of one pass over ``order`` (row indices), from ``start_step``."""
+        for rows in self.epoch_rows(order, start_step):
+            yield self.get(rows)

@@ -39,8 +39,16 @@ static inline float fexp(float x) {
     return p * u.f * under;
 }
 
-/* How many rows ahead the scattered-row loops prefetch. */
+/* How many rows ahead the scattered-row loops prefetch, and samples ahead the pooling does. */
+#ifndef PREFETCH
 #define PREFETCH 12
+#endif
+#ifndef POOL_AHEAD
+#define POOL_AHEAD 2
+#endif
+#ifndef RAW_AHEAD
+#define RAW_AHEAD 8
+#endif
 
 static inline float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 
@@ -184,10 +192,25 @@ typedef struct {
     const float *W;
     int64_t B, S, K, R, D;
     float *out;
+    const int64_t *sel;  /* sample b is row sel[b] of ids/seqs/lens (NULL: row b) */
+    /* NULL, or out: each lookup, in visiting order, appended to the list of its row's owner
+     * (owner_of(row, owners)): the row, where its gradient comes from ((b - b0) * F + f), the scale */
+    int64_t owners, cap_list, *lk_n, *lk_row;
+    int32_t *lk_src;
+    float *lk_scale;
 } Bags;
+
+static inline int64_t row_of(const int64_t *sel, int64_t b) { return sel ? sel[b] : b; }
+
+/* Which of T threads updates table row r: a multiplicative hash scaled to [0, T) (balanced
+ * for any ID order, and no division). */
+static inline int64_t owner_of(int64_t r, int64_t T) {
+    return (int64_t)((((uint64_t)((uint32_t)r * 2654435761u)) * (uint64_t)T) >> 32);
+}
 
 /* Prefetch sample b's scattered table rows (if rows) and slots (if slot). */
 static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot, int rows) {
+    b = row_of(a->sel, b);
     for (int64_t s = 0; s < a->S; s++) {
         int64_t r = a->ids[b * a->S + s] + a->off[s];
         if (r >= 0 && r < a->R) {
@@ -207,30 +230,53 @@ static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot
     }
 }
 
+/* Prefetch sample b's own (scattered, with sel) rows of ids, sequences and lengths. */
+static inline void prefetch_raw(const Bags *a, int64_t b) {
+    const int64_t i = row_of(a->sel, b);
+    __builtin_prefetch(a->ids + i * a->S);
+    for (int64_t k = 0; k < a->K; k++) {
+        const int64_t *q = a->seqs[k] + i * a->L[k];
+        for (int64_t t = 0; t < a->L[k]; t += 8) __builtin_prefetch(q + t);
+        __builtin_prefetch(a->lens[k] + i);
+    }
+}
+
 /* Pool samples [b0, b1); with slot, also de-duplicate (then b0 must be 0 and the range is
- * visited in order). Returns U, or -1 / -2 as emb_pool_forward. */
+ * visited in order). Returns U, or -1 / -2 as emb_pool_forward. Prefetches a sample's batch
+ * rows 8 samples ahead (with sel they are scattered) and its table rows 2 ahead. */
 static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_t *rows,
                     int32_t *inv, int pooling) {
     const int64_t F = a->S + a->K, D = a->D;
     int64_t j = 0, U = 0, err = 0;
+    if (a->sel)
+        for (int64_t b = b0; b < b0 + RAW_AHEAD && b < b1; b++) prefetch_raw(a, b);
     for (int64_t b = b0; b < b1; b++) {
-        if (b + 2 < b1) prefetch_sample(a, b + 2, slot, pooling);
+        if (a->sel && b + RAW_AHEAD < b1) prefetch_raw(a, b + RAW_AHEAD);
+        if (b + POOL_AHEAD < b1) prefetch_sample(a, b + POOL_AHEAD, slot, pooling);
         float *ob = a->out + b * F * D;
+        const int64_t i = row_of(a->sel, b);
         if (pooling) memset(ob, 0, sizeof(float) * F * D);
         for (int64_t f = 0; f < F; f++) {
             const int64_t *q;
             int64_t n;
             if (f < a->S) {
-                q = a->ids + b * a->S + f, n = 1;
+                q = a->ids + i * a->S + f, n = 1;
             } else {
                 int64_t k = f - a->S;
-                q = a->seqs[k] + b * a->L[k], n = a->lens[k][b];
+                q = a->seqs[k] + i * a->L[k], n = a->lens[k][i];
                 if (n < 0 || n > a->L[k]) { err = -2; goto done; }
             }
             float *o = ob + f * D;
             for (int64_t t = 0; t < n; t++, j++) {
                 int64_t r = q[t] + a->off[f];
                 if (r < 0 || r >= a->R) { err = -1; goto done; }
+                if (a->lk_n) {
+                    const int64_t ow = owner_of(r, a->owners);
+                    const int64_t e = ow * a->cap_list + a->lk_n[ow]++;
+                    a->lk_row[e] = r;
+                    a->lk_src[e] = (int32_t)((b - b0) * F + f);
+                    a->lk_scale[e] = n > 1 ? 1.0f / (float)n : 1.0f;
+                }
                 if (pooling) {
                     const float *w = a->W + r * D;
                     for (int64_t d = 0; d < D; d++) o[d] += w[d];
@@ -253,11 +299,13 @@ done:
     return err ? err : U;
 }
 
-int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S, const int64_t *off,
-                         int64_t K, const int64_t *const *seqs, const int64_t *L,
-                         const int64_t *const *lens, const float *W, int64_t R, int64_t D,
-                         float *out, int32_t *slot, int64_t *rows, int32_t *inv) {
-    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out};
+int64_t emb_pool_forward(const int64_t *ids, const int64_t *sel, int64_t B, int64_t S,
+                         const int64_t *off, int64_t K, const int64_t *const *seqs,
+                         const int64_t *L, const int64_t *const *lens, const float *W,
+                         int64_t R, int64_t D, float *out, int32_t *slot, int64_t *rows,
+                         int32_t *inv) {
+    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, sel, 0, 0, NULL, NULL,
+                    NULL, NULL};
     int64_t T = 1, U = 0, err = 0;
 #ifdef _OPENMP
     T = B * (S + K) * D >= 8192 ? omp_get_max_threads() : 1;
@@ -287,29 +335,47 @@ int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S, const int64_t
 }
 
 /* Gradient of emb_pool_forward's output gout [B, S + K, D] with respect to the distinct rows:
- * grad [U, D] (overwritten), summed in lookup order (deterministic). */
-void emb_pool_backward(const float *restrict gout, int64_t B, int64_t S, int64_t K,
-                       const int64_t *const *lens, const int32_t *restrict inv, int64_t U,
-                       int64_t D, float *restrict grad) {
+ * grad [U, D] (overwritten), summed in lookup order (deterministic). With several threads each
+ * owns a block of the distinct rows and adds only their lookups, in the same order. */
+static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, int64_t K,
+                            const int64_t *const *lens, const int64_t *sel,
+                            const int32_t *restrict inv, int64_t u0, int64_t u1, int64_t D,
+                            float *restrict grad) {
     const int64_t F = S + K;
-    memset(grad, 0, sizeof(float) * U * D);
+    memset(grad + u0 * D, 0, sizeof(float) * (u1 - u0) * D);
     int64_t j = 0;
     for (int64_t b = 0; b < B; b++) {
         const float *gb = gout + b * F * D;
+        const int64_t i = row_of(sel, b);
         for (int64_t s = 0; s < S; s++, j++) {
-            float *g = grad + (int64_t)inv[j] * D;
+            const int64_t u = inv[j];
+            if (u < u0 || u >= u1) continue;
+            float *g = grad + u * D;
             for (int64_t d = 0; d < D; d++) g[d] += gb[s * D + d];
         }
         for (int64_t k = 0; k < K; k++) {
-            int64_t n = lens[k][b];
+            int64_t n = lens[k][i];
             if (n == 0) continue;
             float scale = 1.0f / (float)n;
             const float *gf = gb + (S + k) * D;
             for (int64_t t = 0; t < n; t++, j++) {
-                float *g = grad + (int64_t)inv[j] * D;
+                const int64_t u = inv[j];
+                if (u < u0 || u >= u1) continue;
+                float *g = grad + u * D;
                 for (int64_t d = 0; d < D; d++) g[d] += scale * gf[d];
             }
         }
+    }
+}
+
+void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
+                       const int64_t *const *lens, const int64_t *sel, const int32_t *inv,
+                       int64_t U, int64_t D, float *grad) {
+#pragma omp parallel if (B * (S + K) * D >= 16384)
+    {
+        int64_t u0, u1;
+        share(U, 1, &u0, &u1);
+        pool_back_range(gout, B, S, K, lens, sel, inv, u0, u1, D, grad);
     }
 }
 
@@ -505,4 +571,470 @@ int topk_rows(const float *s, int64_t n, int64_t C, int64_t K, int64_t *idx) {
         free(hi);
     }
     return failed;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* One whole training step of the Embedding & Dice-MLP model (paper A's base model) with BCE, */
+/* row-wise Adam on the table and Adam on the MLP, in one call: no autograd graph, no Python  */
+/* between the passes.                                                                        */
+/*                                                                                            */
+/* The batch is cut into fixed chunks of CHUNK_ROWS samples; in one OpenMP region each thread */
+/* takes chunks t, t + T, ... through pooling, every layer's GEMMs (PyTorch's own BLAS,       */
+/* sgemm_ handed over by set_sgemm, one thread per call), Dice, the loss and the backward, so */
+/* a chunk's activations stay in its core's cache. Batch-wide sums (Dice statistics, weight   */
+/* gradients, the loss) are per-chunk partials added in chunk order, and each thread updates  */
+/* the table rows it owns (owner_of), visiting their lookups in batch order: the numbers do not */
+/* depend on the thread count, and match the autograd path within float tolerance            */
+/* (tests/test_fused_step.py).                                                                */
+/* ---------------------------------------------------------------------------------------- */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
+                        const float *, const float *, const int *, const float *, const int *,
+                        const float *, float *, const int *);
+static sgemm_t sgemm_fn = NULL;
+#define MAX_LAYERS 64   /* linear layers of the fused step's MLP, at most */
+#define MAX_SEQS 64     /* sequence fields, at most */
+#define CHUNK_ROWS 256  /* samples per chunk */
+
+void set_sgemm(void *f) { sgemm_fn = (sgemm_t)f; }
+
+/* Row-major C [M, N] = alpha op(A) op(B) + beta C, through column-major sgemm (C^T = ...). */
+static void gemm_rm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                    float *C, int64_t ldc) {
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const int m = (int)N, n = (int)M, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+    sgemm_fn(&cb, &ca, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+
+typedef struct {
+    /* the batch: sample b is row sel[b] (sel NULL: row b) of ids [*, S], seqs[k] [*, L[k]],
+     * lens[k] [*] and label [*] */
+    const int64_t *ids, *sel;
+    const int64_t *const *seqs;
+    const int64_t *L;
+    const int64_t *const *lens;
+    const float *label;
+    int64_t B, S, K;
+    /* the table W [R, D], its Adam moments, field row offsets, slot array (int32 [R], -1) */
+    float *W, *Wm, *Wv;
+    const int64_t *off;
+    int32_t *slot;
+    int64_t R, D;
+    float emb_lr, emb_bc1, emb_bc2;
+    /* the MLP: n_layers linear layers, width[0..n_layers] (width[0] = (S + K) * D, last 1);
+     * dense parameters in the order W_0, b_0, alpha_0, W_1, b_1, alpha_1, ..., W_last, b_last,
+     * each with its gradient buffer, Adam moments and step counter (float, as torch keeps it) */
+    int64_t n_layers;
+    const int64_t *width;
+    float *const *p, *const *g, *const *m, *const *v, *const *step;
+    float *const *run_mean, *const *run_var;
+    float dice_eps, dice_momentum;
+    /* Adam settings (shared by both optimizers) */
+    float lr, beta1, beta2, eps, wd;
+    /* scratch: ctr_step_scratch(B, n_layers, width, cap, D, threads) floats */
+    float *scratch;
+    int64_t cap;      /* lookups per batch at most: B * (S + sum L) */
+    int64_t threads;  /* threads to use (the scratch was sized for at least this many) */
+    /* out */
+    int64_t status;  /* 0, or emb_pool_forward's error code */
+    int64_t unique_rows;
+    double *prof;  /* NULL, or [PROF_N] seconds per phase, accumulated (benchmarks) */
+} CtrStep;
+
+/* Phases of the profile, as thread 0 sees them (waits at barriers included): pool, forward
+ * GEMMs, Dice forward, loss, backward GEMMs, Dice backward, embedding backward + row-wise
+ * Adam, weight-gradient sums + dense Adam. */
+#define PROF_N 8
+static inline double now_s(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return 0.0;
+#endif
+}
+
+typedef struct {  /* where ctr_step keeps things in the scratch */
+    float *x0, *logit, *glogit, *part, *wpart, *bufA, *bufB, *egrad;
+    double *lossc;
+    int64_t *rows, *lk_n, *lk_row, *graw;
+    int32_t *lk_src;
+    float *lk_scale;
+    float *z[MAX_LAYERS], *pp[MAX_LAYERS], *y[MAX_LAYERS], *mean[MAX_LAYERS];
+    float *var[MAX_LAYERS], *rstd[MAX_LAYERS], *sg[MAX_LAYERS], *sgx[MAX_LAYERS];
+    int64_t woff[MAX_LAYERS], n_wb, max_h, mw, NC;
+} Layout;
+
+static inline float *align16(float *base, float *s) {
+    return base + ((s - base + 15) & ~(int64_t)15);
+}
+
+/* Lays out the scratch (base NULL: only counts); returns its size in floats. */
+static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64_t *w,
+                      int64_t cap, int64_t lps, int64_t D, int64_t T) {
+    float *s = base;
+    o->NC = (B + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    o->max_h = 1, o->mw = w[0], o->n_wb = 0;
+    for (int64_t i = 0; i < NL; i++) {
+        o->woff[i] = o->n_wb;
+        o->n_wb += w[i] * w[i + 1] + w[i + 1];
+        if (i > 0) o->max_h = w[i] > o->max_h ? w[i] : o->max_h;
+        o->mw = w[i] > o->mw ? w[i] : o->mw;
+    }
+#define TAKE(dst, n) do { s = align16(base, s); dst = s; s += (n); } while (0)
+    TAKE(o->x0, B * w[0]);
+    TAKE(o->logit, B);
+    TAKE(o->glogit, B);
+    float *tmp;
+    TAKE(tmp, 2 * o->NC);
+    o->lossc = (double *)tmp;
+    for (int64_t l = 1; l < NL; l++) {
+        TAKE(o->z[l], B * w[l]);
+        TAKE(o->pp[l], B * w[l]);
+        TAKE(o->y[l], B * w[l]);
+        TAKE(o->mean[l], w[l]);
+        TAKE(o->var[l], w[l]);
+        TAKE(o->rstd[l], w[l]);
+        TAKE(o->sg[l], w[l]);
+        TAKE(o->sgx[l], w[l]);
+    }
+    TAKE(o->part, o->NC * 3 * o->max_h);
+    TAKE(o->wpart, o->NC * o->n_wb);
+    TAKE(o->bufA, B * o->mw);
+    TAKE(o->bufB, B * o->mw);
+    TAKE(o->egrad, T * cap * D);
+    TAKE(tmp, 2 * T * cap);
+    o->rows = (int64_t *)tmp;
+    const int64_t n_lk = T * o->NC * lps * CHUNK_ROWS;
+    TAKE(tmp, 2 * T * o->NC);
+    o->lk_n = (int64_t *)tmp;
+    TAKE(tmp, 2 * n_lk);
+    o->lk_row = (int64_t *)tmp;
+    TAKE(tmp, n_lk);
+    o->lk_src = (int32_t *)tmp;
+    TAKE(o->lk_scale, n_lk);
+    TAKE(tmp, 2 * B * (lps + w[0] + 1));  /* the batch's own rows, gathered per chunk */
+    o->graw = (int64_t *)tmp;
+#undef TAKE
+    return (s - base) + 16;
+}
+
+int64_t ctr_step_scratch(int64_t B, int64_t n_layers, const int64_t *width, int64_t cap,
+                         int64_t D, int64_t threads) {
+    Layout o;
+    if (n_layers > MAX_LAYERS || n_layers < 1) return -1;
+    if (B < 1) return -1;
+    return layout(&o, NULL, B, n_layers, width, cap, cap / B, D, threads < 1 ? 1 : threads);
+}
+
+/* Column sums of x [., H] over rows [b0, b1) (into out, overwritten). */
+static void col_sums(const float *restrict x, int64_t b0, int64_t b1, int64_t H,
+                     float *restrict out) {
+    memset(out, 0, sizeof(float) * H);
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xr = x + b * H;
+        for (int64_t h = 0; h < H; h++) out[h] += xr[h];
+    }
+}
+
+static void col_sqdev(const float *restrict x, int64_t b0, int64_t b1, int64_t H,
+                      const float *restrict mean, float *restrict out) {
+    memset(out, 0, sizeof(float) * H);
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xr = x + b * H;
+        for (int64_t h = 0; h < H; h++) {
+            float d = xr[h] - mean[h];
+            out[h] += d * d;
+        }
+    }
+}
+
+/* Dice backward's column partials over rows [b0, b1): out [3H] = sum g, sum g * xn, dalpha. */
+static void dice_back_partial(const float *restrict x, const float *restrict p,
+                              const float *restrict dy, const float *restrict alpha,
+                              const float *restrict mean, const float *restrict rstd,
+                              int64_t b0, int64_t b1, int64_t H, float *restrict sg,
+                              float *restrict sgx, float *restrict da) {
+    memset(sg, 0, sizeof(float) * H);
+    memset(sgx, 0, sizeof(float) * H);
+    memset(da, 0, sizeof(float) * H);
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xr = x + b * H, *pr = p + b * H, *dr = dy + b * H;
+        for (int64_t h = 0; h < H; h++) {
+            float dyx = dr[h] * xr[h];
+            float g = dyx * (1.0f - alpha[h]) * pr[h] * (1.0f - pr[h]);
+            float xn = (xr[h] - mean[h]) * rstd[h];
+            sg[h] += g;
+            sgx[h] += g * xn;
+            da[h] += dyx * (1.0f - pr[h]);
+        }
+    }
+}
+
+/* Sum of the chunk partials part[c * stride + j] over chunks, for columns [h0, h1). */
+static void sum_parts(const float *restrict part, int64_t NC, int64_t stride, int64_t h0,
+                      int64_t h1, float scale, float *restrict out) {
+    for (int64_t h = h0; h < h1; h++) out[h] = 0.0f;
+    for (int64_t c = 0; c < NC; c++)
+        for (int64_t h = h0; h < h1; h++) out[h] += part[c * stride + h];
+    for (int64_t h = h0; h < h1; h++) out[h] *= scale;
+}
+
+static void adam_slice(float *restrict p, const float *restrict g, float *restrict m,
+                       float *restrict v, int64_t i0, int64_t i1, float step_size,
+                       float bc2_sqrt, float b1, float b2, float eps, float wd) {
+    for (int64_t i = i0; i < i1; i++) {
+        float gi = g[i] + wd * p[i];
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+/* This thread's gradient sums and Adam updates for the table rows it owns (owner_of),
+ * from the lookups pooling listed for it, chunk by chunk: in batch order. */
+static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *restrict dX,
+                                int64_t t, int64_t T, int64_t *restrict rows,
+                                float *restrict egrad) {
+    const int64_t D = c->D, F = c->S + c->K;
+    int64_t per_chunk = c->S;
+    for (int64_t k = 0; k < c->K; k++) per_chunk += c->L[k];
+    per_chunk *= CHUNK_ROWS;
+    int32_t *restrict slot = c->slot;
+    int64_t U = 0;
+    for (int64_t ch = 0; ch < o->NC; ch++) {
+        const int64_t at = (ch * T + t) * per_chunk, n = o->lk_n[ch * T + t];
+        const int64_t *restrict lr = o->lk_row + at;
+        const int32_t *restrict ls = o->lk_src + at;
+        const float *restrict sc = o->lk_scale + at;
+        const float *gx = dX + ch * CHUNK_ROWS * F * D;
+        for (int64_t e = 0; e < n; e++) {
+            if (e + 16 < n) __builtin_prefetch(slot + lr[e + 16]);
+            const int64_t r = lr[e];
+            const float scale = sc[e], *gf = gx + (int64_t)ls[e] * D;
+            int32_t u = slot[r];
+            float *ge;
+            if (u < 0) {
+                u = (int32_t)U++;
+                slot[r] = u;
+                rows[u] = r;
+                __builtin_prefetch(c->Wm + r * D, 1, 1);  /* for the Adam pass */
+                __builtin_prefetch(c->Wv + r * D, 1, 1);
+                ge = egrad + (int64_t)u * D;
+                for (int64_t d = 0; d < D; d++) ge[d] = scale * gf[d];
+            } else {
+                ge = egrad + (int64_t)u * D;
+                for (int64_t d = 0; d < D; d++) ge[d] += scale * gf[d];
+            }
+        }
+    }
+    adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->beta1, c->beta2,
+              c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd);
+    for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
+    return U;
+}
+
+/* Returns the batch's mean BCE loss (NaN with status != 0 if a lookup was outside the table:
+ * then nothing has been updated). */
+double ctr_step(CtrStep *c) {
+    const int64_t B = c->B, NL = c->n_layers, D = c->D;
+    const int64_t *w = c->width;
+    const int64_t T = c->threads < 1 ? 1 : c->threads;
+    int64_t lps = c->S;  /* lookups per sample, at most */
+    for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
+    Layout o;
+    layout(&o, c->scratch, B, NL, w, c->cap, lps, D, T);
+    const int64_t NC = o.NC, n_dense = 3 * NL - 1;
+    /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
+    float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
+    for (int64_t j = 0; j < n_dense; j++) {
+        const float t = *c->step[j] + 1.0f;
+        step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
+        bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
+    }
+    const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
+                       o.x0, c->sel, 0, 0, NULL, NULL, NULL, NULL};
+    const int64_t per_chunk = lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
+    const float inv_b = 1.0f / (float)B;
+    int64_t err = 0, U = 0;
+#pragma omp parallel num_threads(T) reduction(+ : U)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        double tp = (c->prof && t == 0) ? now_s() : 0.0;
+#define TICK(k) do { if (c->prof && t == 0) { double t_ = now_s(); c->prof[k] += t_ - tp; tp = t_; } } while (0)
+#define CHUNKS for (int64_t ch = t; ch < NC; ch += nt)
+#define CB0 (ch * CHUNK_ROWS)
+#define CB1 (CB0 + CHUNK_ROWS < B ? CB0 + CHUNK_ROWS : B)
+        /* 1. pooled embeddings of my chunks */
+        CHUNKS {
+            Bags a = bags;  /* this chunk's lookups by owner, for step 5 */
+            const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
+            if (c->sel) {  /* gather the chunk's own rows first: independent loads, in flight
+                            * together, instead of misses inside the pooling loop */
+                const int64_t nb = CB1 - CB0;
+                int64_t *g = o.graw + CB0 * (lps + c->K);
+                int64_t *gi = g;
+                g += nb * c->S;
+                for (int64_t k = 0; k < c->K; k++) {
+                    gseq[k] = g, g += nb * c->L[k];
+                    glen[k] = g, g += nb;
+                }
+                for (int64_t b = 0; b < nb; b++) {
+                    if (b + 16 < nb) prefetch_raw(&bags, CB0 + b + 16);
+                    const int64_t i = c->sel[CB0 + b];
+                    memcpy(gi + b * c->S, c->ids + i * c->S, sizeof(int64_t) * c->S);
+                    for (int64_t k = 0; k < c->K; k++) {
+                        memcpy((int64_t *)gseq[k] + b * c->L[k], c->seqs[k] + i * c->L[k],
+                               sizeof(int64_t) * c->L[k]);
+                        ((int64_t *)glen[k])[b] = c->lens[k][i];
+                    }
+                }
+                a.ids = gi, a.seqs = gseq, a.lens = glen, a.sel = NULL, a.B = nb;
+                a.out = o.x0 + CB0 * (c->S + c->K) * D;
+            }
+            const int64_t at = ch * nt * per_chunk;
+            a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * nt;
+            a.lk_row = o.lk_row + at, a.lk_src = o.lk_src + at, a.lk_scale = o.lk_scale + at;
+            for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
+            const int64_t r = c->sel ? pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1)
+                                     : pool(&a, CB0, CB1, NULL, NULL, NULL, 1);
+            if (r < 0) {
+#pragma omp atomic write
+                err = r;
+            }
+        }
+#pragma omp barrier
+        TICK(0);
+        if (!err) {
+            /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit */
+            const float *h = o.x0;
+            const int64_t st = 3 * o.max_h;
+            for (int64_t i = 0; i < NL; i++) {
+                const int64_t win = w[i], wout = w[i + 1];
+                const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
+                float *zi = i + 1 < NL ? o.z[i + 1] : o.logit;
+                CHUNKS {
+                    for (int64_t b = CB0; b < CB1; b++)
+                        memcpy(zi + b * wout, bi, sizeof(float) * wout);
+                    gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
+                            zi + CB0 * wout, wout);
+                }
+                TICK(1);
+                if (i + 1 == NL) break;
+                const int64_t l = i + 1, H = wout;
+                float *mean = o.mean[l], *var = o.var[l], *rstd = o.rstd[l];
+                int64_t h0, h1;
+                share(H, 16, &h0, &h1);
+                CHUNKS col_sums(zi, CB0, CB1, H, o.part + ch * st);
+#pragma omp barrier
+                sum_parts(o.part, NC, st, h0, h1, inv_b, mean);
+#pragma omp barrier
+                CHUNKS col_sqdev(zi, CB0, CB1, H, mean, o.part + ch * st + o.max_h);
+#pragma omp barrier
+                sum_parts(o.part + o.max_h, NC, st, h0, h1, inv_b, var);
+                float *rm = c->run_mean[i], *rv = c->run_var[i];
+                const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
+                for (int64_t j = h0; j < h1; j++) {
+                    rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
+                    rm[j] += mo * (mean[j] - rm[j]);
+                    rv[j] += mo * (var[j] * unb - rv[j]);
+                }
+#pragma omp barrier
+                CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o.pp[l], o.y[l]);
+                h = o.y[l];
+                TICK(2);
+            }
+            /* 3. loss and its gradient with respect to the logits, per chunk */
+            CHUNKS {
+                double lc = 0.0;
+                for (int64_t b = CB0; b < CB1; b++) {
+                    if (c->sel && b + 16 < CB1) __builtin_prefetch(c->label + c->sel[b + 16]);
+                    const float zb = o.logit[b], lb = c->label[row_of(c->sel, b)];
+                    lc += (double)(fmaxf(zb, 0.0f) - zb * lb + log1pf(expf(-fabsf(zb))));
+                    o.glogit[b] = (1.0f / (1.0f + expf(-zb)) - lb) * inv_b;
+                }
+                o.lossc[ch] = lc;
+            }
+            TICK(3);
+            /* 4. backward, last layer first: weight and bias partials per chunk, dH = G W into
+             * the buffer G is not in, then Dice's backward from there into the other */
+            const float *G = o.glogit;
+            float *dH = o.bufA;
+            for (int64_t i = NL - 1; i >= 0; i--) {
+                const int64_t win = w[i], wout = w[i + 1];
+                const float *Hin = i == 0 ? o.x0 : o.y[i];
+                dH = G == o.bufA ? o.bufB : o.bufA;
+                CHUNKS {
+                    float *wp = o.wpart + ch * o.n_wb + o.woff[i];
+                    const int64_t nb = CB1 - CB0;
+                    gemm_rm(1, 0, wout, win, nb, 1.0f, G + CB0 * wout, wout, Hin + CB0 * win,
+                            win, 0.0f, wp, win);
+                    col_sums(G, CB0, CB1, wout, wp + wout * win);
+                    gemm_rm(0, 0, nb, win, wout, 1.0f, G + CB0 * wout, wout, c->p[3 * i], win,
+                            0.0f, dH + CB0 * win, win);
+                }
+                TICK(4);
+                if (i == 0) break;
+                const int64_t H = win;
+                float *next = dH == o.bufA ? o.bufB : o.bufA;
+                const float *alpha = c->p[3 * (i - 1) + 2];
+                CHUNKS {
+                    float *pt = o.part + ch * st;
+                    dice_back_partial(o.z[i], o.pp[i], dH, alpha, o.mean[i], o.rstd[i], CB0,
+                                      CB1, H, pt, pt + o.max_h, pt + 2 * o.max_h);
+                }
+#pragma omp barrier
+                int64_t h0, h1;
+                share(H, 16, &h0, &h1);
+                sum_parts(o.part, NC, st, h0, h1, inv_b, o.sg[i]);
+                sum_parts(o.part + o.max_h, NC, st, h0, h1, inv_b, o.sgx[i]);
+                sum_parts(o.part + 2 * o.max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
+#pragma omp barrier
+                CHUNKS dice_back_rows(o.z[i], o.pp[i], dH, alpha, o.mean[i], o.rstd[i], CB0, CB1,
+                                      H, o.sg[i], o.sgx[i], next);
+                G = next;
+                /* the next layer writes dH with another row width: every chunk must be done
+                 * reading this one first */
+#pragma omp barrier
+                TICK(5);
+            }
+#pragma omp barrier
+            /* 5. the table rows I own: gradient sums in lookup order, row-wise Adam */
+            U += emb_update_owned(c, &o, dH, t, nt, o.rows + t * c->cap, o.egrad + t * c->cap * D);
+            TICK(6);
+            /* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by
+             * slices of every parameter */
+            for (int64_t j = 0; j < n_dense; j++) {
+                const int64_t layer = j / 3, kind = j % 3;
+                const int64_t n = kind == 0 ? w[layer] * w[layer + 1] : w[layer + 1];
+                int64_t e0, e1;
+                share(n, 16, &e0, &e1);
+                if (kind < 2) {
+                    const int64_t at = o.woff[layer] + (kind ? w[layer] * w[layer + 1] : 0);
+                    sum_parts(o.wpart + at, NC, o.n_wb, e0, e1, 1.0f, c->g[j]);
+                }
+                adam_slice(c->p[j], c->g[j], c->m[j], c->v[j], e0, e1, step_size[j],
+                           bc2_sqrt[j], c->beta1, c->beta2, c->eps, c->wd);
+            }
+            TICK(7);
+        }
+#undef TICK
+#undef CHUNKS
+#undef CB0
+#undef CB1
+    }
+    if (err) {
+        c->status = err;
+        return NAN;
+    }
+    c->status = 0;
+    c->unique_rows = U;
+    for (int64_t j = 0; j < n_dense; j++) *c->step[j] += 1.0f;
+    double loss = 0.0;
+    for (int64_t ch = 0; ch < NC; ch++) loss += o.lossc[ch];
+    return loss / (double)B;
 }

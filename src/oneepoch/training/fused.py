@@ -1,0 +1,308 @@
+"""The base model's whole training step as one native call (no autograd graph, no Python
+between the passes).
+
+Paper A's base setting, the Embedding & Dice-MLP model trained with BCE, row-wise Adam on the
+table and Adam on the MLP, is what every multi-epoch run, sweep and benchmark trains, so its
+step has a fast path: pooling + de-duplication, the MLP forward and backward (GEMMs through
+PyTorch's own BLAS), Dice with batch statistics, the loss, the gradient scatter and both Adam
+updates run in ``ctr_step`` of ``kernels/native.c``, on PyTorch's thread pool. It reads and
+writes the very tensors of the model and the optimizers (parameters, Dice running statistics,
+the row-wise and ``torch.optim.Adam`` states), so checkpoints, resume, evaluation and hooks
+see no difference, and the numbers match the autograd path within float tolerance
+(``tests/test_fused_step.py``).
+
+:meth:`FusedStep.why_not` says why a setting takes the autograd path instead (another
+activation, dropout, another optimizer, frozen groups, per-row learning rates, a hook that
+changes the loss, update tracking, CUDA, no native kernels); ``ONEEPOCH_FUSED=0`` turns the
+fast path off.
+
+    >>> step = FusedStep.build(model, opt, batcher, hooks)   # doctest: +SKIP
+    >>> loss = step(rows) if step else None                   # doctest: +SKIP
+    >>> loss = step.step_batch(batch)                         # doctest: +SKIP  (a Batch)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oneepoch import kernels
+from oneepoch.data.batcher import Batch, Batcher
+from oneepoch.models.ctr import EmbeddingMLP
+from oneepoch.models.layers import Dice
+from oneepoch.training.optim import Optimizer
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+MAX_LAYERS = MAX_SEQS = 64  # as native.c
+
+
+class _CtrStep(ctypes.Structure):
+    """Mirror of native.c's ``CtrStep``."""
+
+    _fields_ = [
+        ("ids", _P), ("sel", _P), ("seqs", _P), ("L", _P), ("lens", _P), ("label", _P),
+        ("B", _I), ("S", _I), ("K", _I),
+        ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("slot", _P), ("R", _I), ("D", _I),
+        ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F),
+        ("n_layers", _I), ("width", _P),
+        ("p", _P), ("g", _P), ("m", _P), ("v", _P), ("step", _P),
+        ("run_mean", _P), ("run_var", _P), ("dice_eps", _F), ("dice_momentum", _F),
+        ("lr", _F), ("beta1", _F), ("beta2", _F), ("eps", _F), ("wd", _F),
+        ("scratch", _P), ("cap", _I), ("threads", _I),
+        ("status", _I), ("unique_rows", _I), ("prof", _P),
+    ]
+
+
+PHASES = ("pool", "fwd_gemm", "dice_fwd", "loss", "bwd_gemm", "dice_bwd", "emb_bwd_adam",
+          "dense_sum_adam")  # native.c's PROF_N phases (thread 0's view, waits included)
+
+
+_sgemm: int | None | bool = False  # False: not looked up yet
+
+
+def sgemm_address() -> int | None:
+    """Address of the Fortran ``sgemm_`` that PyTorch's CPU library exports (MKL on x86-64
+    wheels), or ``None`` if this build has none."""
+    global _sgemm
+    if _sgemm is False:
+        _sgemm = None
+        name = {"darwin": "libtorch_cpu.dylib"}.get(sys.platform, "libtorch_cpu.so")
+        path = Path(torch.__file__).parent / "lib" / name
+        try:
+            _sgemm = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            _sgemm = None
+    return _sgemm  # type: ignore[return-value]
+
+
+def _native_lib() -> Any:
+    lib = kernels.lib()
+    if lib is None or sgemm_address() is None:
+        return None
+    if not getattr(lib, "_ctr_ready", False):
+        lib.set_sgemm.argtypes, lib.set_sgemm.restype = [_P], None
+        lib.set_sgemm(sgemm_address())
+        lib.ctr_step.argtypes, lib.ctr_step.restype = [ctypes.POINTER(_CtrStep)], ctypes.c_double
+        lib.ctr_step_scratch.argtypes = [_I, _I, _P, _I, _I, _I]
+        lib.ctr_step_scratch.restype = _I
+        lib._ctr_ready = True
+    return lib
+
+
+def _ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+class FusedStep:
+    """One training step per call: ``step(rows)`` on these rows of the batcher's split, or
+    ``step.step_batch(batch)`` on a :class:`~oneepoch.data.batcher.Batch`; returns the loss.
+
+    Args:
+        model, opt: the run's model and :class:`~oneepoch.training.optim.Optimizer` (see
+            :meth:`why_not` for what they must be).
+        batch_size: the largest batch a step will get.
+        seq_lens: the padded length of each sequence field.
+        batcher: where ``step(rows)`` takes its rows from.
+    """
+
+    @staticmethod
+    def why_not(model: torch.nn.Module, opt: Optimizer, batcher: Batcher | None = None,
+                hooks: list | tuple = ()) -> str | None:
+        """``None`` if the fast path applies to this run, else the reason it does not."""
+        from oneepoch.training.trainer import Hook
+
+        if os.environ.get("ONEEPOCH_FUSED", "1") == "0":
+            return "ONEEPOCH_FUSED=0"
+        if not isinstance(model, EmbeddingMLP):
+            return f"model {type(model).__name__} (only the Embedding & MLP model)"
+        mlp, emb = model.mlp, model.embedding
+        if not all(isinstance(a, Dice) for a in mlp.acts) or mlp.dropout or not mlp.fuse:
+            return "only Dice activations without dropout"
+        if len(mlp.fcs) > MAX_LAYERS or emb.n_fields - emb.n_single > MAX_SEQS:
+            return f"more than {MAX_LAYERS} layers or sequence fields"
+        params = list(model.parameters())
+        if not all(p.requires_grad for p in params):
+            return "frozen parameter groups"
+        if not kernels.usable(*params, *model.buffers()) or any(
+                p.dtype != torch.float32 for p in params):
+            return "not contiguous float32 CPU tensors, or no native kernels"
+        if _native_lib() is None:
+            return "no native kernels, or PyTorch exports no sgemm_"
+        if opt.cfg.name != "adam" or not isinstance(opt.dense, torch.optim.Adam):
+            return f"optimizer {opt.cfg.name} (only adam)"
+        group = opt.dense.param_groups
+        if len(group) != 1 or group[0]["amsgrad"] or group[0]["maximize"] or \
+                group[0].get("decoupled_weight_decay", False):
+            return "Adam variant (amsgrad, maximize or decoupled weight decay)"
+        if list(opt.sparse) != ["embedding.weight"] or \
+                opt.sparse["embedding.weight"].module is not emb:
+            return "other embedding tables"
+        if opt.sparse["embedding.weight"].row_scale is not None:
+            return "per-row learning rates (pre-trained fine-tuning)"
+        if opt.track_updates:
+            return "update norms are tracked"
+        if any(type(h).on_loss is not Hook.on_loss for h in hooks):
+            return "a hook changes the loss"
+        return None
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, opt: Optimizer, batcher: Batcher,
+              hooks: list | tuple = ()) -> FusedStep | None:
+        """The fast path for this run, or ``None`` (then train through autograd)."""
+        if cls.why_not(model, opt, batcher, hooks):
+            return None
+        return cls(model, opt, batcher.batch_size,  # type: ignore[arg-type]
+                   [q.shape[1] for q in batcher.split.seqs], batcher)
+
+    def __init__(self, model: EmbeddingMLP, opt: Optimizer, batch_size: int,
+                 seq_lens: list[int], batcher: Batcher | None = None) -> None:
+        reason = self.why_not(model, opt)
+        if reason:
+            raise ValueError(f"FusedStep does not apply: {reason}")
+        self.lib = _native_lib()
+        self.model, self.opt, self.batcher = model, opt, batcher
+        self.batch_size = batch_size
+        emb, mlp = model.embedding, model.mlp
+        self.emb, self.rowopt = emb, opt.sparse["embedding.weight"]
+        self.params = mlp._ordered_params()
+        self.dense: torch.optim.Adam = opt.dense  # type: ignore[assignment]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.widths = [fc.in_features for fc in mlp.fcs] + [1]
+        self.c = c = _CtrStep()
+        self._keep: list[Any] = []  # objects whose memory the struct points into
+        self._width = kernels.int64_array(self.widths)
+        c.n_layers, c.width = len(mlp.fcs), ctypes.addressof(self._width)
+        c.S, c.K = emb.n_single, len(seq_lens)
+        if c.S + c.K != emb.n_fields:
+            raise ValueError(f"FusedStep: {len(seq_lens)} sequence lengths for a model with "
+                             f"{emb.n_fields - emb.n_single} sequence fields")
+        c.R, c.D = emb.table_rows, emb.dim
+        c.off = emb.field_offsets.data_ptr()
+        d0: Dice = mlp.acts[0]  # type: ignore[assignment]
+        c.dice_eps, c.dice_momentum = d0.eps, d0.momentum
+        self._L = kernels.int64_array(list(seq_lens))
+        c.L = ctypes.addressof(self._L)
+        self.cap = batch_size * (c.S + sum(seq_lens))
+        c.cap = self.cap
+        self.scratch = torch.empty(0)
+        self._size_scratch(1)
+        if emb._slot32 is None:
+            emb._slot32 = torch.full((emb.table_rows,), -1, dtype=torch.int32)
+        c.slot = emb._slot32.data_ptr()
+        self._state_key: tuple = ()
+        self.profile: np.ndarray | None = None  # profile(): seconds per PHASES entry
+        self._arrays: tuple | None = None  # the batch arrays the struct points into
+
+    def _size_scratch(self, threads: int) -> None:
+        """Scratch for ``threads`` threads (each keeps its own rows' gradients)."""
+        c = self.c
+        n = self.lib.ctr_step_scratch(self.batch_size, c.n_layers, c.width, self.cap, c.D,
+                                      threads)
+        if n > self.scratch.numel():
+            self.scratch = torch.empty(n, dtype=torch.float32)
+            c.scratch = self.scratch.data_ptr()
+        c.threads = threads
+
+    def _set_arrays(self, ids: torch.Tensor, seqs: list[torch.Tensor],
+                    lens: list[torch.Tensor], label: torch.Tensor) -> None:
+        c = self.c
+        self._arrays = (ids, seqs, lens, label, _ptrs(seqs), _ptrs(lens))
+        c.ids, c.label = ids.data_ptr(), label.data_ptr()
+        c.seqs = ctypes.addressof(self._arrays[4])
+        c.lens = ctypes.addressof(self._arrays[5])
+
+    def _bind_state(self) -> None:
+        """Point the struct at the current parameter and optimizer-state tensors (again after
+        a ``load_state_dict`` replaced them)."""
+        st = self.dense.state
+        for p in self.params:
+            if p not in st or "exp_avg" not in st[p]:  # as torch.optim.Adam's lazy init
+                st[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                         "exp_avg_sq": torch.zeros_like(p)}
+        w, ro = self.emb.weight, self.rowopt
+        tensors = [w, ro.state["exp_avg"], ro.state["exp_avg_sq"], *self.params,
+                   *[st[p][k] for p in self.params for k in ("exp_avg", "exp_avg_sq", "step")],
+                   *[b for d in self.model.mlp.acts for b in (d.running_mean, d.running_var)]]
+        key = tuple(t.data_ptr() for t in tensors)
+        if key == self._state_key:
+            return
+        if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32
+                   for t in tensors):
+            raise RuntimeError("FusedStep: a parameter or optimizer state is not a contiguous "
+                               "float32 CPU tensor")
+        c = self.c
+        c.W, c.Wm, c.Wv = key[0], key[1], key[2]
+        arrs = [_ptrs(self.params), _ptrs(self.grads),
+                _ptrs([st[p]["exp_avg"] for p in self.params]),
+                _ptrs([st[p]["exp_avg_sq"] for p in self.params]),
+                _ptrs([st[p]["step"] for p in self.params]),
+                _ptrs([d.running_mean for d in self.model.mlp.acts]),
+                _ptrs([d.running_var for d in self.model.mlp.acts])]
+        for name, a in zip(("p", "g", "m", "v", "step", "run_mean", "run_var"), arrs,
+                           strict=True):
+            setattr(c, name, ctypes.addressof(a))
+        self._keep = arrs
+        self._state_key = key
+
+    def enable_profile(self) -> np.ndarray:
+        """Accumulate each phase's wall time (seconds, in :data:`PHASES` order) from now on
+        into the returned array."""
+        self.profile = np.zeros(len(PHASES), dtype=np.float64)
+        self.c.prof = self.profile.ctypes.data
+        return self.profile
+
+    def __call__(self, rows: np.ndarray) -> float:
+        """Train on these row indices of the batcher's split; returns the batch's mean loss."""
+        if self.batcher is None:
+            raise ValueError("FusedStep: no batcher given; use step_batch(batch)")
+        if self.batcher._arrays is None:  # memory-mapped split: gather this batch first
+            return self.step_batch(self.batcher.get(rows))
+        if self._arrays is None or self._arrays[0] is not self.batcher._arrays[0]:
+            self._set_arrays(*self.batcher._arrays, self.batcher._label_t)
+        sel = np.ascontiguousarray(rows, dtype=np.int64)
+        return self._run(len(sel), sel.ctypes.data, lambda: self.batcher.get(rows))
+
+    def step_batch(self, batch: Batch) -> float:
+        """Train on one :class:`~oneepoch.data.batcher.Batch` (CPU tensors); returns its loss."""
+        ids = batch.ids.contiguous()
+        seqs = [q.contiguous() for q in batch.seqs]
+        lens = [n.contiguous() for n in batch.lens]
+        label = batch.label.to(torch.float32).contiguous()
+        if ids.dtype != torch.int64 or any(t.dtype != torch.int64 for t in seqs + lens):
+            raise TypeError("FusedStep: batch IDs, sequences and lengths must be int64")
+        if [q.shape[1] for q in seqs] != list(self._L):
+            raise ValueError(f"FusedStep: sequence lengths {[q.shape[1] for q in seqs]}, "
+                             f"built for {list(self._L)}")
+        self._set_arrays(ids, seqs, lens, label)
+        return self._run(len(batch), None, lambda: batch)
+
+    def _run(self, b: int, sel: int | None, get_batch: Callable[[], Batch]) -> float:
+        c, ro = self.c, self.rowopt
+        if not self.model.training:
+            raise RuntimeError("FusedStep: the model is in eval mode")
+        if b < 2 or b > self.batch_size:
+            raise ValueError(f"FusedStep: batch of {b} rows (needs 2..{self.batch_size})")
+        self._bind_state()
+        threads = torch.get_num_threads()
+        if threads != c.threads:
+            self._size_scratch(threads)
+        g = self.dense.param_groups[0]
+        cfg = ro.cfg
+        ro.step_count += 1
+        c.B, c.sel = b, sel
+        c.emb_lr, c.lr = ro.lr, g["lr"]
+        c.emb_bc1, c.emb_bc2 = 1 - cfg.beta1 ** ro.step_count, 1 - cfg.beta2 ** ro.step_count
+        c.beta1, c.beta2 = g["betas"]
+        c.eps, c.wd = g["eps"], g["weight_decay"]
+        loss = self.lib.ctr_step(ctypes.byref(c))
+        if c.status:
+            ro.step_count -= 1
+            raise IndexError(self.emb._bad_lookup(get_batch(), c.status))
+        return loss

@@ -6,7 +6,9 @@ rows/s, AUC over 10^7 predictions, and peak RSS. Writes benchmarks/results/core.
 Fresh processes with a fixed thread count (as a user runs ``threads=N``) on the built-in
 synthetic data, alternating 1, 2, 1, 2, ... for ``--repeats`` repetitions so that both thread
 counts see the same drift of a shared machine; each times ``--rounds`` rounds of ``--steps``
-batches after warm-up. Reported: the median per thread count and the median of the paired
+batches after warm-up, through the step ``train()`` uses (the fused native step; set
+``ONEEPOCH_FUSED=0`` to time the autograd path), then one profiled round per thread count.
+Reported: the median per thread count and the median of the paired
 ratios as the speed-up. Evaluation and AUC are timed in every process (medians).
 """
 
@@ -36,23 +38,30 @@ def worker(args: argparse.Namespace) -> dict:
     from oneepoch.config import TrainConfig, load_config
     from oneepoch.data.batcher import Batcher
     from oneepoch.metrics import auc
+    from oneepoch.training.fused import PHASES, FusedStep
     from oneepoch.training.trainer import build, epoch_order, predict, prepare_data
 
     kernels.lib()
     cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", f"batch_size={args.batch}"])
     data = prepare_data(cfg)
     model, opt = build(cfg, data)
+    model.train()
     tr = data.splits["train"]
     batcher = Batcher(tr, cfg.batch_size)
+    fast = FusedStep.build(model, opt, batcher)  # as train() does; None: autograd
     order = epoch_order(len(tr), 0, "every", 0)
-    need = (20 + args.rounds * len(args.threads) * args.steps) * cfg.batch_size
-    it = batcher.epoch(np.concatenate([order] * (need // len(order) + 1)))
+    need = (20 + (args.rounds + 1) * len(args.threads) * args.steps) * cfg.batch_size
+    it = batcher.epoch_rows(np.concatenate([order] * (need // len(order) + 1)))
     lossf = torch.nn.functional.binary_cross_entropy_with_logits
 
     def steps(n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
-            b = next(it)
+            rows = next(it)
+            if fast is not None:
+                fast(rows)
+                continue
+            b = batcher.get(rows)
             loss = lossf(model(b), b.label)
             opt.zero_grad()
             loss.backward()
@@ -67,8 +76,18 @@ def worker(args: argparse.Namespace) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             rates[threads].append(args.steps * cfg.batch_size / steps(args.steps))
+    profile = {}
+    if fast is not None:  # where a step's time goes (thread 0's view, barrier waits included)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            prof = fast.enable_profile()
+            steps(args.steps)
+            profile[threads] = {k: float(v) * 1e3 / args.steps
+                                for k, v in zip(PHASES, prof, strict=True)}
+        fast.c.prof = None
     runs = [{"threads": t, "batch": cfg.batch_size, "train_samples_per_s": float(np.median(r)),
-             "train_rounds": r} for t, r in rates.items()]
+             "train_rounds": r, "step": "fused" if fast is not None else "autograd",
+             "profile_ms": profile.get(t, {})} for t, r in rates.items()]
     torch.set_num_threads(1)
     te = data.splits["test"]
     ev = Batcher(te, 16384)
@@ -132,7 +151,9 @@ def main() -> None:
         run = {"threads": t, "batch": a.batch, "train_samples_per_s": float(statistics.median(
             [r["train_samples_per_s"] for r in rs])), "train_rounds": rounds,
             "process_medians": [r["train_samples_per_s"] for r in rs],
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "step": rs[0]["step"],
+            "profile_ms": {k: float(statistics.median([r["profile_ms"][k] for r in rs]))
+                           for k in rs[0]["profile_ms"]}}
         for k in ("eval_rows_per_s", "auc_1e7_seconds"):
             vals = [r[k] for r in rs if k in r]
             if vals:
@@ -154,6 +175,9 @@ def main() -> None:
             line += (f"; eval {run['eval_rows_per_s']:,.0f} rows/s; AUC over 1e7 predictions "
                      f"{run['auc_1e7_seconds']:.2f} s")
         print(line, flush=True)
+        if run["profile_ms"]:
+            print("  profile of a step (ms, median of processes): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in run["profile_ms"].items()), flush=True)
     for t, x in speedup.items():
         if t != a.threads[0]:
             print(f"{t}-thread speed-up (median of the paired process ratios): {x:.2f}x")

@@ -46,6 +46,17 @@ def main() -> None:
                        f"{r.get('peak_rss_mib', core.get('peak_rss_mib', float('nan'))):,.0f} |")
         out += speedup_lines(core, "median of the ratios of paired processes; thread counts "
                              "alternate process by process")
+        profiled = [r for r in core["runs"] if r.get("profile_ms")]
+        if profiled:
+            phases = list(profiled[0]["profile_ms"])
+            out += ["", f"Where a step goes ({profiled[0].get('step', 'fused')} step, ms per "
+                    "batch, thread 0's view with barrier waits, median of processes):", "",
+                    "| threads | " + " | ".join(phases) + " | total |",
+                    "|---:|" + "---:|" * (len(phases) + 1)]
+            for r in profiled:
+                v = r["profile_ms"]
+                out.append(f"| {r['threads']} | " + " | ".join(f"{v[k]:.3f}" for k in phases)
+                           + f" | {sum(v.values()):.2f} |")
     else:
         out.append("not run")
     limit = load("limit")

@@ -88,8 +88,13 @@ def _small_model():
     return model, build_optimizer(model, OptimConfig(lr=1e-2))
 
 
-def test_step_batch_with_empty_sequences_and_three_hidden_layers():
+def test_step_batch_with_empty_sequences_three_hidden_layers_and_row_lr():
     (m1, o1), (m2, o2) = _small_model(), _small_model()
+    row_lr = torch.linspace(0.1, 2.0, m1.embedding.table_rows)
+    row_lr[:60] = 0.0  # frozen rows (paper B's frozen two-stage)
+    for o in (o1, o2):
+        o.sparse["embedding.weight"].row_lr = row_lr
+    start = m2.embedding.weight.detach().clone()
     fast = FusedStep(m2, o2, batch_size=300, seq_lens=[6, 4])
     for seed in range(5):
         batch = _random_batch(m1.embedding, 300 - seed * 37, seed)  # 2 chunks, then 1
@@ -98,6 +103,9 @@ def test_step_batch_with_empty_sequences_and_three_hidden_layers():
     s1, s2 = _state(m1, o1), _state(m2, o2)
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-3, atol=2e-5, msg=k)
+    w = m2.embedding.weight.detach()
+    assert torch.equal(w[:60], start[:60])
+    assert (w[60:] != start[60:]).any(dim=1).sum() > 100  # the rows the batches hit moved
 
 
 def test_same_numbers_at_any_thread_count(tiny_synth):

@@ -116,8 +116,7 @@ def test_rowwise_adam_matches_reference(over):
         m = build_model(ModelConfig(hidden=[16]), {"user": 50, "item": 300, "cate": 20},
                         ["user", "item", "cate", "item", "cate"], 3)
         o = build_optimizer(m, OptimConfig(**over))
-        scale = torch.linspace(0.1, 1.0, m.embedding.table_rows).unsqueeze(1)
-        o.sparse["embedding.weight"].row_scale = lambda rows: scale[rows]
+        o.sparse["embedding.weight"].row_lr = torch.linspace(0.1, 1.0, m.embedding.table_rows)
         return m, o
 
     runs = []
@@ -227,6 +226,28 @@ def test_contrastive_loss_native_softmax_matches_reference(in_batch, with_logq):
         results.append((loss.detach(), u.grad, c.grad, tau.grad))
     for a, b_ in zip(*results, strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_loss_same_numbers_at_any_thread_count():
+    from oneepoch.pretrain.losses import contrastive_loss
+
+    g = torch.Generator().manual_seed(1)
+    b, n, d = 1000, 700, 32  # 16 blocks of 64 rows, the last one short
+    pos = torch.randint(0, 300, (b,), generator=g)
+    cand = torch.cat([pos, torch.randint(0, 300, (n,), generator=g)])
+    u0, c0 = torch.randn(b, d, generator=g), torch.randn(b + n, d, generator=g)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            u, c = u0.clone().requires_grad_(), c0.clone().requires_grad_()
+            loss = contrastive_loss(u, c, torch.tensor(0.1), pos, cand, chunk=64)
+            loss.backward()
+            outs.append((loss.detach(), u.grad, c.grad))
+    finally:
+        torch.set_num_threads(before)
+    for a, b_ in zip(*outs, strict=True):
+        assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("train", [True, False])

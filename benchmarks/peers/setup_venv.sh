@@ -95,9 +95,10 @@ fi
 
 rm -f "$STATUS_DIR"/*.log "$STATUS_DIR"/*.txt
 
-# DeepCTR-Torch requires torch>=2.4.0, tqdm, scikit-learn: its real needs are named by hand next
-# to the torch pin, then the package itself goes in with --no-deps.
-peer_pip deepctr "torch==$TORCH_VERSION" tqdm scikit-learn \
+# DeepCTR-Torch requires torch>=2.4.0, tqdm, scikit-learn, and imports requests (its version
+# check) without declaring it: its real needs are named by hand next to the torch pin, then the
+# package itself goes in with --no-deps.
+peer_pip deepctr "torch==$TORCH_VERSION" tqdm scikit-learn requests \
     && peer_pip deepctr --no-deps "deepctr-torch==$DEEPCTR_VERSION" \
     && peer_import deepctr deepctr_torch
 

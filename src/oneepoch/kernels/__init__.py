@@ -54,6 +54,10 @@ _SIGNATURES = {
     "softmax_xent_rows": (ctypes.c_double, [_P, _I, _I, _I, ctypes.c_int]),
     "rank_rows": (None, [_P, _I, _I, _I, _P, _P, _P, _F, _P, _P]),
     "topk_rows": (ctypes.c_int, [_P, _I, _I, _I, _P]),
+    "set_sgemm": (None, [_P]),
+    "contrastive_scratch": (_I, [_I, _I, _I, _I]),
+    "contrastive_blocks": (ctypes.c_double, [_P, _P, _I, _I, _I, _F, _P, _P, _P, _P, ctypes.c_int,
+                                             _I, ctypes.c_int, _P, _P, _P, _I]),
 }
 
 
@@ -123,6 +127,8 @@ def lib() -> ctypes.CDLL | None:
         for name, (res, args) in _SIGNATURES.items():
             fn = getattr(handle, name)
             fn.restype, fn.argtypes = res, args
+        if _sgemm_address() is not None:
+            handle.set_sgemm(_sgemm_address())
         _lib = handle
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"oneepoch: native CPU kernels unavailable, using the PyTorch path "
@@ -133,6 +139,42 @@ def lib() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are built and enabled."""
     return lib() is not None
+
+
+_sgemm: int | None | bool = False  # False: not looked up yet
+
+
+def _sgemm_address() -> int | None:
+    """Address of the Fortran ``sgemm_`` PyTorch's CPU library exports (MKL on x86-64 wheels;
+    the kernels that run GEMMs themselves call it), or ``None`` if this build has none."""
+    global _sgemm
+    if _sgemm is False:
+        _sgemm = None
+        name = {"darwin": "libtorch_cpu.dylib"}.get(sys.platform, "libtorch_cpu.so")
+        try:
+            handle = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+            _sgemm = ctypes.cast(handle.sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            _sgemm = None
+    return _sgemm  # type: ignore[return-value]
+
+
+def has_blas() -> bool:
+    """Whether the kernels that call PyTorch's own sgemm (the fused CTR step, stage 1's
+    blocked softmax) can run here."""
+    return available() and _sgemm_address() is not None
+
+
+_scratch = torch.empty(0)
+
+
+def scratch(n: int) -> torch.Tensor:
+    """A reused float32 buffer of at least ``n`` elements (grow-only: a fresh large buffer
+    per step would cost its page faults every time). One user at a time."""
+    global _scratch
+    if _scratch.numel() < n:
+        _scratch = torch.empty(n, dtype=torch.float32)
+    return _scratch
 
 
 @contextlib.contextmanager

@@ -386,8 +386,9 @@ void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
 /* ---------------------------------------------------------------------------------------- */
 static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
                        const int64_t *restrict rows, const float *restrict grad, int64_t u0,
-                       int64_t u1, int64_t D, float lr, const float *restrict row_lr, float b1,
-                       float b2, float eps, float ib1, float ib2, float wd) {
+                       int64_t u1, int64_t D, float lr, const float *restrict row_lr,
+                       const float *restrict lr_of_row, float b1, float b2, float eps,
+                       float ib1, float ib2, float wd) {
     float linf = 0.0f;
     for (int64_t u = u0; u < u1; u++) {
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
@@ -399,7 +400,7 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
         const int64_t r = rows[u];
         float *w = W + r * D, *mr = m + r * D, *vr = v + r * D;
         const float *g = grad + u * D;
-        const float a = row_lr ? lr * row_lr[u] : lr;
+        const float a = row_lr ? lr * row_lr[u] : (lr_of_row ? lr * lr_of_row[r] : lr);
         for (int64_t d = 0; d < D; d++) {
             float gd = g[d] + wd * w[d];
             float md = b1 * mr[d] + (1.0f - b1) * gd;
@@ -423,8 +424,8 @@ float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const floa
     {
         int64_t u0, u1;
         share(U, 1, &u0, &u1);  /* rows are distinct: threads never touch the same row */
-        linf = adam_rows(W, m, v, rows, grad, u0, u1, D, lr, row_lr, b1, b2, eps, 1.0f / bc1,
-                         1.0f / bc2, wd);
+        linf = adam_rows(W, m, v, rows, grad, u0, u1, D, lr, row_lr, NULL, b1, b2, eps,
+                         1.0f / bc1, 1.0f / bc2, wd);
     }
     return linf;
 }
@@ -463,6 +464,35 @@ static double softmax_row(float *restrict z, int64_t C, int64_t pos, int grad) {
         for (int64_t j = 0; j < C; j++) z[j] *= inv;
         z[pos] -= 1.0f;
     }
+    return (double)logf(sum) + (double)m - (double)zpos;
+}
+
+/* softmax_row without its last pass: z becomes exp(z - max) and *inv_sum 1 / sum of it (the
+ * caller folds the normalisation and the one-hot into its GEMMs). Returns the row's loss. */
+static double softmax_row_exp(float *restrict z, int64_t C, int64_t pos, float *inv_sum) {
+    float mx[LANES], sm[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
+    const int64_t C16 = C / LANES * LANES;
+    for (int64_t j = 0; j < C16; j += LANES)
+        for (int l = 0; l < LANES; l++) mx[l] = z[j + l] > mx[l] ? z[j + l] : mx[l];
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (int64_t j = C16; j < C; j++) m = z[j] > m ? z[j] : m;
+    const float zpos = z[pos];
+    for (int64_t j = 0; j < C16; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = fexp(z[j + l] - m);
+            z[j + l] = e;
+            sm[l] += e;
+        }
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += sm[l];
+    for (int64_t j = C16; j < C; j++) {
+        float e = fexp(z[j] - m);
+        z[j] = e;
+        sum += e;
+    }
+    *inv_sum = 1.0f / sum;
     return (double)logf(sum) + (double)m - (double)zpos;
 }
 
@@ -621,6 +651,7 @@ typedef struct {
     int32_t *slot;
     int64_t R, D;
     float emb_lr, emb_bc1, emb_bc2;
+    const float *emb_row_lr;  /* NULL, or [R]: per-row multipliers of emb_lr */
     /* the MLP: n_layers linear layers, width[0..n_layers] (width[0] = (S + K) * D, last 1);
      * dense parameters in the order W_0, b_0, alpha_0, W_1, b_1, alpha_1, ..., W_last, b_last,
      * each with its gradient buffer, Adam moments and step counter (float, as torch keeps it) */
@@ -829,8 +860,8 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
             }
         }
     }
-    adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->beta1, c->beta2,
-              c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd);
+    adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
+              c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd);
     for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
     return U;
 }
@@ -929,13 +960,30 @@ double ctr_step(CtrStep *c) {
                 float *mean = o.mean[l], *var = o.var[l], *rstd = o.rstd[l];
                 int64_t h0, h1;
                 share(H, 16, &h0, &h1);
-                CHUNKS col_sums(zi, CB0, CB1, H, o.part + ch * st);
+                CHUNKS {  /* the chunk's mean and squared deviations from it */
+                    float *cm = o.part + ch * st, *m2 = cm + o.max_h;
+                    col_sums(zi, CB0, CB1, H, cm);
+                    const float inv_n = 1.0f / (float)(CB1 - CB0);
+                    for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
+                    col_sqdev(zi, CB0, CB1, H, cm, m2);
+                }
 #pragma omp barrier
-                sum_parts(o.part, NC, st, h0, h1, inv_b, mean);
-#pragma omp barrier
-                CHUNKS col_sqdev(zi, CB0, CB1, H, mean, o.part + ch * st + o.max_h);
-#pragma omp barrier
-                sum_parts(o.part + o.max_h, NC, st, h0, h1, inv_b, var);
+                /* batch statistics from the chunks' (Chan et al.), in chunk order */
+                for (int64_t j = h0; j < h1; j++) mean[j] = 0.0f, var[j] = 0.0f;
+                for (int64_t ch = 0; ch < NC; ch++) {
+                    const float n_c = (float)(CB1 - CB0), *cm = o.part + ch * st;
+                    for (int64_t j = h0; j < h1; j++) mean[j] += n_c * cm[j];
+                }
+                for (int64_t j = h0; j < h1; j++) mean[j] *= inv_b;
+                for (int64_t ch = 0; ch < NC; ch++) {
+                    const float n_c = (float)(CB1 - CB0), *cm = o.part + ch * st;
+                    const float *m2 = cm + o.max_h;
+                    for (int64_t j = h0; j < h1; j++) {
+                        const float d = cm[j] - mean[j];
+                        var[j] += m2[j] + n_c * d * d;
+                    }
+                }
+                for (int64_t j = h0; j < h1; j++) var[j] *= inv_b;
                 float *rm = c->run_mean[i], *rv = c->run_var[i];
                 const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
                 for (int64_t j = h0; j < h1; j++) {
@@ -1037,4 +1085,97 @@ double ctr_step(CtrStep *c) {
     double loss = 0.0;
     for (int64_t ch = 0; ch < NC; ch++) loss += o.lossc[ch];
     return loss / (double)B;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Stage 1's sampled softmax (paper B, Eq. 1) over row blocks of `blk` users, in one call:    */
+/* per block z = inv_tau * u_blk c^T (sgemm), minus logq, accidental hits (hr, hc; sorted by  */
+/* row, block k's at [hit_start[k], hit_start[k + 1])) and, without in-batch negatives, the   */
+/* other positives masked, then the row softmax / loss / logit gradient (softmax_row), then   */
+/* gu_blk = G c and gc += G^T u_blk. Blocks go to NACC accumulators of gc (block k to k % NACC, */
+/* in block order), each owned by one thread; gc is their sum in accumulator order, so the    */
+/* numbers do not depend on the thread count. u [n, d], c [C, d]; gu [n, d], gc [C, d]         */
+/* (unscaled: the caller multiplies by 1 / (n tau)); zbuf: T * blk * C floats; acc:          */
+/* (NACC - 1) * C * d floats. Returns the summed loss.                                        */
+/* ---------------------------------------------------------------------------------------- */
+#define NACC 4
+
+int64_t contrastive_scratch(int64_t blk, int64_t C, int64_t d, int64_t threads) {
+    return (threads < 1 ? 1 : threads) * blk * (C + d + 1) + (NACC - 1) * C * d + 16;
+}
+
+double contrastive_blocks(const float *u, const float *c, int64_t n, int64_t C, int64_t d,
+                          float inv_tau, const float *logq, const int64_t *hr, const int64_t *hc,
+                          const int64_t *hit_start, int in_batch, int64_t blk, int want_grad,
+                          float *gu, float *gc, float *scratch, int64_t threads) {
+    const int64_t NB = (n + blk - 1) / blk, T = threads < 1 ? 1 : threads;
+    double loss_b[4096];  /* per-block losses, summed in block order */
+    double *lb = NB <= 4096 ? loss_b : malloc(sizeof(double) * NB);
+    if (!lb) return NAN;
+    float *acc[NACC];
+    acc[0] = gc;
+    for (int q = 1; q < NACC; q++) acc[q] = scratch + T * blk * C + (q - 1) * C * d;
+#pragma omp parallel num_threads(T)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        float *z = scratch + t * blk * C;
+        float *us = scratch + T * blk * C + (NACC - 1) * C * d + t * blk * (d + 1);
+        float *isum = us + blk * d;  /* 1 / row sums, and u_blk scaled by them */
+        for (int64_t q = t; q < NACC; q += nt) {
+            int first = 1;
+            for (int64_t k = q; k < NB; k += NACC) {
+                const int64_t a = k * blk, nb = a + blk < n ? blk : n - a;
+                gemm_rm(0, 1, nb, C, d, inv_tau, u + a * d, d, c, d, 0.0f, z, C);
+                double lk = 0.0;
+                int64_t h = hit_start[k];
+                for (int64_t i = 0; i < nb; i++) {
+                    float *zr = z + i * C;
+                    if (logq)
+                        for (int64_t j = 0; j < C; j++) zr[j] -= logq[j];
+                    for (; h < hit_start[k + 1] && hr[h] == a + i; h++) zr[hc[h]] = -INFINITY;
+                    if (!in_batch) {
+                        const float keep = zr[a + i];
+                        for (int64_t j = 0; j < n; j++) zr[j] = -INFINITY;
+                        zr[a + i] = keep;
+                    }
+                    lk += softmax_row_exp(zr, C, a + i, isum + i);
+                }
+                lb[k] = lk;
+                if (want_grad) {  /* G = diag(isum) E - onehot(pos), folded into the GEMMs */
+                    float *gub = gu + a * d;
+                    gemm_rm(0, 0, nb, d, C, 1.0f, z, C, c, d, 0.0f, gub, d);
+                    for (int64_t i = 0; i < nb; i++) {
+                        const float *ci = c + (a + i) * d, *ui = u + (a + i) * d;
+                        float *g = gub + i * d, *ur = us + i * d;
+                        for (int64_t e = 0; e < d; e++) {
+                            g[e] = g[e] * isum[i] - ci[e];
+                            ur[e] = ui[e] * isum[i];
+                        }
+                    }
+                    gemm_rm(1, 0, C, d, nb, 1.0f, z, C, us, d, first ? 0.0f : 1.0f, acc[q], d);
+                    for (int64_t i = 0; i < nb; i++) {
+                        const float *ui = u + (a + i) * d;
+                        float *gr = acc[q] + (a + i) * d;
+                        for (int64_t e = 0; e < d; e++) gr[e] -= ui[e];
+                    }
+                    first = 0;
+                }
+            }
+            if (want_grad && first) memset(acc[q], 0, sizeof(float) * C * d);
+        }
+        if (want_grad) {
+#pragma omp barrier
+            int64_t e0, e1;
+            share(C * d, 16, &e0, &e1);
+            for (int q = 1; q < NACC; q++)
+                for (int64_t e = e0; e < e1; e++) gc[e] += acc[q][e];
+        }
+    }
+    double total = 0.0;
+    for (int64_t k = 0; k < NB; k++) total += lb[k];
+    if (lb != loss_b) free(lb);
+    return total;
 }

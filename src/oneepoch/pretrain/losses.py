@@ -55,6 +55,23 @@ def accidental_hits(pos_ids: torch.Tensor, cand_ids: torch.Tensor, in_batch: boo
     return rows[keep], cols[keep]
 
 
+def _native_blocks(u: torch.Tensor, c: torch.Tensor, inv_tau: float, logq: torch.Tensor | None,
+                   hr: torch.Tensor, hc: torch.Tensor, hit_start: torch.Tensor, in_batch: bool,
+                   chunk: int, gu: torch.Tensor | None, gc: torch.Tensor | None) -> float:
+    """The block loop below in one native call (kernels/native.c contrastive_blocks): blocks
+    run in parallel, one per thread, with the softmax, masking and logQ fused in one pass."""
+    lib = kernels.lib()
+    threads = torch.get_num_threads()
+    (n, d), C = u.shape, c.shape[0]
+    buf = kernels.scratch(lib.contrastive_scratch(chunk, C, d, threads))
+    hr, hc = hr.contiguous(), hc.contiguous()
+    hit_start = hit_start.to(torch.int64).contiguous()
+    return float(lib.contrastive_blocks(
+        u.data_ptr(), c.data_ptr(), n, C, d, inv_tau, kernels.ptr(logq), hr.data_ptr(),
+        hc.data_ptr(), hit_start.data_ptr(), int(in_batch), chunk, int(gu is not None),
+        kernels.ptr(gu), kernels.ptr(gc), buf.data_ptr(), threads))
+
+
 class _SampledSoftmax(torch.autograd.Function):
     """Loss and gradients in one blocked pass: the backward only rescales stored gradients."""
 
@@ -69,6 +86,13 @@ class _SampledSoftmax(torch.autograd.Function):
         gc = torch.zeros_like(c) if want_grad else None
         total = 0.0
         native = u.dtype == torch.float32 and kernels.usable(u, c)
+        q_ok = logq is None or (kernels.usable(logq) and logq.dtype == torch.float32)
+        if native and q_ok and kernels.has_blas():
+            total = _native_blocks(u, c, inv_tau, logq, hr, hc, hit_start, in_batch, chunk,
+                                   gu, gc)
+            if want_grad:
+                ctx.save_for_backward(u, gu, gc, tau)
+            return u.new_tensor(total / n)
         for k, a in enumerate(range(0, n, chunk)):
             b = min(a + chunk, n)
             r = torch.arange(b - a, device=u.device)

@@ -82,7 +82,7 @@ class PretrainedInit(Hook):
                 vname = _field_vocab(s, f"init.{kind}_fields", name)
                 if targets.setdefault(vname, kind) != kind:
                     raise ValueError(f"init: vocabulary {vname!r} listed as both user and item")
-        scale_vec = torch.ones(emb.table_rows, 1, dtype=emb.weight.dtype)
+        scale_vec = torch.ones(emb.table_rows, dtype=torch.float32)
         lr_scale = 0.0 if ic.mode == "frozen" else ic.lr_scale
         resumed = s.step > 0  # weights already come from the run's checkpoint
         for vname, kind in targets.items():
@@ -107,9 +107,7 @@ class PretrainedInit(Hook):
             ro = s.optimizer.sparse.get("embedding.weight")
             if ro is None:
                 raise ValueError("init.mode: the embedding table has no row-wise optimizer")
-            prev = ro.row_scale
-            ro.row_scale = ((lambda rows: scale_vec[rows]) if prev is None
-                            else (lambda rows: scale_vec[rows] * prev(rows)))
+            ro.row_lr = scale_vec if ro.row_lr is None else ro.row_lr * scale_vec
         if self.report:
             out = {"embeddings": ic.embeddings, "mode": ic.mode, "lr_scale": lr_scale,
                    "vocabularies": self.report}

@@ -12,8 +12,8 @@ see no difference, and the numbers match the autograd path within float toleranc
 (``tests/test_fused_step.py``).
 
 :meth:`FusedStep.why_not` says why a setting takes the autograd path instead (another
-activation, dropout, another optimizer, frozen groups, per-row learning rates, a hook that
-changes the loss, update tracking, CUDA, no native kernels); ``ONEEPOCH_FUSED=0`` turns the
+activation, dropout, another optimizer, frozen groups, a hook that changes the loss, update
+tracking, CUDA, no native kernels); ``ONEEPOCH_FUSED=0`` turns the
 fast path off.
 
     >>> step = FusedStep.build(model, opt, batcher, hooks)   # doctest: +SKIP
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +48,7 @@ class _CtrStep(ctypes.Structure):
         ("ids", _P), ("sel", _P), ("seqs", _P), ("L", _P), ("lens", _P), ("label", _P),
         ("B", _I), ("S", _I), ("K", _I),
         ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("slot", _P), ("R", _I), ("D", _I),
-        ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F),
+        ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F), ("emb_row_lr", _P),
         ("n_layers", _I), ("width", _P),
         ("p", _P), ("g", _P), ("m", _P), ("v", _P), ("step", _P),
         ("run_mean", _P), ("run_var", _P), ("dice_eps", _F), ("dice_momentum", _F),
@@ -64,31 +62,16 @@ PHASES = ("pool", "fwd_gemm", "dice_fwd", "loss", "bwd_gemm", "dice_bwd", "emb_b
           "dense_sum_adam")  # native.c's PROF_N phases (thread 0's view, waits included)
 
 
-_sgemm: int | None | bool = False  # False: not looked up yet
-
-
 def sgemm_address() -> int | None:
-    """Address of the Fortran ``sgemm_`` that PyTorch's CPU library exports (MKL on x86-64
-    wheels), or ``None`` if this build has none."""
-    global _sgemm
-    if _sgemm is False:
-        _sgemm = None
-        name = {"darwin": "libtorch_cpu.dylib"}.get(sys.platform, "libtorch_cpu.so")
-        path = Path(torch.__file__).parent / "lib" / name
-        try:
-            _sgemm = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            _sgemm = None
-    return _sgemm  # type: ignore[return-value]
+    """See :func:`oneepoch.kernels._sgemm_address`."""
+    return kernels._sgemm_address()
 
 
 def _native_lib() -> Any:
-    lib = kernels.lib()
-    if lib is None or sgemm_address() is None:
+    if not kernels.has_blas():
         return None
+    lib = kernels.lib()
     if not getattr(lib, "_ctr_ready", False):
-        lib.set_sgemm.argtypes, lib.set_sgemm.restype = [_P], None
-        lib.set_sgemm(sgemm_address())
         lib.ctr_step.argtypes, lib.ctr_step.restype = [ctypes.POINTER(_CtrStep)], ctypes.c_double
         lib.ctr_step_scratch.argtypes = [_I, _I, _P, _I, _I, _I]
         lib.ctr_step_scratch.restype = _I
@@ -144,8 +127,10 @@ class FusedStep:
         if list(opt.sparse) != ["embedding.weight"] or \
                 opt.sparse["embedding.weight"].module is not emb:
             return "other embedding tables"
-        if opt.sparse["embedding.weight"].row_scale is not None:
-            return "per-row learning rates (pre-trained fine-tuning)"
+        row_lr = opt.sparse["embedding.weight"].row_lr
+        if row_lr is not None and not (kernels.usable(row_lr) and row_lr.dtype == torch.float32
+                                       and row_lr.shape == (emb.table_rows,)):
+            return "per-row learning rates not a float32 CPU vector of the table's rows"
         if opt.track_updates:
             return "update norms are tracked"
         if any(type(h).on_loss is not Hook.on_loss for h in hooks):
@@ -298,6 +283,7 @@ class FusedStep:
         ro.step_count += 1
         c.B, c.sel = b, sel
         c.emb_lr, c.lr = ro.lr, g["lr"]
+        c.emb_row_lr = None if ro.row_lr is None else ro.row_lr.data_ptr()
         c.emb_bc1, c.emb_bc2 = 1 - cfg.beta1 ** ro.step_count, 1 - cfg.beta2 ** ro.step_count
         c.beta1, c.beta2 = g["betas"]
         c.eps, c.wd = g["eps"], g["weight_decay"]

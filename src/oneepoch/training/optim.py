@@ -14,7 +14,6 @@ from oneepoch.config import OptimConfig
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,8 +24,6 @@ from oneepoch.config import OptimConfig
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
 
-# A rule for per-row learning-rate scales (remedies hook in here): rows -> scale [U, 1].
-RowScale = Callable[[torch.Tensor], torch.Tensor]
 
 
 def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +77,9 @@ class RowWiseOptimizer:
                 self.state["momentum_buffer"] = z()
         elif cfg.name == "sgd" and cfg.momentum > 0:
             self.state = {"momentum_buffer": z()}
-        self.row_scale: RowScale | None = None
+        # per-row learning-rate multipliers [R] (remedies set it: pre-trained rows fine-tuned
+        # slowly or frozen at 0); None = 1 everywhere
+        self.row_lr: torch.Tensor | None = None
         self.last_update_linf = 0.0
         self.track_updates = False
 
@@ -100,8 +99,8 @@ class RowWiseOptimizer:
         if c.weight_decay:
             grad = grad + c.weight_decay * w_r
         lr: float | torch.Tensor = self.lr
-        if self.row_scale is not None:
-            lr = self.lr * self.row_scale(rows)
+        if self.row_lr is not None:
+            lr = self.lr * self.row_lr.index_select(0, rows).unsqueeze(1)
         if c.name == "adam":
             m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
             m_r = m.index_select(0, rows).mul_(c.beta1).add_(grad, alpha=1 - c.beta1)
@@ -147,8 +146,8 @@ class RowWiseOptimizer:
             return False
         c = self.cfg
         scale = None
-        if self.row_scale is not None:
-            scale = self.row_scale(rows).to(torch.float32).reshape(-1).contiguous()
+        if self.row_lr is not None:
+            scale = self.row_lr.index_select(0, rows).to(torch.float32).contiguous()
         linf = kernels.lib().rowwise_adam(
             w.data_ptr(), m.data_ptr(), v.data_ptr(), rows.data_ptr(), grad.data_ptr(),
             rows.shape[0], w.shape[1], self.lr, kernels.ptr(scale), c.beta1, c.beta2, c.eps,

@@ -272,6 +272,9 @@ class FusedStep:
         c, ro = self.c, self.rowopt
         if not self.model.training:
             raise RuntimeError("FusedStep: the model is in eval mode")
+        if self.opt.track_updates:
+            raise RuntimeError("FusedStep: update norms are tracked (optimizer.track_updates), "
+                               "which only the autograd step does; set it before building")
         if b < 2 or b > self.batch_size:
             raise ValueError(f"FusedStep: batch of {b} rows (needs 2..{self.batch_size})")
         self._bind_state()

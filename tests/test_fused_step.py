@@ -204,3 +204,45 @@ def test_train_through_the_fused_step_matches_autograd(tiny_synth, tmp_path, mon
         for k in ("test_auc", "test_logloss", "train_auc", "train_loss"):
             if a[k] is not None:
                 assert abs(a[k] - b[k]) < 5e-4, (k, a[k], b[k])
+
+
+def test_fused_forward_matches_the_model_in_eval_mode(tiny_synth, tmp_path):
+    from oneepoch.training.fused import FusedForward
+    from oneepoch.training.trainer import predict
+
+    cfg, data, tr = _setup(tiny_synth, "model.dropout=0.2")  # dropout is off in eval mode
+    model, opt = build(cfg, data)
+    model.train()
+    batcher = Batcher(tr, 256)
+    for rows in list(batcher.epoch_rows(epoch_order(len(tr), 0, "every", 0)))[:5]:
+        _autograd_step(model, opt, batcher.get(rows))  # moves the weights and running stats
+    assert FusedForward.why_not(model) is None
+    rows = np.random.default_rng(0).permutation(len(tr))[:1000]  # 4 chunks, the last short
+    got = FusedForward(model).predict(batcher, rows)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.sigmoid(model(batcher.get(rows))).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert model.training is False  # untouched by predict
+    model.train()
+    np.testing.assert_allclose(predict(model, batcher, rows), ref, rtol=1e-5, atol=1e-6)
+    assert model.training  # predict's fast path leaves the mode alone
+    mapped = dataclasses.replace(tr, ids=np.memmap(tmp_path / "ids", dtype=tr.ids.dtype,
+                                                   mode="w+", shape=tr.ids.shape))
+    mapped.ids[:] = tr.ids
+    got_mm = FusedForward(model).predict(Batcher(mapped, 300), rows)
+    np.testing.assert_allclose(got_mm, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_bad_id_names_the_field():
+    from oneepoch.training.fused import FusedForward
+
+    model, _ = _small_model()
+    batch = _random_batch(model.embedding, 50, 0)
+    batch.ids[7, 1] = 999
+    split = type("Split", (), {})()
+    b = Batcher.__new__(Batcher)
+    b._arrays, b._label_t, b.batch_size = (batch.ids, batch.seqs, batch.lens), batch.label, 50
+    b.split = split
+    with pytest.raises(IndexError, match=r"field 1 \('item' vocabulary.*999"):
+        FusedForward(model).predict(b, np.arange(50))

@@ -1179,3 +1179,108 @@ double contrastive_blocks(const float *u, const float *c, int64_t n, int64_t C, 
     if (lb != loss_b) free(lb);
     return total;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Click probabilities of the same model in eval mode (Dice with its running statistics):     */
+/* the forward half of ctr_step without batch statistics, so every chunk is independent: each */
+/* thread gathers, pools and runs its chunks through the MLP in its own buffers, no barriers.  */
+/* Uses of CtrStep: the batch, W, off, R, D, n_layers, width, p, run_mean, run_var, dice_eps,  */
+/* scratch (ctr_forward_scratch floats), threads, status. prob [B] is written.                */
+/* ---------------------------------------------------------------------------------------- */
+int64_t ctr_forward_scratch(int64_t n_layers, const int64_t *width, int64_t lps, int64_t K,
+                            int64_t threads) {
+    int64_t mw = 1, hsum = 0;
+    for (int64_t i = 0; i <= n_layers; i++) mw = width[i] > mw ? width[i] : mw;
+    for (int64_t i = 1; i < n_layers; i++) hsum += width[i];
+    const int64_t per_thread = 4 * CHUNK_ROWS * mw + 2 * CHUNK_ROWS * (lps + K) + 32;
+    return (threads < 1 ? 1 : threads) * per_thread + hsum + 16;
+}
+
+void ctr_forward(CtrStep *c, float *prob) {
+    const int64_t B = c->B, NL = c->n_layers, D = c->D;
+    const int64_t *w = c->width;
+    const int64_t T = c->threads < 1 ? 1 : c->threads;
+    int64_t lps = c->S, mw = 1;
+    for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
+    for (int64_t i = 0; i <= NL; i++) mw = w[i] > mw ? w[i] : mw;
+    const int64_t per_thread = 4 * CHUNK_ROWS * mw + 2 * CHUNK_ROWS * (lps + c->K) + 32;
+    const int64_t NC = (B + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    float *rstd = c->scratch + T * per_thread;  /* 1 / sqrt(running var + eps), per layer */
+    const float *rs[MAX_LAYERS];
+    for (int64_t i = 1, at = 0; i < NL; at += w[i], i++) {
+        for (int64_t j = 0; j < w[i]; j++)
+            rstd[at + j] = 1.0f / sqrtf(c->run_var[i - 1][j] + c->dice_eps);
+        rs[i] = rstd + at;
+    }
+    const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
+                       NULL, c->sel, 0, 0, NULL, NULL, NULL, NULL};
+    int64_t err = 0;
+#pragma omp parallel num_threads(T)
+    {
+        int64_t e = 0;  /* this thread's error */
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+        float *base = c->scratch + t * per_thread;
+        float *x0 = base, *h1 = x0 + CHUNK_ROWS * mw, *h2 = h1 + CHUNK_ROWS * mw;
+        float *pp = h2 + CHUNK_ROWS * mw;
+        int64_t *graw = (int64_t *)align16(c->scratch, pp + CHUNK_ROWS * mw);
+        for (int64_t ch = t; ch < NC && !e; ch += nt) {
+            const int64_t b0 = ch * CHUNK_ROWS, nb = b0 + CHUNK_ROWS < B ? CHUNK_ROWS : B - b0;
+            Bags a = bags;
+            const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
+            a.out = x0;
+            if (c->sel) {  /* gather the chunk's rows first (as ctr_step) */
+                int64_t *g = graw, *gi = graw;
+                g += nb * c->S;
+                for (int64_t k = 0; k < c->K; k++) {
+                    gseq[k] = g, g += nb * c->L[k];
+                    glen[k] = g, g += nb;
+                }
+                for (int64_t b = 0; b < nb; b++) {
+                    if (b + 16 < nb) prefetch_raw(&bags, b0 + b + 16);
+                    const int64_t i = c->sel[b0 + b];
+                    memcpy(gi + b * c->S, c->ids + i * c->S, sizeof(int64_t) * c->S);
+                    for (int64_t k = 0; k < c->K; k++) {
+                        memcpy((int64_t *)gseq[k] + b * c->L[k], c->seqs[k] + i * c->L[k],
+                               sizeof(int64_t) * c->L[k]);
+                        ((int64_t *)glen[k])[b] = c->lens[k][i];
+                    }
+                }
+                a.ids = gi, a.seqs = gseq, a.lens = glen, a.sel = NULL, a.B = nb;
+                const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
+                if (r < 0) { e = r; break; }
+            } else {  /* the chunk's rows are contiguous: point at them */
+                for (int64_t k = 0; k < c->K; k++) {
+                    gseq[k] = c->seqs[k] + b0 * c->L[k];
+                    glen[k] = c->lens[k] + b0;
+                }
+                a.ids = c->ids + b0 * c->S, a.seqs = gseq, a.lens = glen, a.B = nb;
+                const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
+                if (r < 0) { e = r; break; }
+            }
+            const float *h = x0;
+            for (int64_t i = 0; i < NL; i++) {
+                const int64_t win = w[i], wout = w[i + 1];
+                float *z = h == h1 ? h2 : h1;
+                for (int64_t b = 0; b < nb; b++)
+                    memcpy(z + b * wout, c->p[3 * i + 1], sizeof(float) * wout);
+                gemm_rm(0, 1, nb, wout, win, 1.0f, h, win, c->p[3 * i], win, 1.0f, z, wout);
+                if (i + 1 < NL) {  /* Dice in place of z: y = z * (alpha + (1 - alpha) p) */
+                    float *y = z == h1 ? h2 : h1;
+                    if (y == h) y = x0;  /* the buffer not holding z or h */
+                    dice_rows(z, c->p[3 * i + 2], 0, nb, wout, c->run_mean[i], rs[i + 1], pp, y);
+                    h = y;
+                } else {
+                    for (int64_t b = 0; b < nb; b++) prob[b0 + b] = fsigmoid(z[b]);
+                }
+            }
+        }
+        if (e) {
+#pragma omp atomic write
+            err = e;
+        }
+    }
+    c->status = err;
+}

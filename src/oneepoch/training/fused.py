@@ -295,3 +295,101 @@ class FusedStep:
             ro.step_count -= 1
             raise IndexError(self.emb._bad_lookup(get_batch(), c.status))
         return loss
+
+
+class FusedForward:
+    """Click probabilities of the Embedding & Dice-MLP model in eval mode (Dice with its
+    running statistics) in one native call per request: ``ctr_forward`` in native.c, each
+    thread gathering, pooling and running its chunks of 256 samples through the MLP. The same
+    numbers as ``torch.sigmoid(model(batch))`` in eval mode within float tolerance.
+
+        >>> fwd = FusedForward.build(model)                 # doctest: +SKIP
+        >>> p = fwd.predict(batcher, rows) if fwd else None  # doctest: +SKIP
+    """
+
+    @staticmethod
+    def why_not(model: torch.nn.Module) -> str | None:
+        """``None`` if the fast path applies to this model, else the reason it does not."""
+        if os.environ.get("ONEEPOCH_FUSED", "1") == "0":
+            return "ONEEPOCH_FUSED=0"
+        if not isinstance(model, EmbeddingMLP):
+            return f"model {type(model).__name__} (only the Embedding & MLP model)"
+        mlp, emb = model.mlp, model.embedding
+        if not all(isinstance(a, Dice) for a in mlp.acts):
+            return "only Dice activations"
+        if len(mlp.fcs) > MAX_LAYERS or emb.n_fields - emb.n_single > MAX_SEQS:
+            return f"more than {MAX_LAYERS} layers or sequence fields"
+        tensors = [*model.parameters(), *model.buffers()]
+        if not kernels.usable(*tensors) or any(
+                p.dtype != torch.float32 for p in model.parameters()):
+            return "not contiguous float32 CPU tensors, or no native kernels"
+        if _native_lib() is None:
+            return "no native kernels, or PyTorch exports no sgemm_"
+        return None
+
+    @classmethod
+    def build(cls, model: torch.nn.Module) -> FusedForward | None:
+        """The fast path for this model, or ``None`` (then predict through ``model(batch)``)."""
+        return None if cls.why_not(model) else cls(model)  # type: ignore[arg-type]
+
+    def __init__(self, model: EmbeddingMLP) -> None:
+        lib = _native_lib()
+        if not getattr(lib, "_fwd_ready", False):
+            lib.ctr_forward.argtypes = [ctypes.POINTER(_CtrStep), _P]
+            lib.ctr_forward.restype = None
+            lib.ctr_forward_scratch.argtypes = [_I, _P, _I, _I, _I]
+            lib.ctr_forward_scratch.restype = _I
+            lib._fwd_ready = True
+        self.lib, self.model = lib, model
+        emb, mlp = model.embedding, model.mlp
+        self.params = mlp._ordered_params()
+        c = self.c = _CtrStep()
+        self._width = kernels.int64_array([fc.in_features for fc in mlp.fcs] + [1])
+        c.n_layers, c.width = len(mlp.fcs), ctypes.addressof(self._width)
+        c.S, c.R, c.D = emb.n_single, emb.table_rows, emb.dim
+        c.off = emb.field_offsets.data_ptr()
+        c.dice_eps = mlp.acts[0].eps if len(mlp.acts) else 1e-8  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def predict(self, batcher: Batcher, rows: np.ndarray) -> np.ndarray:
+        """Probabilities for these rows of the batcher's split."""
+        out = np.empty(len(rows), dtype=np.float32)
+        if batcher._arrays is not None:
+            self._run(*batcher._arrays, batcher._label_t, np.ascontiguousarray(rows, np.int64),
+                      out)
+            return out
+        bs = batcher.batch_size  # memory-mapped split: gather a batch at a time
+        for a in range(0, len(rows), bs):
+            b = batcher.get(rows[a:a + bs])
+            self._run(b.ids, b.seqs, b.lens, b.label, None, out[a:a + bs], b)
+        return out
+
+    def _run(self, ids: torch.Tensor, seqs: list[torch.Tensor], lens: list[torch.Tensor],
+             label: torch.Tensor, sel: np.ndarray | None, out: np.ndarray,
+             batch: Batch | None = None) -> None:
+        c, emb, mlp = self.c, self.model.embedding, self.model.mlp
+        if len(seqs) != emb.n_fields - emb.n_single:
+            raise ValueError(f"FusedForward: {len(seqs)} sequence fields for a model with "
+                             f"{emb.n_fields - emb.n_single}")
+        seq_p, len_p = _ptrs(seqs), _ptrs(lens)
+        L = kernels.int64_array([q.shape[1] for q in seqs])
+        acts = list(mlp.acts)
+        keep = [_ptrs(self.params), _ptrs([d.running_mean for d in acts]),
+                _ptrs([d.running_var for d in acts])]
+        c.p, c.run_mean, c.run_var = (ctypes.addressof(a) for a in keep)
+        c.ids, c.seqs, c.lens, c.L = (ids.data_ptr(), ctypes.addressof(seq_p),
+                                      ctypes.addressof(len_p), ctypes.addressof(L))
+        c.K, c.W = len(seqs), emb.weight.data_ptr()
+        c.B, c.sel = len(out), None if sel is None else sel.ctypes.data
+        c.threads = torch.get_num_threads()
+        lps = c.S + sum(q.shape[1] for q in seqs)
+        buf = kernels.scratch(self.lib.ctr_forward_scratch(c.n_layers, c.width, lps, c.K,
+                                                           c.threads))
+        c.scratch = buf.data_ptr()
+        self.lib.ctr_forward(ctypes.byref(c), out.ctypes.data)
+        if c.status:
+            rows = sel if sel is not None else np.arange(len(out))
+            b = batch if batch is not None else Batch(
+                ids[torch.from_numpy(rows)], [q[torch.from_numpy(rows)] for q in seqs],
+                [n[torch.from_numpy(rows)] for n in lens], label[torch.from_numpy(rows)])
+            raise IndexError(emb._bad_lookup(b, c.status))

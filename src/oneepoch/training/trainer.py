@@ -40,7 +40,7 @@ from oneepoch.training.checkpoint import (
     restore_optim_keys,
     save_checkpoint,
 )
-from oneepoch.training.fused import FusedStep
+from oneepoch.training.fused import FusedForward, FusedStep
 from oneepoch.training.optim import Optimizer, build_optimizer
 
 
@@ -129,9 +129,12 @@ def eval_steps(cfg: TrainConfig, steps_per_epoch: int) -> set[int]:
 def predict(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None = None
             ) -> np.ndarray:
     """Click probabilities for ``rows`` of the batcher's split (all rows by default)."""
+    rows = np.arange(len(batcher)) if rows is None else rows
+    fast = FusedForward.build(model)  # one native call (eval mode), else model(batch) below
+    if fast is not None:
+        return fast.predict(batcher, rows)
     was = model.training
     model.eval()
-    rows = np.arange(len(batcher)) if rows is None else rows
     out = np.empty(len(rows), dtype=np.float32)
     bs = batcher.batch_size
     for a in range(0, len(rows), bs):

@@ -1,10 +1,12 @@
 """Scale: training step time and peak RSS with a 10^5 vs a 10^7-ID item table (dim 8, 64).
 
 Paper A's base model shape (5 single-ID fields, 2 histories of up to 20 items sharing the item
-table, MLP 200-80-1 with Dice, Adam) on random Zipf-distributed batches of 1024; each setting
-runs in a fresh subprocess, one thread. Writes benchmarks/results/scale.json.
+table, MLP 200-80-1 with Dice, Adam) on random Zipf-distributed batches of 1024, through the
+step ``train()`` takes; each setting runs in a fresh subprocess, one thread, and the two table
+sizes alternate (10^5, 10^7, 10^5, 10^7, ...) for ``--repeats`` processes each, so both see the
+same drift of a shared machine; medians of the processes. Writes benchmarks/results/scale.json.
 
-    python benchmarks/bench_scale.py [--steps 100]
+    python benchmarks/bench_scale.py [--steps 100] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -81,6 +84,7 @@ def worker(n_items: int, dim: int, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3, help="processes per setting")
     ap.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -89,15 +93,26 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = []
     for dim in (8, 64):
-        for n in (10**5, 10**7):
-            r = subprocess.run([sys.executable, __file__, "--worker", str(n), str(dim),
-                                "--steps", str(a.steps)], capture_output=True, text=True,
-                               check=True, env=env)
-            res = json.loads(r.stdout.strip().splitlines()[-1])
+        per: dict[int, list[dict]] = {10**5: [], 10**7: []}
+        for _ in range(a.repeats):
+            for n in per:
+                r = subprocess.run([sys.executable, __file__, "--worker", str(n), str(dim),
+                                    "--steps", str(a.steps)], capture_output=True, text=True,
+                                   env=env)
+                if r.returncode:
+                    raise SystemExit(f"bench_scale worker (dim {dim}, {n:,} IDs) failed:\n"
+                                     f"{r.stderr[-3000:]}")
+                per[n].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        for n, rs in per.items():
+            res = dict(rs[0])
+            for k in ("step_ms_wall", "step_ms_cpu"):
+                res[k] = statistics.median(x[k] for x in rs)
+                res[k + "_processes"] = [x[k] for x in rs]
+            res["peak_rss_mib"] = max(x["peak_rss_mib"] for x in rs)
             out.append(res)
             print(f"dim {dim:>2}, {n:>10,} item IDs: step {res['step_ms_wall']:.2f} ms wall / "
-                  f"{res['step_ms_cpu']:.2f} ms CPU, peak RSS {res['peak_rss_mib']:,.0f} MiB",
-                  flush=True)
+                  f"{res['step_ms_cpu']:.2f} ms CPU (median of {len(rs)} processes), peak RSS "
+                  f"{res['peak_rss_mib']:,.0f} MiB", flush=True)
         small, big = out[-2], out[-1]
         print(f"dim {dim}: 10^7 / 10^5 step time (CPU) = "
               f"{big['step_ms_cpu'] / small['step_ms_cpu']:.2f}x")

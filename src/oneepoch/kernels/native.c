@@ -436,39 +436,8 @@ float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const floa
 /* softmax(z_i) - onehot(pos), the loss's gradient with respect to the logits.                 */
 /* ---------------------------------------------------------------------------------------- */
 #define LANES 16
-static double softmax_row(float *restrict z, int64_t C, int64_t pos, int grad) {
-    float mx[LANES], sm[LANES];
-    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
-    const int64_t C16 = C / LANES * LANES;
-    for (int64_t j = 0; j < C16; j += LANES)
-        for (int l = 0; l < LANES; l++) mx[l] = z[j + l] > mx[l] ? z[j + l] : mx[l];
-    float m = -INFINITY;
-    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-    for (int64_t j = C16; j < C; j++) m = z[j] > m ? z[j] : m;
-    const float zpos = z[pos];
-    for (int64_t j = 0; j < C16; j += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float e = fexp(z[j + l] - m);
-            z[j + l] = e;
-            sm[l] += e;
-        }
-    float sum = 0.0f;
-    for (int l = 0; l < LANES; l++) sum += sm[l];
-    for (int64_t j = C16; j < C; j++) {
-        float e = fexp(z[j] - m);
-        z[j] = e;
-        sum += e;
-    }
-    if (grad) {
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < C; j++) z[j] *= inv;
-        z[pos] -= 1.0f;
-    }
-    return (double)logf(sum) + (double)m - (double)zpos;
-}
-
-/* softmax_row without its last pass: z becomes exp(z - max) and *inv_sum 1 / sum of it (the
- * caller folds the normalisation and the one-hot into its GEMMs). Returns the row's loss. */
+/* The first two passes of softmax_row: z becomes exp(z - max) and *inv_sum 1 / its sum (a caller
+ * can fold the normalisation and the one-hot into its GEMMs). Returns the row's loss. */
 static double softmax_row_exp(float *restrict z, int64_t C, int64_t pos, float *inv_sum) {
     float mx[LANES], sm[LANES];
     for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
@@ -494,6 +463,16 @@ static double softmax_row_exp(float *restrict z, int64_t C, int64_t pos, float *
     }
     *inv_sum = 1.0f / sum;
     return (double)logf(sum) + (double)m - (double)zpos;
+}
+
+static double softmax_row(float *restrict z, int64_t C, int64_t pos, int grad) {
+    float inv;
+    const double loss = softmax_row_exp(z, C, pos, &inv);
+    if (grad) {
+        for (int64_t j = 0; j < C; j++) z[j] *= inv;
+        z[pos] -= 1.0f;
+    }
+    return loss;
 }
 
 double softmax_xent_rows(float *z, int64_t n, int64_t C, int64_t col0, int grad) {
@@ -667,7 +646,7 @@ typedef struct {
     int64_t cap;      /* lookups per batch at most: B * (S + sum L) */
     int64_t threads;  /* threads to use (the scratch was sized for at least this many) */
     /* out */
-    int64_t status;  /* 0, or emb_pool_forward's error code */
+    int64_t status;  /* 0, emb_pool_forward's error code (-1, -2), or -3: sizes out of range */
     int64_t unique_rows;
     double *prof;  /* NULL, or [PROF_N] seconds per phase, accumulated (benchmarks) */
 } CtrStep;
@@ -872,6 +851,10 @@ double ctr_step(CtrStep *c) {
     const int64_t B = c->B, NL = c->n_layers, D = c->D;
     const int64_t *w = c->width;
     const int64_t T = c->threads < 1 ? 1 : c->threads;
+    if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS || B < 2) {
+        c->status = -3;  /* outside what the scratch and the fixed arrays allow */
+        return NAN;
+    }
     int64_t lps = c->S;  /* lookups per sample, at most */
     for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
     Layout o;
@@ -1200,6 +1183,10 @@ void ctr_forward(CtrStep *c, float *prob) {
     const int64_t B = c->B, NL = c->n_layers, D = c->D;
     const int64_t *w = c->width;
     const int64_t T = c->threads < 1 ? 1 : c->threads;
+    if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS) {
+        c->status = -3;
+        return;
+    }
     int64_t lps = c->S, mw = 1;
     for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
     for (int64_t i = 0; i <= NL; i++) mw = w[i] > mw ? w[i] : mw;

@@ -182,7 +182,7 @@ class FusedStep:
             emb._slot32 = torch.full((emb.table_rows,), -1, dtype=torch.int32)
         c.slot = emb._slot32.data_ptr()
         self._state_key: tuple = ()
-        self.profile: np.ndarray | None = None  # profile(): seconds per PHASES entry
+        self.profile: np.ndarray | None = None  # enable_profile(): seconds per PHASES entry
         self._arrays: tuple | None = None  # the batch arrays the struct points into
 
     def _size_scratch(self, threads: int) -> None:
@@ -293,6 +293,9 @@ class FusedStep:
         loss = self.lib.ctr_step(ctypes.byref(c))
         if c.status:
             ro.step_count -= 1
+            if c.status == -3:
+                raise RuntimeError("FusedStep: layers, sequence fields or batch size outside "
+                                   "the native step's limits")
             raise IndexError(self.emb._bad_lookup(get_batch(), c.status))
         return loss
 
@@ -387,6 +390,9 @@ class FusedForward:
                                                            c.threads))
         c.scratch = buf.data_ptr()
         self.lib.ctr_forward(ctypes.byref(c), out.ctypes.data)
+        if c.status == -3:
+            raise RuntimeError("FusedForward: layers or sequence fields outside the native "
+                               "forward's limits")
         if c.status:
             rows = sel if sel is not None else np.arange(len(out))
             b = batch if batch is not None else Batch(

@@ -52,6 +52,12 @@ static inline float fexp(float x) {
 
 static inline float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 
+/* Prefetch every cache line of a row of D floats (one line at D <= 16, four at D = 64). */
+#define PREFETCH_ROW(ptr, D, rw)                                                     \
+    do {                                                                             \
+        for (int64_t o_ = 0; o_ < (D); o_ += 16) __builtin_prefetch((ptr) + o_, rw); \
+    } while (0)
+
 /* ---------------------------------------------------------------------------------------- */
 /* Dice (DIN): y = x * (alpha + (1 - alpha) * p), p = sigmoid((x - mean) * rstd).            */
 /* x, y, p: [B, H]. With batch statistics (stats = 1) mean and the biased variance over the    */
@@ -214,7 +220,7 @@ static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot
     for (int64_t s = 0; s < a->S; s++) {
         int64_t r = a->ids[b * a->S + s] + a->off[s];
         if (r >= 0 && r < a->R) {
-            if (rows) __builtin_prefetch(a->W + r * a->D);
+            if (rows) PREFETCH_ROW(a->W + r * a->D, a->D, 0);
             if (slot) __builtin_prefetch(slot + r, 1);
         }
     }
@@ -223,7 +229,7 @@ static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot
         for (int64_t t = 0, n = a->lens[k][b]; t < n && t < a->L[k]; t++) {
             int64_t r = q[t] + a->off[a->S + k];
             if (r >= 0 && r < a->R) {
-                if (rows) __builtin_prefetch(a->W + r * a->D);
+                if (rows) PREFETCH_ROW(a->W + r * a->D, a->D, 0);
                 if (slot) __builtin_prefetch(slot + r, 1);
             }
         }
@@ -393,9 +399,9 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
     for (int64_t u = u0; u < u1; u++) {
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
-            __builtin_prefetch(W + q, 1);
-            __builtin_prefetch(m + q, 1);
-            __builtin_prefetch(v + q, 1);
+            PREFETCH_ROW(W + q, D, 1);
+            PREFETCH_ROW(m + q, D, 1);
+            PREFETCH_ROW(v + q, D, 1);
         }
         const int64_t r = rows[u];
         float *w = W + r * D, *mr = m + r * D, *vr = v + r * D;
@@ -829,8 +835,8 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
                 u = (int32_t)U++;
                 slot[r] = u;
                 rows[u] = r;
-                __builtin_prefetch(c->Wm + r * D, 1, 1);  /* for the Adam pass */
-                __builtin_prefetch(c->Wv + r * D, 1, 1);
+                PREFETCH_ROW(c->Wm + r * D, D, 1);  /* for the Adam pass */
+                PREFETCH_ROW(c->Wv + r * D, D, 1);
                 ge = egrad + (int64_t)u * D;
                 for (int64_t d = 0; d < D; d++) ge[d] = scale * gf[d];
             } else {

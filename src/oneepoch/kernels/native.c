@@ -717,8 +717,8 @@ static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64
     TAKE(o->wpart, o->NC * o->n_wb);
     TAKE(o->bufA, B * o->mw);
     TAKE(o->bufB, B * o->mw);
-    TAKE(o->egrad, T * cap * D);
-    TAKE(tmp, 2 * T * cap);
+    TAKE(o->egrad, cap * D);  /* shared: each thread's distinct rows in a region of their own */
+    TAKE(tmp, 2 * cap);
     o->rows = (int64_t *)tmp;
     const int64_t n_lk = T * o->NC * lps * CHUNK_ROWS;
     TAKE(tmp, 2 * T * o->NC);
@@ -1041,7 +1041,10 @@ double ctr_step(CtrStep *c) {
             }
 #pragma omp barrier
             /* 5. the table rows I own: gradient sums in lookup order, row-wise Adam */
-            U += emb_update_owned(c, &o, dH, t, nt, o.rows + t * c->cap, o.egrad + t * c->cap * D);
+            int64_t at = 0;  /* my region: after the lookups of the threads before me */
+            for (int64_t q = 0; q < t; q++)
+                for (int64_t ch = 0; ch < NC; ch++) at += o.lk_n[ch * nt + q];
+            U += emb_update_owned(c, &o, dH, t, nt, o.rows + at, o.egrad + at * D);
             TICK(6);
             /* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by
              * slices of every parameter */

@@ -186,7 +186,7 @@ class FusedStep:
         self._arrays: tuple | None = None  # the batch arrays the struct points into
 
     def _size_scratch(self, threads: int) -> None:
-        """Scratch for ``threads`` threads (each keeps its own rows' gradients)."""
+        """Scratch for ``threads`` threads (the chunk lists of lookups grow with it)."""
         c = self.c
         n = self.lib.ctr_step_scratch(self.batch_size, c.n_layers, c.width, self.cap, c.D,
                                       threads)

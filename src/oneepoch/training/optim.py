@@ -4,10 +4,11 @@ An embedding table's gradient is sparse (the batch's rows only). :class:`RowWise
 sums duplicate rows and applies Adam / RMSprop / SGD (momentum) / Adagrad to those rows only,
 so a step's cost does not grow with the table. Like ``torch.optim.SparseAdam`` (and TF's
 LazyAdam), the moment estimates of rows absent from a batch are not decayed; weight decay is
-applied to the rows the batch touches.
+applied to the rows the batch touches. ``RowWiseOptimizer.row_lr`` (a vector over the table's
+rows) multiplies the learning rate per row: remedies set it (pre-trained rows fine-tuned slowly,
+or frozen at 0).
 
-    >>> from oneepoch import kernels
-from oneepoch.config import OptimConfig
+    >>> from oneepoch.config import OptimConfig
     >>> opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))   # doctest: +SKIP
     >>> loss.backward(); opt.step(); opt.zero_grad()                       # doctest: +SKIP
 """
@@ -23,7 +24,6 @@ from oneepoch import kernels
 from oneepoch.config import OptimConfig
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
-
 
 
 def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

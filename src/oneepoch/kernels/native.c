@@ -808,6 +808,41 @@ static void adam_slice(float *restrict p, const float *restrict g, float *restri
     }
 }
 
+/* Samples [b0, b0 + nb) of a batch as a batch of their own (sel NULL, samples 0..nb-1): with a
+ * scattered batch (sel) their rows are first gathered into graw (independent loads, in flight
+ * together, instead of misses inside the pooling loop), else pointers into the arrays. gseq and
+ * glen receive the sequence and length pointers; graw needs nb * (S + sum L + K) int64. */
+static void chunk_view(const Bags *all, int64_t b0, int64_t nb, int64_t *graw,
+                       const int64_t **gseq, const int64_t **glen, Bags *a) {
+    const int64_t S = all->S, K = all->K;
+    *a = *all;
+    if (all->sel) {
+        int64_t *g = graw + nb * S;
+        for (int64_t k = 0; k < K; k++) {
+            gseq[k] = g, g += nb * all->L[k];
+            glen[k] = g, g += nb;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            if (b + 16 < nb) prefetch_raw(all, b0 + b + 16);
+            const int64_t i = all->sel[b0 + b];
+            memcpy(graw + b * S, all->ids + i * S, sizeof(int64_t) * S);
+            for (int64_t k = 0; k < K; k++) {
+                memcpy((int64_t *)gseq[k] + b * all->L[k], all->seqs[k] + i * all->L[k],
+                       sizeof(int64_t) * all->L[k]);
+                ((int64_t *)glen[k])[b] = all->lens[k][i];
+            }
+        }
+        a->ids = graw;
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            gseq[k] = all->seqs[k] + b0 * all->L[k];
+            glen[k] = all->lens[k] + b0;
+        }
+        a->ids = all->ids + b0 * S;
+    }
+    a->seqs = gseq, a->lens = glen, a->sel = NULL, a->B = nb;
+}
+
 /* This thread's gradient sums and Adam updates for the table rows it owns (owner_of),
  * from the lookups pooling listed for it, chunk by chunk: in batch order. */
 static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *restrict dX,
@@ -891,37 +926,15 @@ double ctr_step(CtrStep *c) {
 #define CB1 (CB0 + CHUNK_ROWS < B ? CB0 + CHUNK_ROWS : B)
         /* 1. pooled embeddings of my chunks */
         CHUNKS {
-            Bags a = bags;  /* this chunk's lookups by owner, for step 5 */
+            Bags a;  /* the chunk as a batch of its own; its lookups listed by owner (step 5) */
             const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
-            if (c->sel) {  /* gather the chunk's own rows first: independent loads, in flight
-                            * together, instead of misses inside the pooling loop */
-                const int64_t nb = CB1 - CB0;
-                int64_t *g = o.graw + CB0 * (lps + c->K);
-                int64_t *gi = g;
-                g += nb * c->S;
-                for (int64_t k = 0; k < c->K; k++) {
-                    gseq[k] = g, g += nb * c->L[k];
-                    glen[k] = g, g += nb;
-                }
-                for (int64_t b = 0; b < nb; b++) {
-                    if (b + 16 < nb) prefetch_raw(&bags, CB0 + b + 16);
-                    const int64_t i = c->sel[CB0 + b];
-                    memcpy(gi + b * c->S, c->ids + i * c->S, sizeof(int64_t) * c->S);
-                    for (int64_t k = 0; k < c->K; k++) {
-                        memcpy((int64_t *)gseq[k] + b * c->L[k], c->seqs[k] + i * c->L[k],
-                               sizeof(int64_t) * c->L[k]);
-                        ((int64_t *)glen[k])[b] = c->lens[k][i];
-                    }
-                }
-                a.ids = gi, a.seqs = gseq, a.lens = glen, a.sel = NULL, a.B = nb;
-                a.out = o.x0 + CB0 * (c->S + c->K) * D;
-            }
+            chunk_view(&bags, CB0, CB1 - CB0, o.graw + CB0 * (lps + c->K), gseq, glen, &a);
+            a.out = o.x0 + CB0 * (c->S + c->K) * D;
             const int64_t at = ch * nt * per_chunk;
             a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * nt;
             a.lk_row = o.lk_row + at, a.lk_src = o.lk_src + at, a.lk_scale = o.lk_scale + at;
             for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
-            const int64_t r = c->sel ? pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1)
-                                     : pool(&a, CB0, CB1, NULL, NULL, NULL, 1);
+            const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
             if (r < 0) {
 #pragma omp atomic write
                 err = r;
@@ -1224,38 +1237,12 @@ void ctr_forward(CtrStep *c, float *prob) {
         int64_t *graw = (int64_t *)align16(c->scratch, pp + CHUNK_ROWS * mw);
         for (int64_t ch = t; ch < NC && !e; ch += nt) {
             const int64_t b0 = ch * CHUNK_ROWS, nb = b0 + CHUNK_ROWS < B ? CHUNK_ROWS : B - b0;
-            Bags a = bags;
+            Bags a;
             const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
+            chunk_view(&bags, b0, nb, graw, gseq, glen, &a);
             a.out = x0;
-            if (c->sel) {  /* gather the chunk's rows first (as ctr_step) */
-                int64_t *g = graw, *gi = graw;
-                g += nb * c->S;
-                for (int64_t k = 0; k < c->K; k++) {
-                    gseq[k] = g, g += nb * c->L[k];
-                    glen[k] = g, g += nb;
-                }
-                for (int64_t b = 0; b < nb; b++) {
-                    if (b + 16 < nb) prefetch_raw(&bags, b0 + b + 16);
-                    const int64_t i = c->sel[b0 + b];
-                    memcpy(gi + b * c->S, c->ids + i * c->S, sizeof(int64_t) * c->S);
-                    for (int64_t k = 0; k < c->K; k++) {
-                        memcpy((int64_t *)gseq[k] + b * c->L[k], c->seqs[k] + i * c->L[k],
-                               sizeof(int64_t) * c->L[k]);
-                        ((int64_t *)glen[k])[b] = c->lens[k][i];
-                    }
-                }
-                a.ids = gi, a.seqs = gseq, a.lens = glen, a.sel = NULL, a.B = nb;
-                const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
-                if (r < 0) { e = r; break; }
-            } else {  /* the chunk's rows are contiguous: point at them */
-                for (int64_t k = 0; k < c->K; k++) {
-                    gseq[k] = c->seqs[k] + b0 * c->L[k];
-                    glen[k] = c->lens[k] + b0;
-                }
-                a.ids = c->ids + b0 * c->S, a.seqs = gseq, a.lens = glen, a.B = nb;
-                const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
-                if (r < 0) { e = r; break; }
-            }
+            const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
+            if (r < 0) { e = r; break; }
             const float *h = x0;
             for (int64_t i = 0; i < NL; i++) {
                 const int64_t win = w[i], wout = w[i + 1];

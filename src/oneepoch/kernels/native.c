@@ -46,9 +46,6 @@ static inline float fexp(float x) {
 #ifndef POOL_AHEAD
 #define POOL_AHEAD 2
 #endif
-#ifndef RAW_AHEAD
-#define RAW_AHEAD 8
-#endif
 
 static inline float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 
@@ -216,7 +213,6 @@ static inline int64_t owner_of(int64_t r, int64_t T) {
 
 /* Prefetch sample b's scattered table rows (if rows) and slots (if slot). */
 static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot, int rows) {
-    b = row_of(a->sel, b);
     for (int64_t s = 0; s < a->S; s++) {
         int64_t r = a->ids[b * a->S + s] + a->off[s];
         if (r >= 0 && r < a->R) {
@@ -248,28 +244,24 @@ static inline void prefetch_raw(const Bags *a, int64_t b) {
 }
 
 /* Pool samples [b0, b1); with slot, also de-duplicate (then b0 must be 0 and the range is
- * visited in order). Returns U, or -1 / -2 as emb_pool_forward. Prefetches a sample's batch
- * rows 8 samples ahead (with sel they are scattered) and its table rows 2 ahead. */
+ * visited in order). Returns U, or -1 / -2 as emb_pool_forward. Prefetches a sample's table
+ * rows POOL_AHEAD samples ahead. The batch is contiguous (chunk_view gathers scattered ones). */
 static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_t *rows,
                     int32_t *inv, int pooling) {
     const int64_t F = a->S + a->K, D = a->D;
     int64_t j = 0, U = 0, err = 0;
-    if (a->sel)
-        for (int64_t b = b0; b < b0 + RAW_AHEAD && b < b1; b++) prefetch_raw(a, b);
     for (int64_t b = b0; b < b1; b++) {
-        if (a->sel && b + RAW_AHEAD < b1) prefetch_raw(a, b + RAW_AHEAD);
         if (b + POOL_AHEAD < b1) prefetch_sample(a, b + POOL_AHEAD, slot, pooling);
         float *ob = a->out + b * F * D;
-        const int64_t i = row_of(a->sel, b);
         if (pooling) memset(ob, 0, sizeof(float) * F * D);
         for (int64_t f = 0; f < F; f++) {
             const int64_t *q;
             int64_t n;
             if (f < a->S) {
-                q = a->ids + i * a->S + f, n = 1;
+                q = a->ids + b * a->S + f, n = 1;
             } else {
                 int64_t k = f - a->S;
-                q = a->seqs[k] + i * a->L[k], n = a->lens[k][i];
+                q = a->seqs[k] + b * a->L[k], n = a->lens[k][b];
                 if (n < 0 || n > a->L[k]) { err = -2; goto done; }
             }
             float *o = ob + f * D;
@@ -305,12 +297,12 @@ done:
     return err ? err : U;
 }
 
-int64_t emb_pool_forward(const int64_t *ids, const int64_t *sel, int64_t B, int64_t S,
+int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S,
                          const int64_t *off, int64_t K, const int64_t *const *seqs,
                          const int64_t *L, const int64_t *const *lens, const float *W,
                          int64_t R, int64_t D, float *out, int32_t *slot, int64_t *rows,
                          int32_t *inv) {
-    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, sel, 0, 0, NULL, NULL,
+    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, NULL, 0, 0, NULL, NULL,
                     NULL, NULL};
     int64_t T = 1, U = 0, err = 0;
 #ifdef _OPENMP
@@ -344,15 +336,13 @@ int64_t emb_pool_forward(const int64_t *ids, const int64_t *sel, int64_t B, int6
  * grad [U, D] (overwritten), summed in lookup order (deterministic). With several threads each
  * owns a block of the distinct rows and adds only their lookups, in the same order. */
 static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, int64_t K,
-                            const int64_t *const *lens, const int64_t *sel,
-                            const int32_t *restrict inv, int64_t u0, int64_t u1, int64_t D,
+                            const int64_t *const *lens, const int32_t *restrict inv, int64_t u0, int64_t u1, int64_t D,
                             float *restrict grad) {
     const int64_t F = S + K;
     memset(grad + u0 * D, 0, sizeof(float) * (u1 - u0) * D);
     int64_t j = 0;
     for (int64_t b = 0; b < B; b++) {
         const float *gb = gout + b * F * D;
-        const int64_t i = row_of(sel, b);
         for (int64_t s = 0; s < S; s++, j++) {
             const int64_t u = inv[j];
             if (u < u0 || u >= u1) continue;
@@ -360,7 +350,7 @@ static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, in
             for (int64_t d = 0; d < D; d++) g[d] += gb[s * D + d];
         }
         for (int64_t k = 0; k < K; k++) {
-            int64_t n = lens[k][i];
+            int64_t n = lens[k][b];
             if (n == 0) continue;
             float scale = 1.0f / (float)n;
             const float *gf = gb + (S + k) * D;
@@ -375,13 +365,13 @@ static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, in
 }
 
 void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
-                       const int64_t *const *lens, const int64_t *sel, const int32_t *inv,
+                       const int64_t *const *lens, const int32_t *inv,
                        int64_t U, int64_t D, float *grad) {
 #pragma omp parallel if (B * (S + K) * D >= 16384)
     {
         int64_t u0, u1;
         share(U, 1, &u0, &u1);
-        pool_back_range(gout, B, S, K, lens, sel, inv, u0, u1, D, grad);
+        pool_back_range(gout, B, S, K, lens, inv, u0, u1, D, grad);
     }
 }
 

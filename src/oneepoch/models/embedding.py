@@ -44,7 +44,7 @@ class _NativePool(torch.autograd.Function):
         g = g.contiguous()
         grad = g.new_empty(ctx.rows)
         kernels.lib().emb_pool_backward(g.data_ptr(), g.shape[0], ctx.n_single, len(ctx.lens),
-                                        kernels.ptr_array(ctx.lens), None, ctx.inv.data_ptr(),
+                                        kernels.ptr_array(ctx.lens), ctx.inv.data_ptr(),
                                         ctx.rows[0], ctx.rows[1], grad.data_ptr())
         return grad, None, None, None, None
 
@@ -182,7 +182,7 @@ class FieldEmbedding(nn.Module):
             rows = torch.empty(cap, dtype=torch.int64)
             inv = torch.empty(cap, dtype=torch.int32)
         n = kernels.lib().emb_pool_forward(
-            ids.data_ptr(), None, bsz, s, self.field_offsets.data_ptr(), len(seqs),
+            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), len(seqs),
             kernels.ptr_array(seqs), kernels.int64_array([q.shape[1] for q in seqs]),
             kernels.ptr_array(lens), w.data_ptr(), self.table_rows, self.dim, out.data_ptr(),
             kernels.ptr(slot), kernels.ptr(rows), kernels.ptr(inv))

@@ -118,3 +118,12 @@ def test_bce_loss_by_hand_with_accidental_hit():
     loss = bce_loss(u, p, n, torch.tensor([3]), torch.tensor([[5, 3]]))  # second = the positive
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
     assert float(loss) == pytest.approx(sp(-1.0) + sp(1.0), rel=1e-6)
+
+
+def test_second_backward_through_one_loss_is_refused_not_silently_wrong():
+    u, c, pos, cand = _case(1)
+    u.requires_grad_()
+    loss = contrastive_loss(u, c, torch.tensor(0.3, dtype=torch.float64), pos, cand)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

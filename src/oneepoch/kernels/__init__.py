@@ -61,6 +61,8 @@ _SIGNATURES = {
     "contrastive_scratch": (_I, [_I, _I, _I, _I]),
     "contrastive_blocks": (ctypes.c_double, [_P, _P, _I, _I, _I, _F, _P, _P, _P, _P, ctypes.c_int,
                                              _I, ctypes.c_int, _P, _P, _P, _I]),
+    "accidental_hits": (_I, [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I]),
+    "coalesce_rows": (_I, [_P, _P, _I, _I, _P, _P]),
 }
 
 

@@ -42,7 +42,7 @@ class LossConfig:
     tau_min: float = 0.01  # tau is exp(log_tau) clamped to [tau_min, tau_max]
     tau_max: float = 1.0
     bce_negatives: int = 4  # bce: uniform negatives per positive
-    chunk: int = 256  # rows of the logit matrix computed at once (a block stays in cache)
+    chunk: int = 128  # rows of the logit matrix computed at once (a block stays in cache)
 
 
 @dataclass

@@ -36,12 +36,25 @@ def accidental_hits(pos_ids: torch.Tensor, cand_ids: torch.Tensor, in_batch: boo
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) pairs to mask: candidates equal to the row's positive, except itself.
 
-    Found by a sorted join (O(B + C + hits)), never a dense ``B x C`` comparison; rows come
-    out sorted. With ``in_batch=False`` only columns past the B positives are listed (the caller
-    masks the other positives as a block).
+    Found by a hash join (native kernels) or a sorted join (O(B + C + hits)), never a dense
+    ``B x C`` comparison; rows come out sorted. With ``in_batch=False`` only columns past the B
+    positives are listed (the caller masks the other positives as a block).
     """
     n = pos_ids.shape[0]
     pos_ids = pos_ids.contiguous()
+    if pos_ids.dtype == cand_ids.dtype == torch.int64 and kernels.usable(pos_ids, cand_ids):
+        cap = 2 * n + 64  # room for the usual few hits; called again if there are more
+        for _ in range(2):
+            hr = torch.empty(cap, dtype=torch.int64)
+            hc = torch.empty(cap, dtype=torch.int64)
+            k = kernels.lib().accidental_hits(pos_ids.data_ptr(), n, cand_ids.data_ptr(),
+                                              cand_ids.shape[0], int(in_batch), hr.data_ptr(),
+                                              hc.data_ptr(), cap)
+            if 0 <= k <= cap:
+                return hr[:k], hc[:k]
+            if k < 0:
+                break
+            cap = k
     sorted_ids, order = torch.sort(cand_ids)
     lo = torch.searchsorted(sorted_ids, pos_ids)
     hi = torch.searchsorted(sorted_ids, pos_ids, right=True)
@@ -129,10 +142,13 @@ class _SampledSoftmax(torch.autograd.Function):
         u, gu, gc, tau = ctx.saved_tensors
         n = u.shape[0]
         inv_tau = 1.0 / tau
-        scale = g / n * inv_tau  # dz/ds = 1 / tau
-        dtau = -(g / n) * inv_tau * inv_tau * (u * gu).sum()  # sum_ij dL/dz_ij * s_ij * -1/tau^2
-        return gu * scale, gc * scale, dtau.reshape(tau.shape), None, None, None, None, None, \
-            None
+        scale = (g / n * inv_tau).to(gu.dtype)  # dz/ds = 1 / tau
+        # sum_ij dL/dz_ij * s_ij * -1/tau^2
+        dtau = -(g / n) * inv_tau * inv_tau * torch.dot(u.reshape(-1), gu.reshape(-1))
+        # gu, gc are this function's own buffers, never seen outside: scale them in place (a
+        # second backward through the same loss then fails autograd's saved-version check)
+        return gu.mul_(scale), gc.mul_(scale), dtau.reshape(tau.shape), None, None, None, None, \
+            None, None
 
 
 def contrastive_loss(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, pos_ids: torch.Tensor,

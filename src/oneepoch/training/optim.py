@@ -27,7 +27,16 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
 
 
 def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique rows of (row, gradient) pairs and their summed gradients."""
+    """Unique rows of (row, gradient) pairs and their summed gradients (native: a hash join,
+    rows in order of first appearance; else sorted)."""
+    if (idx.dtype == torch.int64 and vals.dtype == torch.float32 and vals.dim() == 2
+            and kernels.usable(idx, vals)):
+        rows = torch.empty_like(idx)
+        summed = torch.empty_like(vals)
+        u = kernels.lib().coalesce_rows(idx.data_ptr(), vals.data_ptr(), idx.shape[0],
+                                        vals.shape[1], rows.data_ptr(), summed.data_ptr())
+        if u >= 0:
+            return rows[:u], summed[:u]
     rows, inv = torch.unique(idx, return_inverse=True)
     summed = torch.zeros(rows.shape[0], vals.shape[1], dtype=vals.dtype, device=vals.device)
     summed.index_add_(0, inv, vals)
@@ -46,8 +55,12 @@ def _row_grads(param: nn.Parameter, module: nn.Module | None
     if g is not None:
         if not g.is_sparse:
             g = g.to_sparse()
-        g = g.coalesce() if not parts else g
-        parts.append((g._indices()[0], g._values()))
+        if g.is_coalesced():
+            parts.append((g._indices()[0], g._values()))
+        else:
+            parts.append((g._indices()[0].contiguous(), g._values().contiguous()))
+            if len(parts) == 1:
+                return coalesce_rows(*parts[0])
     if not parts:
         return None
     if len(parts) == 1:

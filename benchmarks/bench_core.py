@@ -1,15 +1,17 @@
 """Core speed: training samples/s of paper A's base model (1 and 2 threads), evaluation
 rows/s, AUC over 10^7 predictions, and peak RSS. Writes benchmarks/results/core.json.
 
-    python benchmarks/bench_core.py [--rows 400000] [--steps 50] [--rounds 3] [--repeats 3]
+    python benchmarks/bench_core.py [--rows 400000] [--steps 50] [--rounds 9] [--repeats 3]
 
-Fresh processes with a fixed thread count (as a user runs ``threads=N``) on the built-in
-synthetic data, alternating 1, 2, 1, 2, ... for ``--repeats`` repetitions so that both thread
-counts see the same drift of a shared machine; each times ``--rounds`` rounds of ``--steps``
-batches after warm-up, through the step ``train()`` uses (the fused native step; set
-``ONEEPOCH_FUSED=0`` to time the autograd path), then one profiled round per thread count.
-Reported: the median per thread count and the median of the paired
-ratios as the speed-up. Evaluation and AUC are timed in every process (medians).
+``--repeats`` fresh processes on the built-in synthetic data; in each, after warm-up, the
+thread counts alternate round by round (``--rounds`` rounds of ``--steps`` batches per thread
+count, 1, 2, 1, 2, ...) through the step ``train()`` uses (the fused native step; set
+``ONEEPOCH_FUSED=0`` to time the autograd path), each round followed by the MLP's GEMMs alone
+at the same thread count (bench_limit's measure: the machine's own speed-up and ceiling at that
+moment), then one profiled round and the evaluation and AUC timings per thread count. A shared
+VM's speed drifts from minute to minute (up to 30% here), so only rounds timed back to back are
+compared: the speed-up is the median of the per-round ratios (pooled over processes), samples/s
+the median of the rounds.
 """
 
 from __future__ import annotations
@@ -71,11 +73,15 @@ def worker(args: argparse.Namespace) -> dict:
     for threads in args.threads:  # warm every thread count's pool
         torch.set_num_threads(threads)
         steps(10)
+    from bench_limit import measure  # the MLP's GEMMs alone: the machine's own speed-up
+
     rates: dict[int, list[float]] = {t: [] for t in args.threads}
+    gemm: dict[int, list[float]] = {t: [] for t in args.threads}
     for _ in range(args.rounds):  # thread counts alternate, so they share the machine's state
         for threads in args.threads:
             torch.set_num_threads(threads)
             rates[threads].append(args.steps * cfg.batch_size / steps(args.steps))
+            gemm[threads].append(measure(threads, cfg.batch_size, reps=30, best_of=3))
     profile = {}
     if fast is not None:  # where a step's time goes (thread 0's view, barrier waits included)
         for threads in args.threads:
@@ -86,23 +92,25 @@ def worker(args: argparse.Namespace) -> dict:
                                 for k, v in zip(PHASES, prof, strict=True)}
         fast.c.prof = None
     runs = [{"threads": t, "batch": cfg.batch_size, "train_samples_per_s": float(np.median(r)),
-             "train_rounds": r, "step": "fused" if fast is not None else "autograd",
+             "train_rounds": r, "gemm_gflops_rounds": gemm[t],
+             "step": "fused" if fast is not None else "autograd",
              "profile_ms": profile.get(t, {})} for t, r in rates.items()]
-    torch.set_num_threads(1)
     te = data.splits["test"]
     ev = Batcher(te, 16384)
-    predict(model, ev)
-    t = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        predict(model, ev)
-    runs[0]["eval_rows_per_s"] = reps * len(te) / (time.perf_counter() - t)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 10_000_000)
     s = (rng.random(10_000_000) + 0.1 * y).astype(np.float32)
-    t = time.perf_counter()
-    auc(y, s)
-    runs[0]["auc_1e7_seconds"] = time.perf_counter() - t
+    for run in runs:  # evaluation and AUC at each thread count
+        torch.set_num_threads(run["threads"])
+        predict(model, ev)
+        t = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            predict(model, ev)
+        run["eval_rows_per_s"] = reps * len(te) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        auc(y, s)
+        run["auc_1e7_seconds"] = time.perf_counter() - t
     base = rates[args.threads[0]]
     speedups = {t: float(np.median([x / y for x, y in zip(r, base, strict=True)]))
                 for t, r in rates.items()}
@@ -114,8 +122,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=400_000)
     ap.add_argument("--steps", type=int, default=50, help="steps per round")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
-    ap.add_argument("--repeats", type=int, default=3, help="processes per thread count")
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="timed rounds per thread count and process")
+    ap.add_argument("--repeats", type=int, default=3, help="processes")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--data", help="data set (default: generate the built-in one)")
@@ -130,26 +139,43 @@ def main() -> None:
 
         a.data = str(Path("runs") / "bench-data")
         ensure_synthetic(Path(a.data), SynthConfig(n_train=a.rows))
-    # Fresh processes with a fixed thread count (as a user runs threads=N), alternating
-    # 1, 2, 1, 2, ... so every thread count sees the same drift of a shared machine.
+    # Fresh processes; inside each the thread counts alternate round by round.
     per: dict[int, list[dict]] = {t: [] for t in a.threads}
+    ratios: dict[int, list[float]] = {t: [] for t in a.threads}
+    gemm_ratios: dict[int, list[float]] = {t: [] for t in a.threads}
+    fractions: dict[int, list[float]] = {t: [] for t in a.threads}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_limit import gemm_flops_per_sample
+
+    flops = gemm_flops_per_sample()
     for rep in range(a.repeats):
-        for t in a.threads:
-            cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--steps",
-                   str(a.steps), "--rounds", str(a.rounds), "--batch", str(a.batch),
-                   "--threads", str(t)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                          env=env).stdout.strip().splitlines()[-1])
-            r["runs"][0]["peak_rss_mib"] = r["peak_rss_mib"]
-            per[t].append(r["runs"][0])
-            print(f"repeat {rep} threads={t}: {r['runs'][0]['train_samples_per_s']:,.0f} "
-                  "samples/s", flush=True)
+        cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--steps", str(a.steps),
+               "--rounds", str(a.rounds), "--batch", str(a.batch), "--threads",
+               *map(str, a.threads)]
+        top = str(max(a.threads))
+        env = {**os.environ, "OMP_NUM_THREADS": top, "MKL_NUM_THREADS": top}
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                      env=env).stdout.strip().splitlines()[-1])
+        base_rounds = r["runs"][0]["train_rounds"]
+        base_gemm = r["runs"][0]["gemm_gflops_rounds"]
+        for run in r["runs"]:
+            run["peak_rss_mib"] = r["peak_rss_mib"]
+            per[run["threads"]].append(run)
+            ratios[run["threads"]] += [x / y for x, y in zip(run["train_rounds"], base_rounds,
+                                                             strict=True)]
+            gemm_ratios[run["threads"]] += [
+                x / y for x, y in zip(run["gemm_gflops_rounds"], base_gemm, strict=True)]
+            fractions[run["threads"]] += [  # of the GEMM ceiling timed in the same round
+                x * flops / (g * 1e9) for x, g in zip(run["train_rounds"],
+                                                      run["gemm_gflops_rounds"], strict=True)]
+        print(f"process {rep}: " + ", ".join(
+            f"{run['threads']} thread(s) {run['train_samples_per_s']:,.0f} samples/s"
+            for run in r["runs"]), flush=True)
     runs = []
     for t, rs in per.items():
         rounds = [x for r in rs for x in r["train_rounds"]]
         run = {"threads": t, "batch": a.batch, "train_samples_per_s": float(statistics.median(
-            [r["train_samples_per_s"] for r in rs])), "train_rounds": rounds,
+            rounds)), "train_rounds": rounds,
             "process_medians": [r["train_samples_per_s"] for r in rs],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "step": rs[0]["step"],
             "profile_ms": {k: float(statistics.median([r["profile_ms"][k] for r in rs]))
@@ -158,19 +184,24 @@ def main() -> None:
             vals = [r[k] for r in rs if k in r]
             if vals:
                 run[k] = float(statistics.median(vals))
+        run["gemm_gflops"] = float(statistics.median(
+            [x for r in rs for x in r["gemm_gflops_rounds"]]))
+        run["fraction_of_gemm_ceiling"] = float(statistics.median(fractions[t]))
         runs.append(run)
-    base = per[a.threads[0]]
-    speedup = {t: float(statistics.median([x["train_samples_per_s"] / y["train_samples_per_s"]
-                                           for x, y in zip(rs, base, strict=True)]))
-               for t, rs in per.items()}
+    speedup = {t: float(statistics.median(x)) for t, x in ratios.items()}
+    gemm_speedup = {t: float(statistics.median(x)) for t, x in gemm_ratios.items()}
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version()}, "runs": runs,
-               "speedup_per_round_median": speedup, "repeats": a.repeats}
+               "speedup_per_round_median": speedup, "gemm_speedup_per_round_median": gemm_speedup,
+               "repeats": a.repeats}
     for run in runs:
         line = (f"threads={run['threads']}: train {run['train_samples_per_s']:,.0f} samples/s "
-                f"(median of {a.repeats} processes; rounds "
+                f"(median of {len(run['train_rounds'])} rounds in {a.repeats} processes; "
+                f"rounds "
                 f"{min(run['train_rounds']):,.0f}-{max(run['train_rounds']):,.0f}; batch "
-                f"{run['batch']}), peak RSS {run['peak_rss_mib']:,.0f} MiB")
+                f"{run['batch']}), peak RSS {run['peak_rss_mib']:,.0f} MiB; "
+                f"{100 * run['fraction_of_gemm_ceiling']:.0f}% of the GEMM ceiling timed in the "
+                f"same rounds ({run['gemm_gflops']:.0f} GFLOP/s)")
         if "eval_rows_per_s" in run:
             line += (f"; eval {run['eval_rows_per_s']:,.0f} rows/s; AUC over 1e7 predictions "
                      f"{run['auc_1e7_seconds']:.2f} s")
@@ -180,7 +211,9 @@ def main() -> None:
                 f"{k} {v:.3f}" for k, v in run["profile_ms"].items()), flush=True)
     for t, x in speedup.items():
         if t != a.threads[0]:
-            print(f"{t}-thread speed-up (median of the paired process ratios): {x:.2f}x")
+            print(f"{t}-thread speed-up (median of the per-round ratios, rounds back to back): "
+                  f"{x:.2f}x; the MLP's GEMMs alone in the same rounds: "
+                  f"{gemm_speedup[t]:.2f}x")
     import torch
 
     results["torch"] = torch.__version__

@@ -25,7 +25,9 @@ def gemm_flops_per_sample(dims: tuple[int, ...] = DIMS) -> int:
     return 3 * 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
 
 
-def measure(threads: int, batch: int = 1024, reps: int = 300) -> float:
+def measure(threads: int, batch: int = 1024, reps: int = 300, best_of: int = 5) -> float:
+    """GFLOP/s of the MLP's GEMMs at ``threads`` threads: the best of ``best_of`` timings of
+    ``reps / best_of`` passes (3 GEMMs per layer), after warm-up."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, d, generator=g) for d in DIMS]
@@ -37,14 +39,15 @@ def measure(threads: int, batch: int = 1024, reps: int = 300) -> float:
             torch.mm(xs[i + 1], w)  # dX
             torch.mm(xs[i + 1].t(), xs[i])  # dW
 
-    for _ in range(20):
+    for _ in range(min(20, reps)):
         once()
     best = float("inf")
-    for _ in range(5):
+    per = max(1, reps // best_of)
+    for _ in range(best_of):
         t = time.perf_counter()
-        for _ in range(reps // 5):
+        for _ in range(per):
             once()
-        best = min(best, (time.perf_counter() - t) / (reps // 5))
+        best = min(best, (time.perf_counter() - t) / per)
     return gemm_flops_per_sample() * batch / best / 1e9
 
 

@@ -34,18 +34,26 @@ def main() -> None:
     core = load("core")
     out += ["## Base CTR model (paper A), oneepoch", ""]
     if core:
-        out += ["| threads | train samples/s (median) | rounds (min-max) | eval rows/s "
+        out += ["| threads | train samples/s (median) | rounds (min-max) "
+                "| of the GEMM ceiling, same rounds | eval rows/s "
                 "| AUC over 10^7 (s) | peak RSS (MiB) |",
-                "|---:|---:|---:|---:|---:|---:|"]
+                "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in core["runs"]:
             rounds = r.get("train_rounds") or [float("nan")]
+            frac = r.get("fraction_of_gemm_ceiling")
+            frac_s = (f"{100 * frac:.0f}% ({r['gemm_gflops']:.0f} GFLOP/s)"
+                      if frac is not None else "-")
             out.append(f"| {r['threads']} | {r['train_samples_per_s']:,.0f} | "
-                       f"{min(rounds):,.0f}-{max(rounds):,.0f} | "
+                       f"{min(rounds):,.0f}-{max(rounds):,.0f} | {frac_s} | "
                        f"{r.get('eval_rows_per_s', float('nan')):,.0f} | "
                        f"{r.get('auc_1e7_seconds', float('nan')):.2f} | "
                        f"{r.get('peak_rss_mib', core.get('peak_rss_mib', float('nan'))):,.0f} |")
-        out += speedup_lines(core, "median of the ratios of paired processes; thread counts "
-                             "alternate process by process")
+        out += speedup_lines(core, "median of the per-round ratios; thread counts alternate "
+                             "round by round inside each process")
+        for t, x in (core.get("gemm_speedup_per_round_median") or {}).items():
+            if int(t) != core["runs"][0]["threads"]:
+                out.append(f"\nThe machine's own {t}-thread speed-up on the MLP's GEMMs alone, "
+                           f"timed in the same rounds: {x:.2f}x")
         profiled = [r for r in core["runs"] if r.get("profile_ms")]
         if profiled:
             phases = list(profiled[0]["profile_ms"])

@@ -343,3 +343,36 @@ def test_topk_indices_match_torch_topk(shape, k):
     assert got.shape == ref.shape
     torch.testing.assert_close(s.gather(1, got), s.gather(1, ref))  # same values, in order
     assert all(len(set(r.tolist())) == k for r in got)  # distinct columns
+
+
+def test_scratch_is_per_python_thread():
+    # native calls release the GIL: two trainings in threads of one process must not share the
+    # scratch buffer (the stage-1 blocks keep their logits there)
+    import threading
+
+    from oneepoch.pretrain.losses import contrastive_loss
+
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for _ in range(2):
+        pos = torch.randint(0, 500, (256,), generator=g)
+        cand = torch.cat([pos, torch.randint(0, 500, (256,), generator=g)])
+        cases.append((torch.randn(256, 16, generator=g), torch.randn(512, 16, generator=g),
+                      pos, cand))
+    tau = torch.tensor(0.1)
+    want = [float(contrastive_loss(u, c, tau, p, q, chunk=64)) for u, c, p, q in cases]
+    got: list[list[float]] = [[], []]
+
+    def run(k: int) -> None:
+        u, c, p, q = cases[k]
+        for _ in range(30):
+            got[k].append(float(contrastive_loss(u, c, tau, p, q, chunk=64)))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert kernels.scratch(8).data_ptr() == kernels.scratch(4).data_ptr()  # reused in a thread
+    for k in range(2):
+        assert got[k] == [want[k]] * 30

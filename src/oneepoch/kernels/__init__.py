@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,16 +171,17 @@ def has_blas() -> bool:
     return available() and _sgemm_address() is not None
 
 
-_scratch = torch.empty(0)
+_scratch = threading.local()
 
 
 def scratch(n: int) -> torch.Tensor:
     """A reused float32 buffer of at least ``n`` elements (grow-only: a fresh large buffer
-    per step would cost its page faults every time). One user at a time."""
-    global _scratch
-    if _scratch.numel() < n:
-        _scratch = torch.empty(n, dtype=torch.float32)
-    return _scratch
+    per step would cost its page faults every time), one per Python thread, so trainings in
+    threads of one process do not share it. A caller uses it only until it returns."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf
 
 
 @contextlib.contextmanager

@@ -584,24 +584,33 @@ static double softmax_rows_exp(float *restrict z, int64_t n, int64_t C, int64_t 
     float m = n > 0 ? row_max(z, C) : 0.0f;
     for (int64_t i = 0; i < n; i++) {
         float *restrict zr = z + i * C;
-        const float *restrict nz = z + (i + 1 < n ? i + 1 : i) * C;
+        const float *restrict nz = zr + C;  /* the next row: only read while i + 1 < n */
         const float zpos = zr[col0 + i];
         float mx[LANES], sm[LANES];
         for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
-        for (int64_t j = 0; j < C16; j += LANES)
-            for (int l = 0; l < LANES; l++) {
-                const float e = fexp(zr[j + l] - m);
-                zr[j + l] = e;
-                sm[l] += e;
-                mx[l] = nz[j + l] > mx[l] ? nz[j + l] : mx[l];
-            }
+        if (i + 1 < n) {
+            for (int64_t j = 0; j < C16; j += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    const float e = fexp(zr[j + l] - m);
+                    zr[j + l] = e;
+                    sm[l] += e;
+                    mx[l] = nz[j + l] > mx[l] ? nz[j + l] : mx[l];
+                }
+        } else {
+            for (int64_t j = 0; j < C16; j += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    const float e = fexp(zr[j + l] - m);
+                    zr[j + l] = e;
+                    sm[l] += e;
+                }
+        }
         float sum = 0.0f, next = -INFINITY;
         for (int l = 0; l < LANES; l++) sum += sm[l], next = mx[l] > next ? mx[l] : next;
         for (int64_t j = C16; j < C; j++) {
             const float e = fexp(zr[j] - m);
             zr[j] = e;
             sum += e;
-            next = nz[j] > next ? nz[j] : next;
+            if (i + 1 < n) next = nz[j] > next ? nz[j] : next;
         }
         inv_sum[i] = 1.0f / sum;
         loss += (double)logf(sum) + (double)m - (double)zpos;

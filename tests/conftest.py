@@ -33,6 +33,18 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def train_metrics(data: Path, out_dir: Path, name: str, epochs: int = 1) -> list[dict]:
+    """Metrics rows of a short single-thread training run on ``data`` (batch 256, two
+    evaluations per epoch): for comparing two paths of the same step."""
+    from oneepoch.config import TrainConfig, load_config
+    from oneepoch.training.trainer import train
+
+    cfg = load_config(TrainConfig, None, [
+        f"data.path={data}", f"out_dir={out_dir}", f"name={name}", "progress=false",
+        "threads=1", "batch_size=256", "eval.per_epoch=2", f"epochs={epochs}"])
+    return train(cfg).metrics
+
+
 def write_ctr(directory: Path, tables: dict[str, pa.Table], schema_yaml: str) -> Path:
     """A hand-made CTR data set: one Parquet file per split + the given schema."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_metrics
 from oneepoch import kernels
 from oneepoch.config import TrainConfig, load_config
 from oneepoch.data.batcher import Batch, Batcher
 from oneepoch.training.fused import FusedStep, sgemm_address
-from oneepoch.training.trainer import Hook, build, epoch_order, prepare_data, train
+from oneepoch.training.trainer import Hook, build, epoch_order, prepare_data
 
 pytestmark = pytest.mark.skipif(not kernels.available() or sgemm_address() is None,
                                 reason="no native kernels or no sgemm_ in this PyTorch")
@@ -190,15 +191,9 @@ def test_settings_it_does_not_cover_say_why(tiny_synth):
 
 
 def test_train_through_the_fused_step_matches_autograd(tiny_synth, tmp_path, monkeypatch):
-    def run(name):
-        cfg = load_config(TrainConfig, None, [
-            f"data.path={tiny_synth}", f"out_dir={tmp_path}", f"name={name}", "progress=false",
-            "threads=1", "batch_size=256", "eval.per_epoch=2", "epochs=2"])
-        return train(cfg).metrics
-
-    fused = run("fused")
+    fused = train_metrics(tiny_synth, tmp_path, "fused", epochs=2)
     monkeypatch.setenv("ONEEPOCH_FUSED", "0")
-    ref = run("autograd")
+    ref = train_metrics(tiny_synth, tmp_path, "autograd", epochs=2)
     for a, b in zip(fused, ref, strict=True):
         assert a["step"] == b["step"]
         for k in ("test_auc", "test_logloss", "train_auc", "train_loss"):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_metrics
 from oneepoch import kernels
-from oneepoch.config import ModelConfig, OptimConfig, TrainConfig, load_config
+from oneepoch.config import ModelConfig, OptimConfig
 from oneepoch.data.batcher import Batch
 from oneepoch.models.embedding import FieldEmbedding
 from oneepoch.models.layers import Dice
 from oneepoch.training.optim import build_optimizer
-from oneepoch.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler here")
 
@@ -138,15 +138,9 @@ def test_rowwise_adam_matches_reference(over):
 
 
 def test_short_training_run_matches_pytorch_path(tiny_synth, tmp_path):
-    def run(name):
-        cfg = load_config(TrainConfig, None, [
-            f"data.path={tiny_synth}", f"out_dir={tmp_path}", f"name={name}", "progress=false",
-            "threads=1", "batch_size=256", "eval.per_epoch=2", "epochs=1"])
-        return train(cfg).metrics
-
-    fast = run("native")
+    fast = train_metrics(tiny_synth, tmp_path, "native")
     with kernels.disabled():
-        ref = run("torch")
+        ref = train_metrics(tiny_synth, tmp_path, "torch")
     for a, b in zip(fast, ref, strict=True):
         assert a["step"] == b["step"]
         for k in ("test_auc", "test_logloss", "train_auc"):

@@ -532,35 +532,6 @@ int64_t coalesce_rows(const int64_t *idx, const float *vals, int64_t n, int64_t 
 /* softmax(z_i) - onehot(pos), the loss's gradient with respect to the logits.                 */
 /* ---------------------------------------------------------------------------------------- */
 #define LANES 16
-/* The first two passes of softmax_row: z becomes exp(z - max) and *inv_sum 1 / its sum (a caller
- * can fold the normalisation and the one-hot into its GEMMs). Returns the row's loss. */
-static double softmax_row_exp(float *restrict z, int64_t C, int64_t pos, float *inv_sum) {
-    float mx[LANES], sm[LANES];
-    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
-    const int64_t C16 = C / LANES * LANES;
-    for (int64_t j = 0; j < C16; j += LANES)
-        for (int l = 0; l < LANES; l++) mx[l] = z[j + l] > mx[l] ? z[j + l] : mx[l];
-    float m = -INFINITY;
-    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-    for (int64_t j = C16; j < C; j++) m = z[j] > m ? z[j] : m;
-    const float zpos = z[pos];
-    for (int64_t j = 0; j < C16; j += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float e = fexp(z[j + l] - m);
-            z[j + l] = e;
-            sm[l] += e;
-        }
-    float sum = 0.0f;
-    for (int l = 0; l < LANES; l++) sum += sm[l];
-    for (int64_t j = C16; j < C; j++) {
-        float e = fexp(z[j] - m);
-        z[j] = e;
-        sum += e;
-    }
-    *inv_sum = 1.0f / sum;
-    return (double)logf(sum) + (double)m - (double)zpos;
-}
-
 /* Row max of z [C]. */
 static float row_max(const float *restrict z, int64_t C) {
     float mx[LANES];
@@ -574,8 +545,10 @@ static float row_max(const float *restrict z, int64_t C) {
     return m;
 }
 
-/* softmax_row_exp over n rows of z [n, C] (row i's positive at column col0 + i; inv_sum [n]),
- * software-pipelined: the exp pass of row i also takes the max of row i + 1, whose loads then
+/* The first two passes of a softmax over n rows of z [n, C] (row i's positive at column
+ * col0 + i): z becomes exp(z - row max) and inv_sum [n] 1 / the row sums (a caller can fold the
+ * normalisation and the one-hot into its GEMMs); returns the rows' summed loss.
+ * Software-pipelined: the exp pass of row i also takes the max of row i + 1, whose loads then
  * hide under row i's arithmetic instead of a pass of their own (~30% faster; same results). */
 static double softmax_rows_exp(float *restrict z, int64_t n, int64_t C, int64_t col0,
                                float *restrict inv_sum) {
@@ -621,7 +594,7 @@ static double softmax_rows_exp(float *restrict z, int64_t n, int64_t C, int64_t 
 
 static double softmax_row(float *restrict z, int64_t C, int64_t pos, int grad) {
     float inv;
-    const double loss = softmax_row_exp(z, C, pos, &inv);
+    const double loss = softmax_rows_exp(z, 1, C, pos, &inv);
     if (grad) {
         for (int64_t j = 0; j < C; j++) z[j] *= inv;
         z[pos] -= 1.0f;

@@ -798,6 +798,7 @@ typedef struct {  /* where ctr_step keeps things in the scratch */
     float *lk_scale;
     float *z[MAX_LAYERS], *pp[MAX_LAYERS], *y[MAX_LAYERS], *mean[MAX_LAYERS];
     float *var[MAX_LAYERS], *rstd[MAX_LAYERS], *sg[MAX_LAYERS], *sgx[MAX_LAYERS];
+    int64_t hs[MAX_LAYERS];  /* per-thread stride of mean..sgx of layer l (each thread its copy) */
     int64_t woff[MAX_LAYERS], n_wb, max_h, mw, NC;
 } Layout;
 
@@ -825,19 +826,20 @@ static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64
     TAKE(tmp, 2 * o->NC);
     o->lossc = (double *)tmp;
     for (int64_t l = 1; l < NL; l++) {
+        const int64_t hs = o->hs[l] = (w[l] + 15) & ~(int64_t)15;
         TAKE(o->z[l], B * w[l]);
         TAKE(o->pp[l], B * w[l]);
         TAKE(o->y[l], B * w[l]);
-        TAKE(o->mean[l], w[l]);
-        TAKE(o->var[l], w[l]);
-        TAKE(o->rstd[l], w[l]);
-        TAKE(o->sg[l], w[l]);
-        TAKE(o->sgx[l], w[l]);
+        TAKE(o->mean[l], T * hs);
+        TAKE(o->var[l], T * hs);
+        TAKE(o->rstd[l], T * hs);
+        TAKE(o->sg[l], T * hs);
+        TAKE(o->sgx[l], T * hs);
     }
-    TAKE(o->part, o->NC * 3 * o->max_h);
+    TAKE(o->part, 2 * NL * o->NC * 3 * o->max_h);  /* forward and backward, per layer */
     TAKE(o->wpart, o->NC * o->n_wb);
-    TAKE(o->bufA, B * o->mw);
-    TAKE(o->bufB, B * o->mw);
+    TAKE(o->bufA, o->NC * CHUNK_ROWS * o->mw);  /* chunk-major: chunk ch at ch * CHUNK_ROWS * mw */
+    TAKE(o->bufB, o->NC * CHUNK_ROWS * o->mw);
     TAKE(o->egrad, cap * D);  /* shared: each thread's distinct rows in a region of their own */
     TAKE(tmp, 2 * cap);
     o->rows = (int64_t *)tmp;
@@ -969,7 +971,7 @@ static void chunk_view(const Bags *all, int64_t b0, int64_t nb, int64_t *graw,
 static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *restrict dX,
                                 int64_t t, int64_t T, int64_t *restrict rows,
                                 float *restrict egrad) {
-    const int64_t D = c->D, F = c->S + c->K;
+    const int64_t D = c->D;
     int64_t per_chunk = c->S;
     for (int64_t k = 0; k < c->K; k++) per_chunk += c->L[k];
     per_chunk *= CHUNK_ROWS;
@@ -980,7 +982,7 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
         const int64_t *restrict lr = o->lk_row + at;
         const int32_t *restrict ls = o->lk_src + at;
         const float *restrict sc = o->lk_scale + at;
-        const float *gx = dX + ch * CHUNK_ROWS * F * D;
+        const float *gx = dX + ch * CHUNK_ROWS * o->mw;  /* chunk-major (ctr_step) */
         for (int64_t e = 0; e < n; e++) {
             if (e + 16 < n) __builtin_prefetch(slot + lr[e + 16]);
             const int64_t r = lr[e];
@@ -1045,6 +1047,12 @@ double ctr_step(CtrStep *c) {
 #define CHUNKS for (int64_t ch = t; ch < NC; ch += nt)
 #define CB0 (ch * CHUNK_ROWS)
 #define CB1 (CB0 + CHUNK_ROWS < B ? CB0 + CHUNK_ROWS : B)
+#define CHUNK_BUF(buf) ((buf) + ch * CHUNK_ROWS * o.mw) /* chunk ch's rows in bufA / bufB */
+        /* A chunk stays with its thread from pooling to its last gradient, so the only barriers
+         * are where batch-wide sums are needed: each hidden layer's Dice statistics (forward and
+         * backward; every thread then adds the chunk partials itself, in chunk order, into its
+         * own copy) and before the updates. */
+        int ok = 1;  /* the same in every thread: set from err only after a barrier */
         /* 1. pooled embeddings of my chunks */
         CHUNKS {
             Bags a;  /* the chunk as a batch of its own; its lookups listed by owner (step 5) */
@@ -1061,64 +1069,74 @@ double ctr_step(CtrStep *c) {
                 err = r;
             }
         }
-#pragma omp barrier
         TICK(0);
-        if (!err) {
-            /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit */
-            const float *h = o.x0;
-            const int64_t st = 3 * o.max_h;
-            for (int64_t i = 0; i < NL; i++) {
-                const int64_t win = w[i], wout = w[i + 1];
-                const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
-                float *zi = i + 1 < NL ? o.z[i + 1] : o.logit;
-                CHUNKS {
-                    for (int64_t b = CB0; b < CB1; b++)
-                        memcpy(zi + b * wout, bi, sizeof(float) * wout);
-                    gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
-                            zi + CB0 * wout, wout);
-                }
-                TICK(1);
-                if (i + 1 == NL) break;
-                const int64_t l = i + 1, H = wout;
-                float *mean = o.mean[l], *var = o.var[l], *rstd = o.rstd[l];
-                int64_t h0, h1;
-                share(H, 16, &h0, &h1);
-                CHUNKS {  /* the chunk's mean and squared deviations from it */
-                    float *cm = o.part + ch * st, *m2 = cm + o.max_h;
-                    col_sums(zi, CB0, CB1, H, cm);
-                    const float inv_n = 1.0f / (float)(CB1 - CB0);
-                    for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
-                    col_sqdev(zi, CB0, CB1, H, cm, m2);
-                }
-#pragma omp barrier
-                /* batch statistics from the chunks' (Chan et al.), in chunk order */
-                for (int64_t j = h0; j < h1; j++) mean[j] = 0.0f, var[j] = 0.0f;
-                for (int64_t ch = 0; ch < NC; ch++) {
-                    const float n_c = (float)(CB1 - CB0), *cm = o.part + ch * st;
-                    for (int64_t j = h0; j < h1; j++) mean[j] += n_c * cm[j];
-                }
-                for (int64_t j = h0; j < h1; j++) mean[j] *= inv_b;
-                for (int64_t ch = 0; ch < NC; ch++) {
-                    const float n_c = (float)(CB1 - CB0), *cm = o.part + ch * st;
-                    const float *m2 = cm + o.max_h;
-                    for (int64_t j = h0; j < h1; j++) {
-                        const float d = cm[j] - mean[j];
-                        var[j] += m2[j] + n_c * d * d;
-                    }
-                }
-                for (int64_t j = h0; j < h1; j++) var[j] *= inv_b;
-                float *rm = c->run_mean[i], *rv = c->run_var[i];
-                const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
-                for (int64_t j = h0; j < h1; j++) {
-                    rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
-                    rm[j] += mo * (mean[j] - rm[j]);
-                    rv[j] += mo * (var[j] * unb - rv[j]);
-                }
-#pragma omp barrier
-                CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o.pp[l], o.y[l]);
-                h = o.y[l];
-                TICK(2);
+        /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit */
+        const float *h = o.x0;
+        const int64_t st = 3 * o.max_h;
+        for (int64_t i = 0; i < NL; i++) {
+            const int64_t win = w[i], wout = w[i + 1];
+            const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
+            float *zi = i + 1 < NL ? o.z[i + 1] : o.logit;
+            CHUNKS {
+                for (int64_t b = CB0; b < CB1; b++)
+                    memcpy(zi + b * wout, bi, sizeof(float) * wout);
+                gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
+                        zi + CB0 * wout, wout);
             }
+            TICK(1);
+            if (i + 1 == NL) break;
+            const int64_t l = i + 1, H = wout;
+            float *part = o.part + l * NC * st;
+            float *mean = o.mean[l] + t * o.hs[l], *var = o.var[l] + t * o.hs[l];
+            float *rstd = o.rstd[l] + t * o.hs[l];
+            CHUNKS {  /* the chunk's mean and squared deviations from it */
+                float *cm = part + ch * st, *m2 = cm + o.max_h;
+                col_sums(zi, CB0, CB1, H, cm);
+                const float inv_n = 1.0f / (float)(CB1 - CB0);
+                for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
+                col_sqdev(zi, CB0, CB1, H, cm, m2);
+            }
+#pragma omp barrier
+            if (err) {  /* a lookup was out of range: update nothing */
+                ok = 0;
+                break;
+            }
+            /* batch statistics from the chunks' (Chan et al.), in chunk order */
+            for (int64_t j = 0; j < H; j++) mean[j] = 0.0f, var[j] = 0.0f;
+            for (int64_t ch = 0; ch < NC; ch++) {
+                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+                for (int64_t j = 0; j < H; j++) mean[j] += n_c * cm[j];
+            }
+            for (int64_t j = 0; j < H; j++) mean[j] *= inv_b;
+            for (int64_t ch = 0; ch < NC; ch++) {
+                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+                const float *m2 = cm + o.max_h;
+                for (int64_t j = 0; j < H; j++) {
+                    const float d = cm[j] - mean[j];
+                    var[j] += m2[j] + n_c * d * d;
+                }
+            }
+            for (int64_t j = 0; j < H; j++) {
+                var[j] *= inv_b;
+                rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
+            }
+            int64_t h0, h1;  /* the running statistics: a slice per thread */
+            share(H, 16, &h0, &h1);
+            float *rm = c->run_mean[i], *rv = c->run_var[i];
+            const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
+            for (int64_t j = h0; j < h1; j++) {
+                rm[j] += mo * (mean[j] - rm[j]);
+                rv[j] += mo * (var[j] * unb - rv[j]);
+            }
+            CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o.pp[l], o.y[l]);
+            h = o.y[l];
+            TICK(2);
+        }
+        if (NL == 1) {  /* no statistics barrier above */
+#pragma omp barrier
+            ok = !err;
+        }
+        if (ok) {
             /* 3. loss and its gradient with respect to the logits, per chunk */
             CHUNKS {
                 double lc = 0.0;
@@ -1142,35 +1160,36 @@ double ctr_step(CtrStep *c) {
                 CHUNKS {
                     float *wp = o.wpart + ch * o.n_wb + o.woff[i];
                     const int64_t nb = CB1 - CB0;
-                    gemm_rm(1, 0, wout, win, nb, 1.0f, G + CB0 * wout, wout, Hin + CB0 * win,
-                            win, 0.0f, wp, win);
-                    col_sums(G, CB0, CB1, wout, wp + wout * win);
-                    gemm_rm(0, 0, nb, win, wout, 1.0f, G + CB0 * wout, wout, c->p[3 * i], win,
-                            0.0f, dH + CB0 * win, win);
+                    const float *Gc = G == o.glogit ? G + CB0 * wout : CHUNK_BUF(G);
+                    gemm_rm(1, 0, wout, win, nb, 1.0f, Gc, wout, Hin + CB0 * win, win, 0.0f, wp,
+                            win);
+                    col_sums(Gc, 0, nb, wout, wp + wout * win);
+                    gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f,
+                            CHUNK_BUF(dH), win);
                 }
                 TICK(4);
                 if (i == 0) break;
                 const int64_t H = win;
                 float *next = dH == o.bufA ? o.bufB : o.bufA;
+                float *part = o.part + (NL + i) * NC * st;
                 const float *alpha = c->p[3 * (i - 1) + 2];
+                const float *mean = o.mean[i] + t * o.hs[i], *rstd = o.rstd[i] + t * o.hs[i];
+                float *sg = o.sg[i] + t * o.hs[i], *sgx = o.sgx[i] + t * o.hs[i];
                 CHUNKS {
-                    float *pt = o.part + ch * st;
-                    dice_back_partial(o.z[i], o.pp[i], dH, alpha, o.mean[i], o.rstd[i], CB0,
-                                      CB1, H, pt, pt + o.max_h, pt + 2 * o.max_h);
+                    float *pt = part + ch * st;
+                    dice_back_partial(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
+                                      mean, rstd, 0, CB1 - CB0, H, pt, pt + o.max_h,
+                                      pt + 2 * o.max_h);
                 }
 #pragma omp barrier
+                sum_parts(part, NC, st, 0, H, inv_b, sg);
+                sum_parts(part + o.max_h, NC, st, 0, H, inv_b, sgx);
                 int64_t h0, h1;
                 share(H, 16, &h0, &h1);
-                sum_parts(o.part, NC, st, h0, h1, inv_b, o.sg[i]);
-                sum_parts(o.part + o.max_h, NC, st, h0, h1, inv_b, o.sgx[i]);
-                sum_parts(o.part + 2 * o.max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
-#pragma omp barrier
-                CHUNKS dice_back_rows(o.z[i], o.pp[i], dH, alpha, o.mean[i], o.rstd[i], CB0, CB1,
-                                      H, o.sg[i], o.sgx[i], next);
+                sum_parts(part + 2 * o.max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
+                CHUNKS dice_back_rows(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
+                                      mean, rstd, 0, CB1 - CB0, H, sg, sgx, CHUNK_BUF(next));
                 G = next;
-                /* the next layer writes dH with another row width: every chunk must be done
-                 * reading this one first */
-#pragma omp barrier
                 TICK(5);
             }
 #pragma omp barrier
@@ -1196,6 +1215,7 @@ double ctr_step(CtrStep *c) {
             }
             TICK(7);
         }
+#undef CHUNK_BUF
 #undef TICK
 #undef CHUNKS
 #undef CB0

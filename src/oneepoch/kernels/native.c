@@ -189,6 +189,10 @@ void dice_backward(const float *x, const float *p, const float *dy, const float 
 /* Returns the number of distinct rows (0 without slot), -1 if a row is outside the table,    */
 /* -2 if a length is outside [0, L[k]].                                                       */
 /* ---------------------------------------------------------------------------------------- */
+typedef struct {  /* one lookup for the table update: its row, where its gradient comes from */
+    int32_t row, src;
+} Lookup;
+
 typedef struct {
     const int64_t *ids, *off, *L;
     const int64_t *const *seqs, *const *lens;
@@ -197,10 +201,11 @@ typedef struct {
     float *out;
     const int64_t *sel;  /* sample b is row sel[b] of ids/seqs/lens (NULL: row b) */
     /* NULL, or out: each lookup, in visiting order, appended to the list of its row's owner
-     * (owner_of(row, owners)): the row, where its gradient comes from ((b - b0) * F + f), the scale */
-    int64_t owners, cap_list, *lk_n, *lk_row;
-    int32_t *lk_src;
-    float *lk_scale;
+     * (owner_of(row, owners)) as the row and (b - b0) * F + f; and fscale[(b - b0) * F + f] the
+     * field's pooling scale (1 / its length, 1 for single-ID fields). Rows must fit int32. */
+    int64_t owners, cap_list, *lk_n;
+    Lookup *lk;
+    float *fscale;
 } Bags;
 
 static inline int64_t row_of(const int64_t *sel, int64_t b) { return sel ? sel[b] : b; }
@@ -270,10 +275,9 @@ static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_
                 if (r < 0 || r >= a->R) { err = -1; goto done; }
                 if (a->lk_n) {
                     const int64_t ow = owner_of(r, a->owners);
-                    const int64_t e = ow * a->cap_list + a->lk_n[ow]++;
-                    a->lk_row[e] = r;
-                    a->lk_src[e] = (int32_t)((b - b0) * F + f);
-                    a->lk_scale[e] = n > 1 ? 1.0f / (float)n : 1.0f;
+                    Lookup *e = a->lk + ow * a->cap_list + a->lk_n[ow]++;
+                    e->row = (int32_t)r;
+                    e->src = (int32_t)((b - b0) * F + f);
                 }
                 if (pooling) {
                     const float *w = a->W + r * D;
@@ -285,6 +289,7 @@ static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_
                     inv[j] = s_;
                 }
             }
+            if (a->fscale) a->fscale[(b - b0) * F + f] = n > 1 ? 1.0f / (float)n : 1.0f;
             if (pooling && n > 1) {
                 float inv_n = 1.0f / (float)n;
                 for (int64_t d = 0; d < D; d++) o[d] *= inv_n;
@@ -303,7 +308,7 @@ int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S,
                          int64_t R, int64_t D, float *out, int32_t *slot, int64_t *rows,
                          int32_t *inv) {
     const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, NULL, 0, 0, NULL, NULL,
-                    NULL, NULL};
+                    NULL};
     int64_t T = 1, U = 0, err = 0;
 #ifdef _OPENMP
     T = B * (S + K) * D >= 8192 ? omp_get_max_threads() : 1;
@@ -793,9 +798,9 @@ static inline double now_s(void) {
 typedef struct {  /* where ctr_step keeps things in the scratch */
     float *x0, *logit, *glogit, *part, *wpart, *bufA, *bufB, *egrad;
     double *lossc;
-    int64_t *rows, *lk_n, *lk_row, *graw;
-    int32_t *lk_src;
-    float *lk_scale;
+    int64_t *rows, *lk_n, *graw;
+    Lookup *lk;
+    float *fscale;
     float *z[MAX_LAYERS], *pp[MAX_LAYERS], *y[MAX_LAYERS], *mean[MAX_LAYERS];
     float *var[MAX_LAYERS], *rstd[MAX_LAYERS], *sg[MAX_LAYERS], *sgx[MAX_LAYERS];
     int64_t hs[MAX_LAYERS];  /* per-thread stride of mean..sgx of layer l (each thread its copy) */
@@ -847,10 +852,8 @@ static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64
     TAKE(tmp, 2 * T * o->NC);
     o->lk_n = (int64_t *)tmp;
     TAKE(tmp, 2 * n_lk);
-    o->lk_row = (int64_t *)tmp;
-    TAKE(tmp, n_lk);
-    o->lk_src = (int32_t *)tmp;
-    TAKE(o->lk_scale, n_lk);
+    o->lk = (Lookup *)tmp;
+    TAKE(o->fscale, o->NC * CHUNK_ROWS * (w[0] / D));
     TAKE(tmp, 2 * B * (lps + w[0] + 1));  /* the batch's own rows, gathered per chunk */
     o->graw = (int64_t *)tmp;
 #undef TAKE
@@ -979,14 +982,12 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
     int64_t U = 0;
     for (int64_t ch = 0; ch < o->NC; ch++) {
         const int64_t at = (ch * T + t) * per_chunk, n = o->lk_n[ch * T + t];
-        const int64_t *restrict lr = o->lk_row + at;
-        const int32_t *restrict ls = o->lk_src + at;
-        const float *restrict sc = o->lk_scale + at;
-        const float *gx = dX + ch * CHUNK_ROWS * o->mw;  /* chunk-major (ctr_step) */
+        const Lookup *restrict lk = o->lk + at;
+        const float *gx = dX + ch * CHUNK_ROWS * o->mw;  /* chunk-major, pooling scales applied */
         for (int64_t e = 0; e < n; e++) {
-            if (e + 16 < n) __builtin_prefetch(slot + lr[e + 16]);
-            const int64_t r = lr[e];
-            const float scale = sc[e], *gf = gx + (int64_t)ls[e] * D;
+            if (e + 16 < n) __builtin_prefetch(slot + lk[e + 16].row);
+            const int64_t r = lk[e].row;
+            const float *gf = gx + (int64_t)lk[e].src * D;
             int32_t u = slot[r];
             float *ge;
             if (u < 0) {
@@ -996,10 +997,10 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
                 PREFETCH_ROW(c->Wm + r * D, D, 1);  /* for the Adam pass */
                 PREFETCH_ROW(c->Wv + r * D, D, 1);
                 ge = egrad + (int64_t)u * D;
-                for (int64_t d = 0; d < D; d++) ge[d] = scale * gf[d];
+                for (int64_t d = 0; d < D; d++) ge[d] = gf[d];
             } else {
                 ge = egrad + (int64_t)u * D;
-                for (int64_t d = 0; d < D; d++) ge[d] += scale * gf[d];
+                for (int64_t d = 0; d < D; d++) ge[d] += gf[d];
             }
         }
     }
@@ -1015,7 +1016,7 @@ double ctr_step(CtrStep *c) {
     const int64_t B = c->B, NL = c->n_layers, D = c->D;
     const int64_t *w = c->width;
     const int64_t T = c->threads < 1 ? 1 : c->threads;
-    if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS || B < 2) {
+    if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS || B < 2 || c->R > INT32_MAX) {
         c->status = -3;  /* outside what the scratch and the fixed arrays allow */
         return NAN;
     }
@@ -1032,7 +1033,7 @@ double ctr_step(CtrStep *c) {
         bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
     }
     const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
-                       o.x0, c->sel, 0, 0, NULL, NULL, NULL, NULL};
+                       o.x0, c->sel, 0, 0, NULL, NULL, NULL};
     const int64_t per_chunk = lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
     const float inv_b = 1.0f / (float)B;
     int64_t err = 0, U = 0;
@@ -1061,7 +1062,7 @@ double ctr_step(CtrStep *c) {
             a.out = o.x0 + CB0 * (c->S + c->K) * D;
             const int64_t at = ch * nt * per_chunk;
             a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * nt;
-            a.lk_row = o.lk_row + at, a.lk_src = o.lk_src + at, a.lk_scale = o.lk_scale + at;
+            a.lk = o.lk + at, a.fscale = o.fscale + CB0 * (c->S + c->K);
             for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
             const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
             if (r < 0) {
@@ -1166,6 +1167,18 @@ double ctr_step(CtrStep *c) {
                     col_sums(Gc, 0, nb, wout, wp + wout * win);
                     gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f,
                             CHUNK_BUF(dH), win);
+                    if (i == 0) {  /* the gradient of each looked-up row: pooling's scale */
+                        const int64_t F = c->S + c->K;
+                        float *dx = CHUNK_BUF(dH);
+                        const float *fs = o.fscale + CB0 * F;
+                        for (int64_t b = 0; b < nb; b++)
+                            for (int64_t f = c->S; f < F; f++) {
+                                const float sc = fs[b * F + f];
+                                float *g = dx + (b * F + f) * D;
+                                if (sc != 1.0f)
+                                    for (int64_t d = 0; d < D; d++) g[d] *= sc;
+                            }
+                    }
                 }
                 TICK(4);
                 if (i == 0) break;
@@ -1359,7 +1372,7 @@ void ctr_forward(CtrStep *c, float *prob) {
         rs[i] = rstd + at;
     }
     const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
-                       NULL, c->sel, 0, 0, NULL, NULL, NULL, NULL};
+                       NULL, c->sel, 0, 0, NULL, NULL, NULL};
     int64_t err = 0;
 #pragma omp parallel num_threads(T)
     {

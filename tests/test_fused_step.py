@@ -190,6 +190,13 @@ def test_settings_it_does_not_cover_say_why(tiny_synth):
         FusedStep(model, opt, 600, [q.shape[1] for q in tr.seqs])
 
 
+def test_tables_beyond_int32_rows_take_the_autograd_path(tiny_synth, monkeypatch):
+    cfg, data, tr = _setup(tiny_synth)
+    model, opt = build(cfg, data)
+    monkeypatch.setattr(type(model.embedding), "table_rows", property(lambda self: 2**31))
+    assert "2^31" in (FusedStep.why_not(model, opt, Batcher(tr, 600)) or "")
+
+
 def test_train_through_the_fused_step_matches_autograd(tiny_synth, tmp_path, monkeypatch):
     fused = train_metrics(tiny_synth, tmp_path, "fused", epochs=2)
     monkeypatch.setenv("ONEEPOCH_FUSED", "0")

@@ -110,6 +110,8 @@ class FusedStep:
             return "only Dice activations without dropout"
         if len(mlp.fcs) > MAX_LAYERS or emb.n_fields - emb.n_single > MAX_SEQS:
             return f"more than {MAX_LAYERS} layers or sequence fields"
+        if emb.table_rows > 2**31 - 1:  # the native lookup lists keep rows as int32
+            return f"a table of {emb.table_rows} rows (at most 2^31 - 1)"
         params = list(model.parameters())
         if not all(p.requires_grad for p in params):
             return "frozen parameter groups"

@@ -39,6 +39,7 @@ from oneepoch.training.optim import Optimizer
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_LAYERS = MAX_SEQS = 64  # as native.c
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")  # the order _bind_state lists them in
 
 
 class _CtrStep(ctypes.Structure):
@@ -159,6 +160,7 @@ class FusedStep:
         emb, mlp = model.embedding, model.mlp
         self.emb, self.rowopt = emb, opt.sparse["embedding.weight"]
         self.params = mlp._ordered_params()
+        self._acts = list(mlp.acts)
         self.dense: torch.optim.Adam = opt.dense  # type: ignore[assignment]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.widths = [fc.in_features for fc in mlp.fcs] + [1]
@@ -207,17 +209,26 @@ class FusedStep:
 
     def _bind_state(self) -> None:
         """Point the struct at the current parameter and optimizer-state tensors (again after
-        a ``load_state_dict`` replaced them)."""
+        a ``load_state_dict`` replaced them). Runs every step, so the common case avoids
+        hashing tensors (``Tensor.__hash__`` is Python code): the state is read in insertion
+        order when that is the parameters' order."""
         st = self.dense.state
-        for p in self.params:
-            if p not in st or "exp_avg" not in st[p]:  # as torch.optim.Adam's lazy init
-                st[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                         "exp_avg_sq": torch.zeros_like(p)}
-        w, ro = self.emb.weight, self.rowopt
-        tensors = [w, ro.state["exp_avg"], ro.state["exp_avg_sq"], *self.params,
-                   *[st[p][k] for p in self.params for k in ("exp_avg", "exp_avg_sq", "step")],
-                   *[b for d in self.model.mlp.acts for b in (d.running_mean, d.running_var)]]
-        key = tuple(t.data_ptr() for t in tensors)
+        items = list(st.items())
+        try:
+            if len(items) != len(self.params) or not all(
+                    k is p for (k, _), p in zip(items, self.params)):
+                raise KeyError
+            moments = [d[k] for _, d in items for k in _ADAM_KEYS]
+        except KeyError:
+            for p in self.params:
+                if p not in st or "exp_avg" not in st[p]:  # as torch.optim.Adam's lazy init
+                    st[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                             "exp_avg_sq": torch.zeros_like(p)}
+            moments = [st[p][k] for p in self.params for k in _ADAM_KEYS]
+        w, rs = self.emb.weight, self.rowopt.state
+        tensors = [w, rs["exp_avg"], rs["exp_avg_sq"], *self.params, *moments,
+                   *[d._buffers[k] for d in self._acts for k in ("running_mean", "running_var")]]
+        key = tuple(map(torch.Tensor.data_ptr, tensors))
         if key == self._state_key:
             return
         if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32
@@ -227,9 +238,7 @@ class FusedStep:
         c = self.c
         c.W, c.Wm, c.Wv = key[0], key[1], key[2]
         arrs = [_ptrs(self.params), _ptrs(self.grads),
-                _ptrs([st[p]["exp_avg"] for p in self.params]),
-                _ptrs([st[p]["exp_avg_sq"] for p in self.params]),
-                _ptrs([st[p]["step"] for p in self.params]),
+                _ptrs(moments[0::3]), _ptrs(moments[1::3]), _ptrs(moments[2::3]),
                 _ptrs([d.running_mean for d in self.model.mlp.acts]),
                 _ptrs([d.running_var for d in self.model.mlp.acts])]
         for name, a in zip(("p", "g", "m", "v", "step", "run_mean", "run_var"), arrs,

@@ -216,7 +216,7 @@ class FusedStep:
         items = list(st.items())
         try:
             if len(items) != len(self.params) or not all(
-                    k is p for (k, _), p in zip(items, self.params)):
+                    k is p for (k, _), p in zip(items, self.params, strict=True)):
                 raise KeyError
             moments = [d[k] for _, d in items for k in _ADAM_KEYS]
         except KeyError:

@@ -58,11 +58,11 @@ def worker(args: argparse.Namespace) -> dict:
 
     def steps(n: int) -> float:
         t = time.perf_counter()
+        if fast is not None:  # as train() between evaluations: the steps in one native call
+            fast.steps(np.concatenate([next(it) for _ in range(n)]))
+            return time.perf_counter() - t
         for _ in range(n):
             rows = next(it)
-            if fast is not None:
-                fast(rows)
-                continue
             b = batcher.get(rows)
             loss = lossf(model(b), b.label)
             opt.zero_grad()

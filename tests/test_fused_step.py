@@ -4,6 +4,7 @@ setting it does not cover trained through autograd."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -248,3 +249,73 @@ def test_fused_forward_bad_id_names_the_field():
     b.split = split
     with pytest.raises(IndexError, match=r"field 1 \('item' vocabulary.*999"):
         FusedForward(model).predict(b, np.arange(50))
+
+
+def test_steps_in_one_call_give_the_numbers_of_one_call_each(tiny_synth):
+    cfg, data, tr = _setup(tiny_synth)
+    order = epoch_order(len(tr), 0, "every", 0)[:600 * 5 + 250]  # 6 batches, the last short
+    runs = []
+    for grouped in (False, True):
+        model, opt = build(cfg, data)
+        model.train()
+        batcher = Batcher(tr, 600)
+        fast = FusedStep.build(model, opt, batcher)
+        if grouped:  # 2 + 4 batches
+            losses = [*fast.steps(order[:1200]), *fast.steps(order[1200:])]
+        else:
+            losses = [fast(r) for r in batcher.epoch_rows(order)]
+        runs.append((losses, _state(model, opt), opt.sparse["embedding.weight"].step_count))
+    assert len(runs[0][0]) == 6 and runs[1][0] == runs[0][0]
+    assert runs[1][2] == runs[0][2] == 6
+    for k in runs[0][1]:
+        assert torch.equal(runs[1][1][k], runs[0][1][k]), k
+    with pytest.raises(ValueError, match="last batch has 1 row"):
+        fast.steps(order[:601])
+
+
+def test_a_bad_batch_inside_steps_keeps_the_ones_before(tiny_synth):
+    cfg, data, tr = _setup(tiny_synth)
+    model, opt = build(cfg, data)
+    model.train()
+    batcher = Batcher(tr, 600)
+    fast = FusedStep.build(model, opt, batcher)
+    order = epoch_order(len(tr), 0, "every", 0)[:600 * 4]
+    fast.steps(order[:1200])  # two good batches
+    ref_model, ref_opt = build(cfg, data)
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # not sharing the moments
+    ref_fast = FusedStep.build(ref_model, ref_opt, Batcher(tr, 600))
+    ref_fast(order[1200:1800])  # what the first batch of the next call does on its own
+    after_one = _state(ref_model, ref_opt)
+    batcher._arrays[0][order[1900], 0] = 10**7  # batch 2 of the next call: an unknown ID
+    with pytest.raises(IndexError, match="10000000"):
+        fast.steps(order[1200:])
+    assert opt.sparse["embedding.weight"].step_count == 3
+    got = _state(model, opt)
+    for k in after_one:
+        assert torch.equal(got[k], after_one[k]), k
+    assert bool((model.embedding._slot32 == -1).all())
+
+
+def test_train_runs_steps_in_one_call_with_the_same_metrics(tiny_synth, tmp_path,
+                                                           monkeypatch):
+    from oneepoch.training.trainer import train
+
+    class PerStep(Hook):  # a hook acting after every step: one native call per step
+        def after_step(self, s):
+            pass
+
+    calls: list[int] = []
+    steps = FusedStep.steps
+    monkeypatch.setattr(FusedStep, "steps", lambda self, r: calls.append(len(r)) or steps(self, r))
+    rows, most = [], []
+    for name, hooks in (("bulk", ()), ("per-step", (PerStep(),))):
+        calls.clear()
+        cfg = load_config(TrainConfig, None, [
+            f"data.path={tiny_synth}", f"out_dir={tmp_path}", f"name={name}", "progress=false",
+            "threads=1", "batch_size=256", "eval.per_epoch=3", "epochs=2"])
+        rows.append([{k: v for k, v in r.items() if k != "elapsed_s"}
+                     for r in train(cfg, hooks=hooks).metrics])
+        most.append(max(calls))
+    assert most[0] > 4 * 256 and most[1] <= 256  # several steps a call, then one
+    assert len(rows[0]) >= 6 and rows[0] == rows[1]

@@ -76,6 +76,9 @@ def _native_lib() -> Any:
         lib.ctr_step.argtypes, lib.ctr_step.restype = [ctypes.POINTER(_CtrStep)], ctypes.c_double
         lib.ctr_step_scratch.argtypes = [_I, _I, _P, _I, _I, _I]
         lib.ctr_step_scratch.restype = _I
+        lib.ctr_steps.argtypes = [ctypes.POINTER(_CtrStep), _P, _I, _I, ctypes.c_double,
+                                  ctypes.c_double, _I, _P]
+        lib.ctr_steps.restype = _I
         lib._ctr_ready = True
     return lib
 
@@ -279,7 +282,37 @@ class FusedStep:
         self._set_arrays(ids, seqs, lens, label)
         return self._run(len(batch), None, lambda: batch)
 
-    def _run(self, b: int, sel: int | None, get_batch: Callable[[], Batch]) -> float:
+    def steps(self, rows: np.ndarray) -> np.ndarray:
+        """Train on consecutive batches of these row indices of the batcher's split, in one
+        native call: batch k is ``rows[k * batch_size:(k + 1) * batch_size]`` (the last may be
+        shorter, but needs 2 rows). Returns each batch's mean loss; the same numbers as one
+        call per batch. If a batch fails (an ID outside its field), the batches before it stay
+        applied and ``IndexError`` names the bad lookup."""
+        sel = np.ascontiguousarray(rows, dtype=np.int64)
+        bs = self.batch_size
+        n = -(-len(sel) // bs)
+        if self.batcher is None or self.batcher._arrays is None or n <= 1:
+            starts = range(0, len(sel), bs)  # (a memory-mapped split is gathered per batch)
+            return np.array([self(sel[a:a + bs]) for a in starts], dtype=np.float64)
+        if len(sel) - (n - 1) * bs < 2:
+            raise ValueError(f"FusedStep: the last batch has {len(sel) - (n - 1) * bs} row "
+                             "(needs 2)")
+        if self._arrays is None or self._arrays[0] is not self.batcher._arrays[0]:
+            self._set_arrays(*self.batcher._arrays, self.batcher._label_t)
+        c, ro = self.c, self.rowopt
+        self._prepare(bs)
+        losses = np.empty(n, dtype=np.float64)
+        done = self.lib.ctr_steps(ctypes.byref(c), sel.ctypes.data, len(sel), bs,
+                                  ro.cfg.beta1, ro.cfg.beta2, ro.step_count,
+                                  losses.ctypes.data)
+        ro.step_count += done
+        if c.status:
+            bad = sel[done * bs:(done + 1) * bs]
+            self._raise_status(lambda: self.batcher.get(bad))  # type: ignore[union-attr]
+        return losses
+
+    def _prepare(self, b: int) -> None:
+        """Checks and settings shared by every step (all but the batch and bias corrections)."""
         c, ro = self.c, self.rowopt
         if not self.model.training:
             raise RuntimeError("FusedStep: the model is in eval mode")
@@ -293,21 +326,28 @@ class FusedStep:
         if threads != c.threads:
             self._size_scratch(threads)
         g = self.dense.param_groups[0]
+        c.emb_lr, c.lr = ro.lr, g["lr"]
+        c.emb_row_lr = None if ro.row_lr is None else ro.row_lr.data_ptr()
+        c.beta1, c.beta2 = g["betas"]
+        c.eps, c.wd = g["eps"], g["weight_decay"]
+
+    def _raise_status(self, get_batch: Callable[[], Batch]) -> None:
+        if self.c.status == -3:
+            raise RuntimeError("FusedStep: layers, sequence fields or batch size outside "
+                               "the native step's limits")
+        raise IndexError(self.emb._bad_lookup(get_batch(), self.c.status))
+
+    def _run(self, b: int, sel: int | None, get_batch: Callable[[], Batch]) -> float:
+        c, ro = self.c, self.rowopt
+        self._prepare(b)
         cfg = ro.cfg
         ro.step_count += 1
         c.B, c.sel = b, sel
-        c.emb_lr, c.lr = ro.lr, g["lr"]
-        c.emb_row_lr = None if ro.row_lr is None else ro.row_lr.data_ptr()
         c.emb_bc1, c.emb_bc2 = 1 - cfg.beta1 ** ro.step_count, 1 - cfg.beta2 ** ro.step_count
-        c.beta1, c.beta2 = g["betas"]
-        c.eps, c.wd = g["eps"], g["weight_decay"]
         loss = self.lib.ctr_step(ctypes.byref(c))
         if c.status:
             ro.step_count -= 1
-            if c.status == -3:
-                raise RuntimeError("FusedStep: layers, sequence fields or batch size outside "
-                                   "the native step's limits")
-            raise IndexError(self.emb._bad_lookup(get_batch(), c.status))
+            self._raise_status(get_batch)
         return loss
 
 

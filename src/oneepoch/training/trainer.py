@@ -10,6 +10,8 @@ Hooks (see :class:`Hook`) are how probes and remedies plug in without copying th
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -223,6 +225,19 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
     for h in hooks:
         h.on_train_start(s)
     fast = FusedStep.build(model, opt, batcher, hooks)  # None: every step through autograd
+    per_step = any(type(h).after_step is not Hook.after_step for h in hooks)
+    marks = sorted(evals | {e * s.steps_per_epoch for e in range(1, cfg.epochs + 1)})
+    last_rows = len(train_split) - (s.steps_per_epoch - 1) * cfg.batch_size
+
+    def bulk(step: int, epoch: int) -> int:
+        """Steps from ``step`` the fused path can run in one call: up to the next evaluation
+        or epoch end (at most 256, and not a last batch of one row), 1 if a hook acts per step."""
+        if per_step:
+            return 1
+        end = marks[bisect.bisect_right(marks, step)]
+        if end == (epoch + 1) * s.steps_per_epoch and last_rows < 2:
+            end -= 1  # that one-row batch goes through autograd
+        return max(1, min(end - step, 256))
 
     def do_eval(loss_sum: float, n_loss: int) -> None:
         row: dict[str, Any] = {"step": s.step, "epoch": s.epoch_float}
@@ -247,9 +262,13 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
             h.on_epoch_start(s)
         order = epoch_order(len(train_split), epoch, cfg.shuffle, cfg.seed)
         loss_sum, n_loss = 0.0, 0
-        for rows in batcher.epoch_rows(order):
-            if fast is not None and len(rows) > 1:  # the same step in one native call
-                s.loss = fast(rows)
+        batches = batcher.epoch_rows(order)
+        for rows in batches:
+            if fast is not None and len(rows) > 1:  # the same step(s) in one native call
+                n = bulk(s.step, epoch)  # 1, or every step to the next evaluation
+                if n > 1:
+                    rows = np.concatenate([rows, *itertools.islice(batches, n - 1)])
+                losses = list(fast.steps(rows))
             else:
                 batch = batcher.get(rows)
                 logits = model(batch)
@@ -259,17 +278,19 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                s.loss = float(loss.detach())
-            s.step += 1
-            loss_sum, n_loss = loss_sum + s.loss, n_loss + 1
+                losses = [float(loss.detach())]
             bar.update(len(rows))
-            for h in hooks:
-                h.after_step(s)
-            if s.step in evals:
-                do_eval(loss_sum, n_loss)
-                loss_sum, n_loss = 0.0, 0
-                last = s.rows[-1]
-                bar.set_postfix(epoch=f"{s.epoch_float:.2f}", test_auc=f"{last['test_auc']:.4f}")
+            for loss_k in losses:
+                s.step, s.loss = s.step + 1, loss_k
+                loss_sum, n_loss = loss_sum + s.loss, n_loss + 1
+                for h in hooks:
+                    h.after_step(s)
+                if s.step in evals:
+                    do_eval(loss_sum, n_loss)
+                    loss_sum, n_loss = 0.0, 0
+                    last = s.rows[-1]
+                    bar.set_postfix(epoch=f"{s.epoch_float:.2f}",
+                                    test_auc=f"{last['test_auc']:.4f}")
             if s.stop:
                 break
         if s.stop:

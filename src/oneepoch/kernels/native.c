@@ -735,6 +735,9 @@ static sgemm_t sgemm_fn = NULL;
 #define MAX_LAYERS 64   /* linear layers of the fused step's MLP, at most */
 #define MAX_SEQS 64     /* sequence fields, at most */
 #define CHUNK_ROWS 256  /* samples per chunk */
+/* A chunk's lookup counters (one per owner, bumped at every lookup) start a cache line of
+ * their own: two threads pooling their chunks must not share one. */
+#define LKN_STRIDE(T) (((T) + 7) & ~(int64_t)7)
 
 void set_sgemm(void *f) { sgemm_fn = (sgemm_t)f; }
 
@@ -849,7 +852,7 @@ static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64
     TAKE(tmp, 2 * cap);
     o->rows = (int64_t *)tmp;
     const int64_t n_lk = T * o->NC * lps * CHUNK_ROWS;
-    TAKE(tmp, 2 * T * o->NC);
+    TAKE(tmp, 2 * LKN_STRIDE(T) * o->NC);  /* a cache line (or more) per chunk */
     o->lk_n = (int64_t *)tmp;
     TAKE(tmp, 2 * n_lk);
     o->lk = (Lookup *)tmp;
@@ -981,7 +984,7 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
     int32_t *restrict slot = c->slot;
     int64_t U = 0;
     for (int64_t ch = 0; ch < o->NC; ch++) {
-        const int64_t at = (ch * T + t) * per_chunk, n = o->lk_n[ch * T + t];
+        const int64_t at = (ch * T + t) * per_chunk, n = o->lk_n[ch * LKN_STRIDE(T) + t];
         const Lookup *restrict lk = o->lk + at;
         const float *gx = dX + ch * CHUNK_ROWS * o->mw;  /* chunk-major, pooling scales applied */
         for (int64_t e = 0; e < n; e++) {
@@ -1061,7 +1064,7 @@ double ctr_step(CtrStep *c) {
             chunk_view(&bags, CB0, CB1 - CB0, o.graw + CB0 * (lps + c->K), gseq, glen, &a);
             a.out = o.x0 + CB0 * (c->S + c->K) * D;
             const int64_t at = ch * nt * per_chunk;
-            a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * nt;
+            a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * LKN_STRIDE(nt);
             a.lk = o.lk + at, a.fscale = o.fscale + CB0 * (c->S + c->K);
             for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
             const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
@@ -1209,7 +1212,7 @@ double ctr_step(CtrStep *c) {
             /* 5. the table rows I own: gradient sums in lookup order, row-wise Adam */
             int64_t at = 0;  /* my region: after the lookups of the threads before me */
             for (int64_t q = 0; q < t; q++)
-                for (int64_t ch = 0; ch < NC; ch++) at += o.lk_n[ch * nt + q];
+                for (int64_t ch = 0; ch < NC; ch++) at += o.lk_n[ch * LKN_STRIDE(nt) + q];
             U += emb_update_owned(c, &o, dH, t, nt, o.rows + at, o.egrad + at * D);
             TICK(6);
             /* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by

@@ -80,6 +80,19 @@ def main() -> None:
         out.append(f"\n{limit['flops_per_sample'] / 1e3:.0f} kFLOP per sample (forward + backward)")
     else:
         out.append("not run")
+    pair = load("pair")
+    out += ["", "## Two cores, two ways (paper A's base model)", ""]
+    if pair:
+        out += [f"Per round, {pair['seconds']} s each: one 1-thread training alone, two 1-thread "
+                "trainings at once (separate processes: nothing shared, no synchronisation), "
+                "one 2-thread training; medians over "
+                f"{len(pair['rounds'])} rounds of the ratios to the round's 1-thread speed.", "",
+                "| setup | speed-up over one thread |", "|---|---:|",
+                f"| two 1-thread runs at once (summed) | {pair['pair_speedup']:.2f}x |",
+                f"| one 2-thread run | {pair['two_thread_speedup']:.2f}x "
+                f"({100 * pair['two_thread_of_pair']:.0f}% of the pair) |"]
+    else:
+        out.append("not run")
     peers = load("peers")
     out += ["", "## Side by side with peers (one epoch, alternating runs, medians)", ""]
     if peers:

@@ -30,6 +30,13 @@ def test_core_worker(tiny_synth):
     assert r["speedup_per_round_median"]["2"] > 0
 
 
+def test_pair(tiny_synth):
+    r = run_worker("bench_pair.py", "--data", str(tiny_synth), "--rounds", "1", "--seconds",
+                   "0.1", "--batch", "256", "--no-write")
+    assert r["pair_speedup"] > 0 and r["two_thread_speedup"] > 0
+    assert len(r["rounds"]) == 1 and len(r["rounds"][0]["pair"]) == 2
+
+
 def test_peers_oneepoch_worker(tiny_synth):
     r = run_worker("bench_peers.py", "--oneepoch-worker", "--data", str(tiny_synth),
                    "--threads", "1", "--rows", "2000", "--batch", "256")

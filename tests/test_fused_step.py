@@ -170,6 +170,22 @@ def test_out_of_range_id_is_a_clear_error_and_changes_nothing():
     assert bool((model.embedding._slot32 == -1).all())
 
 
+def test_ids_beyond_int32_are_refused_not_wrapped():
+    # 2^32 + 5 would read row 5 if narrowed to the kernels' int32 naively
+    model, opt = _small_model()
+    fast = FusedStep(model, opt, batch_size=64, seq_lens=[6, 4])
+    batch = _random_batch(model.embedding, 64, 0)
+    batch.seqs[0][3, 0], batch.lens[0][3] = 2**32 + 5, 2
+    before = _state(model, opt)
+    with pytest.raises(IndexError, match=str(2**32 + 5)):
+        fast.step_batch(batch)
+    with pytest.raises(IndexError, match=str(2**32 + 5)):  # the autograd path's native pooling
+        model(batch)
+    after = _state(model, opt)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
 def test_settings_it_does_not_cover_say_why(tiny_synth):
     class AddsLoss(Hook):
         def on_loss(self, s, batch, logits, loss):

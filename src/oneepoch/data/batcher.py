@@ -38,6 +38,16 @@ class Batch:
                      self.label.to(device, non_blocking=nb))
 
 
+def _ids32(a: np.ndarray) -> torch.Tensor:
+    """An encoded ID, sequence or length array as a contiguous int32 tensor (no copy when it
+    already is one, as :func:`~oneepoch.data.dataset.load_ctr` encodes them)."""
+    if a.dtype != np.int32:
+        if a.size and (a.min() < -2**31 or a.max() > 2**31 - 1):
+            raise ValueError(f"Batcher: encoded IDs outside int32 ({a.min()}..{a.max()})")
+        a = a.astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
 class Batcher:
     """Slices an :class:`EncodedSplit` into :class:`Batch` es.
 
@@ -56,11 +66,9 @@ class Batcher:
             self._arrays = None
             self._label = np.asarray(lab, dtype=np.float32)
         else:
-            self._arrays = (
-                torch.from_numpy(np.ascontiguousarray(split.ids, dtype=np.int64)),
-                [torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)) for s in split.seqs],
-                [torch.from_numpy(np.ascontiguousarray(n, dtype=np.int64)) for n in split.lens],
-            )
+            # int32 as encoded (no copy when already so): what the native kernels read
+            self._arrays = (_ids32(split.ids), [_ids32(s) for s in split.seqs],
+                            [_ids32(n) for n in split.lens])
             self._label_t = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32))
 
     def __len__(self) -> int:
@@ -81,8 +89,10 @@ class Batcher:
         else:
             idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
             ids, seqs, lens = self._arrays
-            b = Batch(ids.index_select(0, idx), [q.index_select(0, idx) for q in seqs],
-                      [n.index_select(0, idx) for n in lens], self._label_t.index_select(0, idx))
+            b = Batch(ids.index_select(0, idx).long(),
+                      [q.index_select(0, idx).long() for q in seqs],
+                      [n.index_select(0, idx).long() for n in lens],
+                      self._label_t.index_select(0, idx))
         return b.to(self.device)
 
     def epoch_rows(self, order: np.ndarray, start_step: int = 0) -> Iterator[np.ndarray]:

@@ -217,6 +217,21 @@ def ptr_array(ts: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
 
 
+def ids32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (IDs, sequence entries or lengths) as the contiguous int32 tensor the native
+    kernels read. Values outside int32 become -2^31, which every native lookup and length
+    check refuses, so an error names the caller's value instead of a wrapped-around one.
+
+        >>> ids32(torch.tensor([3, 2**40])).tolist()
+        [3, -2147483648]
+    """
+    if t.dtype != torch.int32 and t.numel():
+        lo, hi = torch.aminmax(t)
+        if lo < -2**31 or hi > 2**31 - 1:
+            t = torch.where((t < -2**31) | (t > 2**31 - 1), -2**31, t)
+    return t.to(torch.int32).contiguous()
+
+
 def int64_array(values: list[int]) -> ctypes.Array:
     """A C array of int64 values."""
     return (ctypes.c_int64 * max(1, len(values)))(*values)

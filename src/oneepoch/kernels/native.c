@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+typedef int32_t id32;  /* a batch's IDs, sequence entries and lengths */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -181,6 +183,7 @@ void dice_backward(const float *x, const float *p, const float *dy, const float 
 /* ---------------------------------------------------------------------------------------- */
 /* Pooled field embeddings of a batch, straight from the table.                               */
 /* Fields in model order: S single-ID fields (ids [B, S]), then K sequence fields             */
+/* (IDs, sequence entries and lengths are id32: int32, as the encoded splits store them)     */
 /* (seqs[k] [B, L[k]] padded, lens[k] [B]); field f's rows start at off[f] in table W [R, D].  */
 /* out [B, S + K, D]: the row of a single field, the mean over a sequence (zeros if empty).   */
 /* With slot != NULL (int32 [R], all -1 on entry and on return) the batch's distinct rows are  */
@@ -194,8 +197,9 @@ typedef struct {  /* one lookup for the table update: its row, where its gradien
 } Lookup;
 
 typedef struct {
-    const int64_t *ids, *off, *L;
-    const int64_t *const *seqs, *const *lens;
+    const id32 *ids;
+    const int64_t *off, *L;
+    const id32 *const *seqs, *const *lens;
     const float *W;
     int64_t B, S, K, R, D;
     float *out;
@@ -226,7 +230,7 @@ static inline void prefetch_sample(const Bags *a, int64_t b, const int32_t *slot
         }
     }
     for (int64_t k = 0; k < a->K; k++) {
-        const int64_t *q = a->seqs[k] + b * a->L[k];
+        const id32 *q = a->seqs[k] + b * a->L[k];
         for (int64_t t = 0, n = a->lens[k][b]; t < n && t < a->L[k]; t++) {
             int64_t r = q[t] + a->off[a->S + k];
             if (r >= 0 && r < a->R) {
@@ -242,8 +246,8 @@ static inline void prefetch_raw(const Bags *a, int64_t b) {
     const int64_t i = row_of(a->sel, b);
     __builtin_prefetch(a->ids + i * a->S);
     for (int64_t k = 0; k < a->K; k++) {
-        const int64_t *q = a->seqs[k] + i * a->L[k];
-        for (int64_t t = 0; t < a->L[k]; t += 8) __builtin_prefetch(q + t);
+        const id32 *q = a->seqs[k] + i * a->L[k];
+        for (int64_t t = 0; t < a->L[k]; t += 16) __builtin_prefetch(q + t);
         __builtin_prefetch(a->lens[k] + i);
     }
 }
@@ -260,7 +264,7 @@ static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_
         float *ob = a->out + b * F * D;
         if (pooling) memset(ob, 0, sizeof(float) * F * D);
         for (int64_t f = 0; f < F; f++) {
-            const int64_t *q;
+            const id32 *q;
             int64_t n;
             if (f < a->S) {
                 q = a->ids + b * a->S + f, n = 1;
@@ -302,9 +306,9 @@ done:
     return err ? err : U;
 }
 
-int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S,
-                         const int64_t *off, int64_t K, const int64_t *const *seqs,
-                         const int64_t *L, const int64_t *const *lens, const float *W,
+int64_t emb_pool_forward(const id32 *ids, int64_t B, int64_t S,
+                         const int64_t *off, int64_t K, const id32 *const *seqs,
+                         const int64_t *L, const id32 *const *lens, const float *W,
                          int64_t R, int64_t D, float *out, int32_t *slot, int64_t *rows,
                          int32_t *inv) {
     const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, NULL, 0, 0, NULL, NULL,
@@ -341,7 +345,7 @@ int64_t emb_pool_forward(const int64_t *ids, int64_t B, int64_t S,
  * grad [U, D] (overwritten), summed in lookup order (deterministic). With several threads each
  * owns a block of the distinct rows and adds only their lookups, in the same order. */
 static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, int64_t K,
-                            const int64_t *const *lens, const int32_t *restrict inv, int64_t u0, int64_t u1, int64_t D,
+                            const id32 *const *lens, const int32_t *restrict inv, int64_t u0, int64_t u1, int64_t D,
                             float *restrict grad) {
     const int64_t F = S + K;
     memset(grad + u0 * D, 0, sizeof(float) * (u1 - u0) * D);
@@ -370,7 +374,7 @@ static void pool_back_range(const float *restrict gout, int64_t B, int64_t S, in
 }
 
 void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
-                       const int64_t *const *lens, const int32_t *inv,
+                       const id32 *const *lens, const int32_t *inv,
                        int64_t U, int64_t D, float *grad) {
 #pragma omp parallel if (B * (S + K) * D >= 16384)
     {
@@ -753,10 +757,11 @@ static void gemm_rm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha
 typedef struct {
     /* the batch: sample b is row sel[b] (sel NULL: row b) of ids [*, S], seqs[k] [*, L[k]],
      * lens[k] [*] and label [*] */
-    const int64_t *ids, *sel;
-    const int64_t *const *seqs;
+    const id32 *ids;
+    const int64_t *sel;
+    const id32 *const *seqs;
     const int64_t *L;
-    const int64_t *const *lens;
+    const id32 *const *lens;
     const float *label;
     int64_t B, S, K;
     /* the table W [R, D], its Adam moments, field row offsets, slot array (int32 [R], -1) */
@@ -801,7 +806,8 @@ static inline double now_s(void) {
 typedef struct {  /* where ctr_step keeps things in the scratch */
     float *x0, *logit, *glogit, *part, *wpart, *bufA, *bufB, *egrad;
     double *lossc;
-    int64_t *rows, *lk_n, *graw;
+    int64_t *rows, *lk_n;
+    id32 *graw;
     Lookup *lk;
     float *fscale;
     float *z[MAX_LAYERS], *pp[MAX_LAYERS], *y[MAX_LAYERS], *mean[MAX_LAYERS];
@@ -858,7 +864,7 @@ static int64_t layout(Layout *o, float *base, int64_t B, int64_t NL, const int64
     o->lk = (Lookup *)tmp;
     TAKE(o->fscale, o->NC * CHUNK_ROWS * (w[0] / D));
     TAKE(tmp, 2 * B * (lps + w[0] + 1));  /* the batch's own rows, gathered per chunk */
-    o->graw = (int64_t *)tmp;
+    o->graw = (id32 *)tmp;
 #undef TAKE
     return (s - base) + 16;
 }
@@ -941,12 +947,12 @@ static void adam_slice(float *restrict p, const float *restrict g, float *restri
  * scattered batch (sel) their rows are first gathered into graw (independent loads, in flight
  * together, instead of misses inside the pooling loop), else pointers into the arrays. gseq and
  * glen receive the sequence and length pointers; graw needs nb * (S + sum L + K) int64. */
-static void chunk_view(const Bags *all, int64_t b0, int64_t nb, int64_t *graw,
-                       const int64_t **gseq, const int64_t **glen, Bags *a) {
+static void chunk_view(const Bags *all, int64_t b0, int64_t nb, id32 *graw,
+                       const id32 **gseq, const id32 **glen, Bags *a) {
     const int64_t S = all->S, K = all->K;
     *a = *all;
     if (all->sel) {
-        int64_t *g = graw + nb * S;
+        id32 *g = graw + nb * S;
         for (int64_t k = 0; k < K; k++) {
             gseq[k] = g, g += nb * all->L[k];
             glen[k] = g, g += nb;
@@ -954,11 +960,11 @@ static void chunk_view(const Bags *all, int64_t b0, int64_t nb, int64_t *graw,
         for (int64_t b = 0; b < nb; b++) {
             if (b + 16 < nb) prefetch_raw(all, b0 + b + 16);
             const int64_t i = all->sel[b0 + b];
-            memcpy(graw + b * S, all->ids + i * S, sizeof(int64_t) * S);
+            memcpy(graw + b * S, all->ids + i * S, sizeof(id32) * S);
             for (int64_t k = 0; k < K; k++) {
-                memcpy((int64_t *)gseq[k] + b * all->L[k], all->seqs[k] + i * all->L[k],
-                       sizeof(int64_t) * all->L[k]);
-                ((int64_t *)glen[k])[b] = all->lens[k][i];
+                memcpy((id32 *)gseq[k] + b * all->L[k], all->seqs[k] + i * all->L[k],
+                       sizeof(id32) * all->L[k]);
+                ((id32 *)glen[k])[b] = all->lens[k][i];
             }
         }
         a->ids = graw;
@@ -1060,7 +1066,7 @@ double ctr_step(CtrStep *c) {
         /* 1. pooled embeddings of my chunks */
         CHUNKS {
             Bags a;  /* the chunk as a batch of its own; its lookups listed by owner (step 5) */
-            const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
+            const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
             chunk_view(&bags, CB0, CB1 - CB0, o.graw + CB0 * (lps + c->K), gseq, glen, &a);
             a.out = o.x0 + CB0 * (c->S + c->K) * D;
             const int64_t at = ch * nt * per_chunk;
@@ -1408,11 +1414,11 @@ void ctr_forward(CtrStep *c, float *prob) {
         float *base = c->scratch + t * per_thread;
         float *x0 = base, *h1 = x0 + CHUNK_ROWS * mw, *h2 = h1 + CHUNK_ROWS * mw;
         float *pp = h2 + CHUNK_ROWS * mw;
-        int64_t *graw = (int64_t *)align16(c->scratch, pp + CHUNK_ROWS * mw);
+        id32 *graw = (id32 *)align16(c->scratch, pp + CHUNK_ROWS * mw);
         for (int64_t ch = t; ch < NC && !e; ch += nt) {
             const int64_t b0 = ch * CHUNK_ROWS, nb = b0 + CHUNK_ROWS < B ? CHUNK_ROWS : B - b0;
             Bags a;
-            const int64_t *gseq[MAX_SEQS], *glen[MAX_SEQS];
+            const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
             chunk_view(&bags, b0, nb, graw, gseq, glen, &a);
             a.out = x0;
             const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);

@@ -166,9 +166,9 @@ class FieldEmbedding(nn.Module):
 
     def _native(self, batch: Batch) -> torch.Tensor:
         """Pooling (and, when training fused, de-duplication) in one native pass."""
-        ids = batch.ids.contiguous()
-        seqs = [q.contiguous() for q in batch.seqs]
-        lens = [n.contiguous() for n in batch.lens]
+        ids = kernels.ids32(batch.ids)
+        seqs = [kernels.ids32(q) for q in batch.seqs]
+        lens = [kernels.ids32(n) for n in batch.lens]
         bsz, s = ids.shape
         train = self.fused and self.weight.requires_grad and torch.is_grad_enabled()
         w = self.weight.detach()

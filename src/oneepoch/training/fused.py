@@ -270,12 +270,13 @@ class FusedStep:
 
     def step_batch(self, batch: Batch) -> float:
         """Train on one :class:`~oneepoch.data.batcher.Batch` (CPU tensors); returns its loss."""
-        ids = batch.ids.contiguous()
-        seqs = [q.contiguous() for q in batch.seqs]
-        lens = [n.contiguous() for n in batch.lens]
+        if any(t.dtype not in (torch.int32, torch.int64)
+               for t in [batch.ids, *batch.seqs, *batch.lens]):
+            raise TypeError("FusedStep: batch IDs, sequences and lengths must be int32 or int64")
+        ids = kernels.ids32(batch.ids)  # what the native step reads
+        seqs = [kernels.ids32(q) for q in batch.seqs]
+        lens = [kernels.ids32(n) for n in batch.lens]
         label = batch.label.to(torch.float32).contiguous()
-        if ids.dtype != torch.int64 or any(t.dtype != torch.int64 for t in seqs + lens):
-            raise TypeError("FusedStep: batch IDs, sequences and lengths must be int64")
         if [q.shape[1] for q in seqs] != list(self._L):
             raise ValueError(f"FusedStep: sequence lengths {[q.shape[1] for q in seqs]}, "
                              f"built for {list(self._L)}")
@@ -425,6 +426,8 @@ class FusedForward:
         if len(seqs) != emb.n_fields - emb.n_single:
             raise ValueError(f"FusedForward: {len(seqs)} sequence fields for a model with "
                              f"{emb.n_fields - emb.n_single}")
+        ids, seqs, lens = kernels.ids32(ids), [kernels.ids32(q) for q in seqs], \
+            [kernels.ids32(n) for n in lens]  # (no copy for the batcher's own int32 arrays)
         seq_p, len_p = _ptrs(seqs), _ptrs(lens)
         L = kernels.int64_array([q.shape[1] for q in seqs])
         acts = list(mlp.acts)

@@ -126,6 +126,12 @@ def main() -> None:
         for r in scale:
             out.append(f"| {r['dim']} | {r['n_items']:,} | {r['step_ms_wall']:.2f} | "
                        f"{r['step_ms_cpu']:.2f} | {r['peak_rss_mib']:,.0f} |")
+        ratios = [f"dim {r['dim']} {r['ratio_to_1e5_median']:.2f}x ("
+                  + ", ".join(f"{x:.2f}" for x in r["ratio_to_1e5_pairs"]) + ")"
+                  for r in scale if "ratio_to_1e5_median" in r]
+        if ratios:
+            out.append("\n10^7 / 10^5 step time (CPU), median of the process pairs run back to "
+                       "back: " + "; ".join(ratios))
     else:
         out.append("not run")
     pre = load("pretrain")

@@ -186,6 +186,27 @@ def test_ids_beyond_int32_are_refused_not_wrapped():
         assert torch.equal(before[k], after[k]), k
 
 
+@pytest.mark.parametrize("field, value", [(0, 60), (1, -1)])
+def test_an_id_outside_its_field_is_refused_on_every_path(field, value):
+    # field 0's vocabulary has 50 rows: ID 60 would read field 1's rows, -1 in field 1 the
+    # last row of field 0's; every path must refuse them, not pool a neighbour's rows
+    model, opt = _small_model()
+    fast = FusedStep(model, opt, batch_size=64, seq_lens=[6, 4])
+    batch = _random_batch(model.embedding, 64, 0)
+    batch.ids[5, field] = value
+    msg = rf"field {field} .*has ID {value}"
+    with pytest.raises(IndexError, match=msg):
+        fast.step_batch(batch)
+    with pytest.raises(IndexError, match=msg):  # native pooling (autograd step)
+        model(batch)
+    model.embedding.fused = False
+    with pytest.raises(IndexError, match=msg):  # plain torch embedding_bag
+        model(batch)
+    model.eval()
+    with torch.no_grad(), pytest.raises(IndexError, match=msg):  # native forward
+        model(batch)
+
+
 def test_settings_it_does_not_cover_say_why(tiny_synth):
     class AddsLoss(Hook):
         def on_loss(self, s, batch, logits, loss):

@@ -52,7 +52,7 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "dice_forward": (None, [_P, _P, _I, _I, ctypes.c_int, _F, _P, _P, _P, _P, _P]),
     "dice_backward": (None, [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _P, _P, _P]),
-    "emb_pool_forward": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P]),
+    "emb_pool_forward": (_I, [_P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P]),
     "emb_pool_backward": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _P]),
     "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
     "softmax_xent_rows": (ctypes.c_double, [_P, _I, _I, _I, ctypes.c_int]),

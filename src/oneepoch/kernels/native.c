@@ -184,12 +184,13 @@ void dice_backward(const float *x, const float *p, const float *dy, const float 
 /* Pooled field embeddings of a batch, straight from the table.                               */
 /* Fields in model order: S single-ID fields (ids [B, S]), then K sequence fields             */
 /* (IDs, sequence entries and lengths are id32: int32, as the encoded splits store them)     */
-/* (seqs[k] [B, L[k]] padded, lens[k] [B]); field f's rows start at off[f] in table W [R, D].  */
+/* (seqs[k] [B, L[k]] padded, lens[k] [B]); field f's IDs are [0, lim[f]), its rows start at */
+/* off[f] in table W [R, D].                                                                  */
 /* out [B, S + K, D]: the row of a single field, the mean over a sequence (zeros if empty).   */
 /* With slot != NULL (int32 [R], all -1 on entry and on return) the batch's distinct rows are  */
 /* listed in rows (first-occurrence order) and each lookup's position in that list is written  */
 /* to inv, in the order the lookups are visited (sample-major, fields in order).              */
-/* Returns the number of distinct rows (0 without slot), -1 if a row is outside the table,    */
+/* Returns the number of distinct rows (0 without slot), -1 if an ID is outside its field,    */
 /* -2 if a length is outside [0, L[k]].                                                       */
 /* ---------------------------------------------------------------------------------------- */
 typedef struct {  /* one lookup for the table update: its row, where its gradient comes from */
@@ -198,7 +199,7 @@ typedef struct {  /* one lookup for the table update: its row, where its gradien
 
 typedef struct {
     const id32 *ids;
-    const int64_t *off, *L;
+    const int64_t *off, *lim, *L;  /* field f: rows [off[f], off[f] + lim[f]) of W */
     const id32 *const *seqs, *const *lens;
     const float *W;
     int64_t B, S, K, R, D;
@@ -275,8 +276,8 @@ static int64_t pool(const Bags *a, int64_t b0, int64_t b1, int32_t *slot, int64_
             }
             float *o = ob + f * D;
             for (int64_t t = 0; t < n; t++, j++) {
-                int64_t r = q[t] + a->off[f];
-                if (r < 0 || r >= a->R) { err = -1; goto done; }
+                const int64_t id = q[t], r = id + a->off[f];
+                if (id < 0 || id >= a->lim[f] || r >= a->R) { err = -1; goto done; }
                 if (a->lk_n) {
                     const int64_t ow = owner_of(r, a->owners);
                     Lookup *e = a->lk + ow * a->cap_list + a->lk_n[ow]++;
@@ -307,12 +308,13 @@ done:
 }
 
 int64_t emb_pool_forward(const id32 *ids, int64_t B, int64_t S,
-                         const int64_t *off, int64_t K, const id32 *const *seqs,
+                         const int64_t *off, const int64_t *lim, int64_t K,
+                         const id32 *const *seqs,
                          const int64_t *L, const id32 *const *lens, const float *W,
                          int64_t R, int64_t D, float *out, int32_t *slot, int64_t *rows,
                          int32_t *inv) {
-    const Bags a = {ids, off, L, seqs, lens, W, B, S, K, R, D, out, NULL, 0, 0, NULL, NULL,
-                    NULL};
+    const Bags a = {ids, off, lim, L, seqs, lens, W, B, S, K, R, D, out, NULL, 0, 0, NULL,
+                    NULL, NULL};
     int64_t T = 1, U = 0, err = 0;
 #ifdef _OPENMP
     T = B * (S + K) * D >= 8192 ? omp_get_max_threads() : 1;
@@ -764,9 +766,10 @@ typedef struct {
     const id32 *const *lens;
     const float *label;
     int64_t B, S, K;
-    /* the table W [R, D], its Adam moments, field row offsets, slot array (int32 [R], -1) */
+    /* the table W [R, D], its Adam moments, field row offsets and ID counts (rows of field f:
+     * [off[f], off[f] + lim[f])), slot array (int32 [R], -1) */
     float *W, *Wm, *Wv;
-    const int64_t *off;
+    const int64_t *off, *lim;
     int32_t *slot;
     int64_t R, D;
     float emb_lr, emb_bc1, emb_bc2;
@@ -1041,8 +1044,8 @@ double ctr_step(CtrStep *c) {
         step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
         bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
     }
-    const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
-                       o.x0, c->sel, 0, 0, NULL, NULL, NULL};
+    const Bags bags = {c->ids, c->off, c->lim, c->L, c->seqs, c->lens, c->W, B, c->S, c->K,
+                       c->R, D, o.x0, c->sel, 0, 0, NULL, NULL, NULL};
     const int64_t per_chunk = lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
     const float inv_b = 1.0f / (float)B;
     int64_t err = 0, U = 0;
@@ -1369,7 +1372,7 @@ double contrastive_blocks(const float *u, const float *c, int64_t n, int64_t C, 
 /* Click probabilities of the same model in eval mode (Dice with its running statistics):     */
 /* the forward half of ctr_step without batch statistics, so every chunk is independent: each */
 /* thread gathers, pools and runs its chunks through the MLP in its own buffers, no barriers.  */
-/* Uses of CtrStep: the batch, W, off, R, D, n_layers, width, p, run_mean, run_var, dice_eps,  */
+/* Uses of CtrStep: the batch, W, off, lim, R, D, n_layers, width, p, run_mean, run_var, dice_eps,  */
 /* scratch (ctr_forward_scratch floats), threads, status. prob [B] is written.                */
 /* ---------------------------------------------------------------------------------------- */
 int64_t ctr_forward_scratch(int64_t n_layers, const int64_t *width, int64_t lps, int64_t K,
@@ -1401,8 +1404,8 @@ void ctr_forward(CtrStep *c, float *prob) {
             rstd[at + j] = 1.0f / sqrtf(c->run_var[i - 1][j] + c->dice_eps);
         rs[i] = rstd + at;
     }
-    const Bags bags = {c->ids, c->off, c->L, c->seqs, c->lens, c->W, B, c->S, c->K, c->R, D,
-                       NULL, c->sel, 0, 0, NULL, NULL, NULL};
+    const Bags bags = {c->ids, c->off, c->lim, c->L, c->seqs, c->lens, c->W, B, c->S, c->K,
+                       c->R, D, NULL, c->sel, 0, 0, NULL, NULL, NULL};
     int64_t err = 0;
 #pragma omp parallel num_threads(T)
     {

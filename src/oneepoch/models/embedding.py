@@ -101,6 +101,8 @@ class FieldEmbedding(nn.Module):
         self.reset_parameters()
         off = torch.tensor([offsets[v] for v in field_vocabs], dtype=torch.int64)
         self.register_buffer("field_offsets", off, persistent=False)
+        lim = torch.tensor([vocab_sizes[v] for v in field_vocabs], dtype=torch.int64)
+        self.register_buffer("field_rows", lim, persistent=False)  # IDs of field f: [0, lim)
         self.fused = False
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, leaf) per forward
         self._slot: torch.Tensor | None = None
@@ -132,13 +134,19 @@ class FieldEmbedding(nn.Module):
         (with ``with_sizes``, also each bag's size)."""
         ids = batch.ids
         bsz, s = ids.shape
-        off = self.field_offsets
+        off, lim = self.field_offsets, self.field_rows
         parts = [(ids + off[:s]).t().reshape(-1)]
         sizes = [torch.ones(bsz * s, dtype=torch.int64, device=ids.device)]
+        bad = ((ids < 0) | (ids >= lim[:s])).any()  # an ID outside its field's vocabulary
         for k, (seq, ln) in enumerate(zip(batch.seqs, batch.lens, strict=True)):
+            bad |= ((ln < 0) | (ln > seq.shape[1])).any()
             mask = torch.arange(seq.shape[1], device=seq.device) < ln.unsqueeze(1)
-            parts.append(seq[mask] + off[s + k])
+            vals = seq[mask]
+            bad |= ((vals < 0) | (vals >= lim[s + k])).any()
+            parts.append(vals + off[s + k])
             sizes.append(ln)
+        if bool(bad):  # (one check per batch)
+            raise IndexError(self._bad_lookup(batch, -1))
         size = torch.cat(sizes)
         offsets = torch.zeros_like(size)
         torch.cumsum(size[:-1], 0, out=offsets[1:])
@@ -182,7 +190,8 @@ class FieldEmbedding(nn.Module):
             rows = torch.empty(cap, dtype=torch.int64)
             inv = torch.empty(cap, dtype=torch.int32)
         n = kernels.lib().emb_pool_forward(
-            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), len(seqs),
+            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), self.field_rows.data_ptr(),
+            len(seqs),
             kernels.ptr_array(seqs), kernels.int64_array([q.shape[1] for q in seqs]),
             kernels.ptr_array(lens), w.data_ptr(), self.table_rows, self.dim, out.data_ptr(),
             kernels.ptr(slot), kernels.ptr(rows), kernels.ptr(inv))

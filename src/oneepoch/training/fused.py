@@ -48,7 +48,8 @@ class _CtrStep(ctypes.Structure):
     _fields_ = [
         ("ids", _P), ("sel", _P), ("seqs", _P), ("L", _P), ("lens", _P), ("label", _P),
         ("B", _I), ("S", _I), ("K", _I),
-        ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("slot", _P), ("R", _I), ("D", _I),
+        ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("lim", _P), ("slot", _P), ("R", _I),
+        ("D", _I),
         ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F), ("emb_row_lr", _P),
         ("n_layers", _I), ("width", _P),
         ("p", _P), ("g", _P), ("m", _P), ("v", _P), ("step", _P),
@@ -176,7 +177,7 @@ class FusedStep:
             raise ValueError(f"FusedStep: {len(seq_lens)} sequence lengths for a model with "
                              f"{emb.n_fields - emb.n_single} sequence fields")
         c.R, c.D = emb.table_rows, emb.dim
-        c.off = emb.field_offsets.data_ptr()
+        c.off, c.lim = emb.field_offsets.data_ptr(), emb.field_rows.data_ptr()
         d0: Dice = mlp.acts[0]  # type: ignore[assignment]
         c.dice_eps, c.dice_momentum = d0.eps, d0.momentum
         self._L = kernels.int64_array(list(seq_lens))
@@ -402,7 +403,7 @@ class FusedForward:
         self._width = kernels.int64_array([fc.in_features for fc in mlp.fcs] + [1])
         c.n_layers, c.width = len(mlp.fcs), ctypes.addressof(self._width)
         c.S, c.R, c.D = emb.n_single, emb.table_rows, emb.dim
-        c.off = emb.field_offsets.data_ptr()
+        c.off, c.lim = emb.field_offsets.data_ptr(), emb.field_rows.data_ptr()
         c.dice_eps = mlp.acts[0].eps if len(mlp.acts) else 1e-8  # type: ignore[union-attr]
 
     @torch.no_grad()

@@ -1259,16 +1259,16 @@ double ctr_step(CtrStep *c) {
 }
 
 /* Consecutive steps in one call (no Python between them): step k trains on the sample rows
- * rows[k B, min((k + 1) B, n_rows)) of the batch arrays (c->sel), with the table's Adam bias
- * corrections at step t0 + k + 1 (1 - beta^t, as the caller's per-step path computes them in
- * double). losses[k] gets step k's loss. Stops at the first step that fails (c->status says
+ * rows[k B, min((k + 1) B, n_rows)) of the batch arrays (c->sel; rows NULL: the arrays' own
+ * rows, then n_rows = B and one step), with the table's Adam bias corrections at step
+ * t0 + k + 1 (1 - beta^t, in double). losses[k] gets step k's loss. Stops at the first step that fails (c->status says
  * why; nothing of that step is applied) and returns the number of steps done. */
 int64_t ctr_steps(CtrStep *c, const int64_t *rows, int64_t n_rows, int64_t B, double beta1,
                   double beta2, int64_t t0, double *losses) {
     const int64_t n = (n_rows + B - 1) / B;
     for (int64_t k = 0; k < n; k++) {
         const int64_t b0 = k * B;
-        c->sel = rows + b0;
+        c->sel = rows ? rows + b0 : NULL;
         c->B = n_rows - b0 < B ? n_rows - b0 : B;
         const double t = (double)(t0 + k + 1);
         c->emb_bc1 = (float)(1.0 - pow(beta1, t));

@@ -74,7 +74,6 @@ def _native_lib() -> Any:
         return None
     lib = kernels.lib()
     if not getattr(lib, "_ctr_ready", False):
-        lib.ctr_step.argtypes, lib.ctr_step.restype = [ctypes.POINTER(_CtrStep)], ctypes.c_double
         lib.ctr_step_scratch.argtypes = [_I, _I, _P, _I, _I, _I]
         lib.ctr_step_scratch.restype = _I
         lib.ctr_steps.argtypes = [ctypes.POINTER(_CtrStep), _P, _I, _I, ctypes.c_double,
@@ -230,8 +229,8 @@ class FusedStep:
                              "exp_avg_sq": torch.zeros_like(p)}
             moments = [st[p][k] for p in self.params for k in _ADAM_KEYS]
         w, rs = self.emb.weight, self.rowopt.state
-        tensors = [w, rs["exp_avg"], rs["exp_avg_sq"], *self.params, *moments,
-                   *[d._buffers[k] for d in self._acts for k in ("running_mean", "running_var")]]
+        run_stats = [d._buffers[k] for d in self._acts for k in ("running_mean", "running_var")]
+        tensors = [w, rs["exp_avg"], rs["exp_avg_sq"], *self.params, *moments, *run_stats]
         key = tuple(map(torch.Tensor.data_ptr, tensors))
         if key == self._state_key:
             return
@@ -243,8 +242,7 @@ class FusedStep:
         c.W, c.Wm, c.Wv = key[0], key[1], key[2]
         arrs = [_ptrs(self.params), _ptrs(self.grads),
                 _ptrs(moments[0::3]), _ptrs(moments[1::3]), _ptrs(moments[2::3]),
-                _ptrs([d.running_mean for d in self.model.mlp.acts]),
-                _ptrs([d.running_var for d in self.model.mlp.acts])]
+                _ptrs(run_stats[0::2]), _ptrs(run_stats[1::2])]
         for name, a in zip(("p", "g", "m", "v", "step", "run_mean", "run_var"), arrs,
                            strict=True):
             setattr(c, name, ctypes.addressof(a))
@@ -301,17 +299,23 @@ class FusedStep:
                              "(needs 2)")
         if self._arrays is None or self._arrays[0] is not self.batcher._arrays[0]:
             self._set_arrays(*self.batcher._arrays, self.batcher._label_t)
-        c, ro = self.c, self.rowopt
-        self._prepare(bs)
-        losses = np.empty(n, dtype=np.float64)
-        done = self.lib.ctr_steps(ctypes.byref(c), sel.ctypes.data, len(sel), bs,
-                                  ro.cfg.beta1, ro.cfg.beta2, ro.step_count,
-                                  losses.ctypes.data)
-        ro.step_count += done
-        if c.status:
+        losses, done = self._native_steps(bs, sel.ctypes.data, len(sel), n)
+        if self.c.status:
             bad = sel[done * bs:(done + 1) * bs]
             self._raise_status(lambda: self.batcher.get(bad))  # type: ignore[union-attr]
         return losses
+
+    def _native_steps(self, b: int, sel: int | None, n_rows: int, n: int
+                      ) -> tuple[np.ndarray, int]:
+        """``n`` steps of ``b`` rows (of ``sel``'s row indices, or the bound batch arrays
+        themselves) in one ``ctr_steps`` call; returns the losses and the steps done."""
+        ro = self.rowopt
+        self._prepare(b)
+        losses = np.empty(n, dtype=np.float64)
+        done = self.lib.ctr_steps(ctypes.byref(self.c), sel, n_rows, b, ro.cfg.beta1,
+                                  ro.cfg.beta2, ro.step_count, losses.ctypes.data)
+        ro.step_count += done
+        return losses, done
 
     def _prepare(self, b: int) -> None:
         """Checks and settings shared by every step (all but the batch and bias corrections)."""
@@ -340,17 +344,10 @@ class FusedStep:
         raise IndexError(self.emb._bad_lookup(get_batch(), self.c.status))
 
     def _run(self, b: int, sel: int | None, get_batch: Callable[[], Batch]) -> float:
-        c, ro = self.c, self.rowopt
-        self._prepare(b)
-        cfg = ro.cfg
-        ro.step_count += 1
-        c.B, c.sel = b, sel
-        c.emb_bc1, c.emb_bc2 = 1 - cfg.beta1 ** ro.step_count, 1 - cfg.beta2 ** ro.step_count
-        loss = self.lib.ctr_step(ctypes.byref(c))
-        if c.status:
-            ro.step_count -= 1
+        losses, _ = self._native_steps(b, sel, b, 1)
+        if self.c.status:
             self._raise_status(get_batch)
-        return loss
+        return float(losses[0])
 
 
 class FusedForward:

@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: list[Hook]
         h.on_train_start(s)
     fast = FusedStep.build(model, opt, batcher, hooks)  # None: every step through autograd
     per_step = any(type(h).after_step is not Hook.after_step for h in hooks)
-    marks = sorted(evals | {e * s.steps_per_epoch for e in range(1, cfg.epochs + 1)})
+    marks = sorted(evals)  # (every epoch end is one)
     last_rows = len(train_split) - (s.steps_per_epoch - 1) * cfg.batch_size
 
     def bulk(step: int, epoch: int) -> int:

@@ -19,6 +19,7 @@ from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurf
 from oneepoch.embeddings import load_embeddings
 from oneepoch.pretrain import PretrainConfig, pretrain
 from oneepoch.pretrain.data import load_engagements
+from oneepoch.remedies import hooks_from_config
 from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
 from oneepoch.training.trainer import train
 
@@ -158,7 +159,7 @@ def _downstream(world: Path, run: Path, *extra: str):
         f"data.path={world / 'homefeed'}", "data.test_split=valid", "model.emb_dim=8",
         "epochs=2", "eval.per_epoch=1", "threads=1", "progress=false", "batch_size=128",
         "eval.train_rows=500", *extra])
-    return train(cfg, run)
+    return train(cfg, run, hooks=hooks_from_config(cfg))
 
 
 def _id_rows(data, model, vocab, emb):

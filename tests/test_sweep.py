@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 
+from oneepoch.analysis import boundary_drop
 from oneepoch.cli import main
 from oneepoch.recipes.sweep import (
     RunSpec,
-    boundary_drop,
     grid_points,
-    is_finished,
     make_probe,
     parse_grid,
     point_name,
@@ -20,7 +19,7 @@ from oneepoch.recipes.sweep import (
     run_stats,
     run_sweep,
 )
-from oneepoch.training.trainer import read_metrics
+from oneepoch.runfolder import is_finished, read_metrics
 
 TINY = ["epochs=2", "batch_size=500", "eval.per_epoch=10", "eval.train_rows=500",
         "model.hidden=[8]", "model.emb_dim=4"]
@@ -54,11 +53,11 @@ def test_make_probe_errors():
 def test_boundary_drop_and_run_stats():
     ep = np.array([0, 0.5, 1.0, 1.05, 1.1, 1.5, 2.0])
     auc = np.array([0.5, 0.65, 0.70, 0.68, 0.69, 0.66, 0.64])
-    assert boundary_drop(ep, auc) == pytest.approx(0.02)
+    assert boundary_drop(ep, auc).drop == pytest.approx(0.02)
     # evaluations sparser than the window: the first one after the boundary counts
-    assert boundary_drop(np.array([0.5, 1.0, 1.5]), np.array([0.6, 0.7, 0.65])) == \
-        pytest.approx(0.05)
-    assert math.isnan(boundary_drop(np.array([0.5, 1.0]), np.array([0.6, 0.7])))
+    b = boundary_drop(np.array([0.5, 1.0, 1.5]), np.array([0.6, 0.7, 0.65]))
+    assert b.drop == pytest.approx(0.05) and b.widened
+    assert math.isnan(boundary_drop(np.array([0.5, 1.0]), np.array([0.6, 0.7])).drop)
     rows = [{"epoch": e, "test_auc": a, "step": i}
             for i, (e, a) in enumerate(zip(ep, auc, strict=True))]
     s = run_stats(rows)

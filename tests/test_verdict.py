@@ -1,6 +1,6 @@
 import numpy as np
 
-from oneepoch.probes.verdict import one_epoch_verdict
+from oneepoch.analysis import one_epoch_verdict
 
 
 def curve(drop_at_2: float, n: int = 20, epochs: int = 3):

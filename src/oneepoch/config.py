@@ -230,3 +230,10 @@ def load_config(cls: type[T], path: str | Path | None = None,
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + str(e)) from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``device`` this machine does not have, naming the setting."""
+    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise ConfigError(f"device={device}: CUDA is not available on this machine "
+                          "(torch.cuda.is_available() is False); use device=cpu")

@@ -57,3 +57,15 @@ def json_default(o: Any) -> Any:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """:func:`atomic_write_text` of ``obj`` as indented JSON (numpy scalars allowed)."""
     return atomic_write_text(path, json.dumps(obj, indent=1, default=json_default))
+
+
+def check_writable_dir(path: str | Path, setting: str = "out_dir") -> None:
+    """Refuse a run folder that cannot be created or written, naming the setting."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{setting}: {path} lies under {probe}, which is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{setting}: {probe} is not writable (for {path})")

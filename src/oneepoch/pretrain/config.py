@@ -65,6 +65,7 @@ class PretrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     progress: bool = True
     export: bool = True  # write RUN/embeddings/ at the end
+    checkpoint_keep: int = 1  # epoch checkpoints kept (0 = all)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -190,3 +190,11 @@ def bce_loss(u: torch.Tensor, p: torch.Tensor, n: torch.Tensor, pos_ids: torch.T
     neg = torch.einsum("bd,bkd->bk", u, n) * scale
     keep = (neg_ids != pos_ids.unsqueeze(1)).to(neg.dtype)
     return F.softplus(-pos).mean() + (F.softplus(neg) * keep).sum(1).mean()
+
+
+def logq_correction(q_cand: torch.Tensor, in_batch: int, n_uniform: int, n_items: int
+                    ) -> torch.Tensor:
+    """log of each candidate's expected count among a step's negatives: ``in_batch``
+    positives drawn by popularity ``q_cand`` plus ``n_uniform`` uniform draws over the
+    ``n_items - 1`` real items (row 0 is out of vocabulary). Subtracted from the logits."""
+    return torch.log(in_batch * q_cand + n_uniform / (n_items - 1))

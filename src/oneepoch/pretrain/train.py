@@ -12,7 +12,7 @@ full catalogue, ``full_loss`` (full-catalogue softmax) and ``sampled_loss`` (the
 with fixed negatives); plus ``train_loss`` (mean over the steps since the last evaluation),
 ``tau``, ``epoch``, ``step``, ``elapsed_s`` and ``pairs_per_s`` (training steps only).
 
-Each epoch end writes ``RUN/checkpoints/epoch-NNN/`` atomically (only the latest is kept): the
+Each epoch end writes ``RUN/checkpoints/epoch-NNN/`` atomically (``checkpoint_keep`` kept): the
 tables and temperature, the row-wise optimizer state with its step counts, the torch RNG and
 negative-sampling generator states, the evaluation rows so far and the step / epoch counters, in
 safetensors + JSON (:mod:`oneepoch.training.checkpoint`). ``pretrain(cfg, run_dir,
@@ -24,32 +24,23 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from oneepoch.config import to_dict
-from oneepoch.io import atomic_write_json, atomic_write_text
+from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
-from oneepoch.pretrain.losses import bce_loss, contrastive_loss
+from oneepoch.pretrain.losses import bce_loss, contrastive_loss, logq_correction
 from oneepoch.pretrain.model import TwoTower
-from oneepoch.training.checkpoint import (
-    clear_run_state,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    restore_optim_keys,
-    save_checkpoint,
-)
+from oneepoch.training.hooks import State
+from oneepoch.training.loop import Loop, eval_points, open_run
 from oneepoch.training.optim import Optimizer, build_optimizer
 
 LOSSES = ("contrastive", "bce")
@@ -98,45 +89,54 @@ class Stage1Step:
         cand = torch.cat([i_rows, neg])
         logq = None
         if lc.logq:
-            b = len(i_rows) if lc.in_batch else 0
-            logq = torch.log(b * self.q[cand] + lc.n_uniform / (self.n_items - 1))
+            logq = logq_correction(self.q[cand], len(i_rows) if lc.in_batch else 0,
+                                   lc.n_uniform, self.n_items)
         return contrastive_loss(m.users(u_rows), m.items(cand), m.tau(), i_rows, cand, logq,
                                 lc.in_batch, lc.chunk)
 
 
-def _write_rows(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = run_dir / "metrics.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, run_dir / "metrics.parquet")
+class Stage1Stepper:
+    """One batch of positive pairs per call, through autograd (the loop's
+    :class:`~oneepoch.training.loop.Step`); keeps the negative sampler's generator and the
+    training clock (pairs/s counts training steps only)."""
 
+    path = "autograd"
+    reason = "stage 1 trains through autograd (its blocked softmax is one native call)"
 
-def _eval_points(steps_per_epoch: int, epochs: int, per_epoch: int) -> set[int]:
-    k = max(1, per_epoch)
-    pts = {0}
-    for e in range(epochs):
-        pts |= {e * steps_per_epoch + round(j * steps_per_epoch / k) for j in range(1, k + 1)}
-    return pts
+    def __init__(self, fn: Stage1Step, opt: Optimizer, data: EngagementData, seed: int) -> None:
+        self.fn, self.opt, self.model = fn, opt, fn.model
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tu = torch.from_numpy(data.train_user)
+        self.ti = torch.from_numpy(data.train_item)
+        self.train_secs, self.pairs_done = 0.0, 0
 
+    def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
+        rows = next(batches, None)
+        if rows is None:
+            return []
+        ts = time.perf_counter()
+        idx = torch.from_numpy(rows)
+        loss = self.fn.loss(self.tu[idx], self.ti[idx], self.gen)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.model.clamp_temperature()
+        self.train_secs += time.perf_counter() - ts
+        self.pairs_done += len(idx)
+        return [float(loss.detach())]
 
-def _restore(path: Path, model: TwoTower, opt: Optimizer, gen: torch.Generator,
-             steps_per_epoch: int) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`pretrain` into the model, optimizer and generator
-    (and the global torch RNG); returns it. Refuses one whose shapes do not fit this run."""
-    ck = load_checkpoint(path)
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in ck["model"].items()}
-    if got != have or int(ck["steps_per_epoch"]) != steps_per_epoch:
-        raise ValueError(
-            f"{path}: cannot resume: the checkpoint has tables {got} and "
-            f"{ck['steps_per_epoch']} steps per epoch, these settings give {have} and "
-            f"{steps_per_epoch} (model.dim, batch_size or the data changed; resume with the "
-            "run's own settings)")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict({"sparse": ck["optim"]["sparse"],
-                         "dense": restore_optim_keys(ck["optim"]["dense"])})
-    torch.set_rng_state(ck["torch_rng"])
-    gen.set_state(ck["generator"])
-    return ck
+    @property
+    def pairs_per_s(self) -> float | None:
+        return self.pairs_done / self.train_secs if self.train_secs else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.gen.get_state(), "train_secs": self.train_secs,
+                "pairs_done": self.pairs_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["generator"])
+        self.train_secs = float(state["train_secs"])
+        self.pairs_done = int(state["pairs_done"])
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
@@ -144,7 +144,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     """Train user and item ID tables on engagement pairs; see the module doc.
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
-    has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed.
+    has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
+    loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
+    (:class:`oneepoch.training.loop.Loop`).
     """
     from oneepoch.embeddings import export_embeddings
 
@@ -153,53 +155,34 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs / batch_size: must be >= 1 (got {cfg.epochs}, "
                          f"{cfg.batch_size})")
+    run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    check_writable_dir(run_dir)
     if data is None:
         if not cfg.data.path:
             raise ValueError("data.path: no engagement data set given (a folder with "
                              "schema.yaml, format: engagements)")
         data = load_engagements(cfg.data.path, cfg.data.train_split, cfg.data.test_split,
                                 cfg.data.holdout, cfg.data.surfaces, cfg.seed)
-    run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     mc, lc = cfg.model, cfg.loss
     model = TwoTower(data.n_users, data.n_items, mc.dim, mc.init_std, mc.normalize,
                      lc.temperature, lc.learn_temperature, lc.tau_min, lc.tau_max)
     opt = build_optimizer(model, cfg.optim)
     step_fn = Stage1Step(model, cfg, data)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    stepper = Stage1Stepper(step_fn, opt, data, cfg.seed)
     n = len(data.train_user)
-    tu, ti = torch.from_numpy(data.train_user), torch.from_numpy(data.train_item)
     steps_per_epoch = -(-n // cfg.batch_size)
-    evals = _eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch)
     erng = np.random.default_rng([cfg.seed, 99])
     held = erng.choice(len(data.test_user), min(cfg.eval.max_pairs, len(data.test_user)), False)
     tsub = erng.choice(n, min(cfg.eval.train_pairs, n), False)
     eval_sets = {"test": (data.test_user[held], data.test_item[held]),
                  "train": (data.train_user[tsub], data.train_item[tsub])}
-    rows: list[dict[str, Any]] = []
-    train_secs = 0.0
-    pairs_done = 0
-    step, start_epoch = 0, 0
-    ckpts = list_checkpoints(run_dir)
-    if resume and ckpts:
-        ck = _restore(ckpts[-1], model, opt, gen, steps_per_epoch)
-        step, start_epoch = int(ck["step"]), int(ck["epoch"])
-        rows = ck["rows"]  # metrics written after the checkpoint are recomputed
-        train_secs, pairs_done = float(ck["train_secs"]), int(ck["pairs_done"])
-        t0 -= float(ck["elapsed_s"])
-        _write_rows(run_dir, rows)
-    elif not resume:
-        clear_run_state(run_dir)
-    # written once the checkpoint is known to fit, so a refused resume leaves the run as it was
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    def do_eval(step: int, loss_sum: float, n_loss: int) -> None:
+    def evaluate_now() -> dict[str, Any]:
         model.eval()
         ut, it = model.tables()
         tau = float(model.tau().detach())
-        row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
-                               "train_loss": loss_sum / n_loss if n_loss else None, "tau": tau}
+        row: dict[str, Any] = {"tau": tau}
         for prefix, (uu, ii) in eval_sets.items():
             m = ranking_metrics(ut, it, uu, ii, cfg.eval.ks, tau, cfg.eval.batch_size,
                                 cfg.eval.exclude_seen, data.train_user, data.train_item,
@@ -211,64 +194,50 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                       for a in range(0, len(uu), cfg.batch_size)]
             m["sampled_loss"] = float(np.mean(ls)) if ls else float("nan")
             row.update({f"{prefix}_{k}": v for k, v in m.items()})
-        row["elapsed_s"] = time.time() - t0
-        row["pairs_per_s"] = pairs_done / train_secs if train_secs else None
-        rows.append(row)
-        _write_rows(run_dir, rows)
+        row["pairs_per_s"] = stepper.pairs_per_s
         model.train()
+        return row
 
-    if step == 0:
-        do_eval(0, 0.0, 0)
-    k0 = f"test_hit@{min(cfg.eval.ks)}"
-    bar = tqdm(total=steps_per_epoch * cfg.epochs * cfg.batch_size,
-               initial=min(step, steps_per_epoch * cfg.epochs) * cfg.batch_size, unit="pair",
-               unit_scale=True, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
-               desc=run_dir.name)
-    for epoch in range(start_epoch, cfg.epochs):
-        order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch + 1]).permutation(n))
-        loss_sum, n_loss = 0.0, 0
-        for a in range(0, n, cfg.batch_size):
-            ts = time.perf_counter()
-            idx = order[a:a + cfg.batch_size]
-            loss = step_fn.loss(tu[idx], ti[idx], gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            model.clamp_temperature()
-            train_secs += time.perf_counter() - ts
-            pairs_done += len(idx)
-            step += 1
-            loss_sum, n_loss = loss_sum + float(loss.detach()), n_loss + 1
-            bar.update(len(idx))
-            if step in evals:
-                do_eval(step, loss_sum, n_loss)
-                loss_sum, n_loss = 0.0, 0
-                bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}",
-                                hit=f"{rows[-1][k0]:.4f}", tau=f"{rows[-1]['tau']:.3f}")
-        save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}", {
-            "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
-            "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch,
-            "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "rows": rows,
-            "train_secs": train_secs, "pairs_done": pairs_done, "elapsed_s": time.time() - t0})
-        prune_checkpoints(run_dir, 1)
-    bar.close()
-    export_dir = None
-    if cfg.export:
-        ut, it = model.tables()
-        export_dir = export_embeddings(run_dir / "embeddings", ut, it, data.users, data.items, {
-            "dim": mc.dim, "temperature": float(model.tau().detach()), "normalized": mc.normalize,
-            "loss": lc.type, "epochs": cfg.epochs, "steps": step,
-            "data_sources": list(data.sources), "surfaces": cfg.data.surfaces,
-            "train_pairs": n, "eval": {k: v for k, v in rows[-1].items()
-                                       if isinstance(v, (int, float)) and v is not None},
-            "config": to_dict(cfg)})
-    secs = time.time() - t0
-    pps = pairs_done / train_secs if train_secs else float("nan")
-    summary = {"seconds": secs, "steps": step, "pairs_per_s": pps, "train_pairs": n,
-               "heldout_pairs": len(data.test_user), "heldout_unknown": data.heldout_unknown,
-               "users": data.n_users - 1, "items": data.n_items - 1,
-               "export": str(export_dir) if export_dir else None, "finished": True,
-               "last": rows[-1]}
-    atomic_write_json(run_dir / "summary.json", summary)
+    def batches(epoch: int) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)
+        return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
+
+    s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
+    lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
+    try:
+        loop = Loop(s, stepper, [], batches, evaluate_now, cfg.epochs,
+                    eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
+                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
+                    progress=cfg.progress, headline=f"test_hit@{min(cfg.eval.ks)}",
+                    unit="pair", batch_size=cfg.batch_size, t0=t0)
+        if ck is not None:
+            loop.restore(ck)
+            if "step_state" not in ck:  # checkpoints of older versions
+                stepper.load_state_dict(ck)
+        loop.run()
+        loop.sync()
+        rows = s.rows
+        export_dir = None
+        if cfg.export:
+            ut, it = model.tables()
+            export_dir = export_embeddings(run_dir / "embeddings", ut, it, data.users,
+                                           data.items, {
+                "dim": mc.dim, "temperature": float(model.tau().detach()),
+                "normalized": mc.normalize, "loss": lc.type, "epochs": cfg.epochs,
+                "steps": s.step, "data_sources": list(data.sources),
+                "surfaces": cfg.data.surfaces, "train_pairs": n,
+                "eval": {k: v for k, v in rows[-1].items()
+                         if isinstance(v, (int, float)) and v is not None},
+                "config": to_dict(cfg)})
+        secs = time.time() - loop.t0
+        pps = stepper.pairs_per_s or float("nan")
+        summary = {"seconds": secs, "steps": s.step, "pairs_per_s": pps, "train_pairs": n,
+                   "heldout_pairs": len(data.test_user),
+                   "heldout_unknown": data.heldout_unknown, "users": data.n_users - 1,
+                   "items": data.n_items - 1, "export": str(export_dir) if export_dir else None,
+                   "step_path": stepper.path, "step_path_reason": stepper.reason,
+                   "finished": True, "last": rows[-1]}
+        atomic_write_json(run_dir / "summary.json", summary)
+    finally:
+        lock.release()
     return PretrainResult(run_dir, rows, export_dir, secs, pps)
-

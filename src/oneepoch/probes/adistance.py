@@ -32,7 +32,7 @@ import torch
 
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import EncodedSplit
-from oneepoch.training.trainer import Hook, State
+from oneepoch.training.hooks import Hook, State
 
 
 def fit_probe_errors(x: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor,

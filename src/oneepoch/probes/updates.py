@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch import nn
 
-from oneepoch.training.trainer import Hook, State
+from oneepoch.training.hooks import Hook, State
 
 UPDATES_FILE = "updates.parquet"
 

@@ -47,10 +47,13 @@ from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurf
 from oneepoch.metrics import auc
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.train import pretrain
+from oneepoch.remedies import hooks_from_config
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_mean_std
+from oneepoch.runfolder import read_metrics
 from oneepoch.training.checkpoint import list_checkpoints
-from oneepoch.training.trainer import Hook, State, predict, read_metrics, train
+from oneepoch.training.hooks import Hook, State
+from oneepoch.training.trainer import predict, train
 
 ID_FIELDS = ["user_ID", "item_ID", "his_item_ID"]
 METHODS = ("no_id", "random_id", "single_stage", "frozen", "finetune")
@@ -227,7 +230,7 @@ def downstream_run(out: Path, data: CTRData, surface: str, method: str, seed: in
     run_dir = out / "downstream" / surface / f"{method}-s{seed}"
     if not _same_config(run_dir, cfg):
         t = time.time()
-        train(cfg, run_dir, hooks=[SlateMetrics()], data=data,
+        train(cfg, run_dir, hooks=[*hooks_from_config(cfg), SlateMetrics()], data=data,
               resume=_resumable(run_dir, cfg))
         print(f"  {surface} {method} seed {seed}: {time.time() - t:.0f} s", flush=True)
     return run_dir

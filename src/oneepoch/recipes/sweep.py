@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from oneepoch.analysis import drop_after, one_epoch_verdict
 from oneepoch.config import TrainConfig, load_config, to_dict
-from oneepoch.probes.verdict import one_epoch_verdict
-from oneepoch.training.trainer import Hook, read_metrics
+from oneepoch.runfolder import is_finished, read_metrics
+from oneepoch.training.hooks import Hook
 
 PROBES = ("adistance", "updates")
 
@@ -89,15 +90,6 @@ def make_probe(spec: str) -> Hook:
         raise ValueError(f"probe {spec!r}: {e}") from None
 
 
-def is_finished(run_dir: str | Path) -> bool:
-    """True when the run's ``summary.json`` says it finished."""
-    p = Path(run_dir) / "summary.json"
-    try:
-        return bool(json.loads(p.read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
 def spec_config(spec: RunSpec) -> TrainConfig:
     """The full settings a spec trains with."""
     return load_config(TrainConfig, spec.config, ["threads=1", "progress=false", *spec.overrides])
@@ -133,6 +125,7 @@ def _seed_from_checkpoint(src: Path, dst: Path) -> None:
 
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Train one run in this process (``threads=1``, no progress bar); returns its summary."""
+    from oneepoch.remedies import hooks_from_config
     from oneepoch.training.trainer import train
 
     cfg = spec_config(spec)
@@ -141,7 +134,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     if spec.continue_from:
         _seed_from_checkpoint(Path(spec.continue_from), run_dir)
         resume = True
-    hooks = [make_probe(p) for p in spec.probes]
+    hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes)]
     res = train(cfg, run_dir, hooks=hooks, resume=resume)
     return {"run_dir": str(run_dir), "seconds": res.seconds, "verdict": res.verdict.line()}
 
@@ -235,30 +228,16 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def boundary_drop(epochs: np.ndarray, aucs: np.ndarray, boundary: float = 1.0,
-                  window: float = 0.1) -> float:
-    """AUC at the last evaluation at or before ``boundary`` minus the lowest AUC in
-    ``(boundary, boundary + window]`` (as in :func:`one_epoch_verdict`). When evaluations are
-    sparser than ``window``, the window is widened to reach the first one after the boundary.
-    NaN when there is no evaluation on one side."""
-    before = np.flatnonzero(epochs <= boundary + 1e-9)
-    after_all = np.flatnonzero(epochs > boundary + 1e-9)
-    if len(before) == 0 or len(after_all) == 0:
-        return math.nan
-    w = max(window, float(epochs[after_all[0]]) - boundary)
-    after = after_all[epochs[after_all] <= boundary + w + 1e-9]
-    return float(aucs[before[-1]] - aucs[after].min())
-
-
 def run_stats(rows: list[dict[str, Any]], min_drop: float = 0.005) -> dict[str, float]:
     """Per-run numbers: best test AUC and its epoch, AUC at the end of epoch 1, the drop right
-    after it (:func:`boundary_drop`), the AUC at the end of epoch 2 and the final AUC."""
+    after it (:func:`oneepoch.analysis.boundary_drop`, the number the verdict uses), the AUC
+    at the end of epoch 2 and the final AUC."""
     ep = np.array([r["epoch"] for r in rows], dtype=float)
     a = np.array([r["test_auc"] for r in rows], dtype=float)
     v = one_epoch_verdict(ep, a, [r["step"] for r in rows], min_drop)
     at = lambda x: float(a[np.argmin(np.abs(ep - x))]) if ep.max() >= x - 1e-9 else math.nan  # noqa: E731
     return {"best_auc": v.best_auc, "best_epoch": v.best_epoch, "auc_epoch1": at(1.0),
-            "drop_epoch2": boundary_drop(ep, a), "auc_epoch2": at(2.0),
+            "drop_epoch2": drop_after(v, 1), "auc_epoch2": at(2.0),
             "final_auc": float(a[-1]), "final_epoch": float(ep[-1])}
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from oneepoch.analysis import Jump, boundary_jump
 from oneepoch.config import TrainConfig, load_config
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.stats import field_counts
@@ -50,7 +51,7 @@ from oneepoch.recipes.sweep import (
     summarize_point,
     summary_rows,
 )
-from oneepoch.training.trainer import read_metrics
+from oneepoch.runfolder import read_metrics
 
 # ----------------------------------------------------------------------------- presets
 
@@ -278,51 +279,6 @@ def _lower_auc(c: Context, key: str, ref: str = "base") -> Check:
     a, b = c.best(key), c.best(ref)
     return Check(f"{c.arms[key].label} has a lower best test AUC than {c.arms[ref].label}",
                  bool(a < b), f"{a:.4f} vs {b:.4f}")
-
-
-def _around(ep: np.ndarray, v: np.ndarray, x: float) -> tuple[float, float, float]:
-    """Values at the last point at or before ``x``, the point before it and the first point
-    after ``x`` (points where ``v`` is NaN are skipped; NaN where missing)."""
-    ok = ~np.isnan(v)
-    ep, v = ep[ok], v[ok]
-    before, after = np.flatnonzero(ep <= x + 1e-9), np.flatnonzero(ep > x + 1e-9)
-    at = float(v[before[-1]]) if len(before) else math.nan
-    prev = float(v[before[-2]]) if len(before) > 1 else math.nan
-    nxt = float(v[after[0]]) if len(after) else math.nan
-    return prev, at, nxt
-
-
-@dataclass
-class Jump:
-    """Change of a tracked quantity across the end of epoch 1, mean ± std over runs."""
-
-    jump: float  # from the end of epoch 1 to the first measurement after it
-    jump_std: float
-    trend: float  # over the same number of measurements just before the boundary
-
-    def is_jump(self, threshold: float) -> bool:
-        """At least ``threshold`` and at least twice the trend going in: a step, not a slope."""
-        return bool(self.jump >= threshold and self.jump >= 2 * max(self.trend, 0.0))
-
-    def text(self) -> str:
-        return f"{self.jump:+.3f} ± {self.jump_std:.3f} (trend before {self.trend:+.3f})"
-
-
-def boundary_jump(runs: Sequence[list[dict[str, Any]]], key: str) -> Jump:
-    """How ``key`` changes across the end of epoch 1 (see :class:`Jump`)."""
-    jumps, trends = [], []
-    for rows in runs:
-        ep = np.array([r["epoch"] for r in rows], dtype=float)
-        v = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-        prev, at, nxt = _around(ep, v, 1.0)
-        jumps.append(nxt - at)
-        trends.append(at - prev)
-    j = np.array([x for x in jumps if not math.isnan(x)])
-    t = np.array([x for x in trends if not math.isnan(x)])
-    if len(j) == 0:
-        return Jump(math.nan, math.nan, math.nan)
-    return Jump(float(j.mean()), float(j.std(ddof=1)) if len(j) > 1 else 0.0,
-                float(t.mean()) if len(t) else math.nan)
 
 
 # ----------------------------------------------------------------------------- figures

@@ -24,9 +24,7 @@ batch, computed on the model's own ID rows.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from typing import Any
 
@@ -35,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from oneepoch.config import TrainConfig
-from oneepoch.training.trainer import Hook, State
+from oneepoch.embeddings import load_embeddings
+from oneepoch.io import atomic_write_json
+from oneepoch.pretrain.losses import contrastive_loss, logq_correction
+from oneepoch.training.hooks import Hook, State
 
 MODES = ("frozen", "finetune")
 COVERAGE_WARN = 0.9  # warn when fewer downstream IDs than this share are in the export
@@ -58,6 +59,8 @@ def _field_vocab(s: State, setting: str, name: str) -> str:
 class PretrainedInit(Hook):
     """Load pre-trained user / item rows at the start; freeze or slow them down."""
 
+    applies = "init.embeddings"
+
     def __init__(self, cfg: TrainConfig) -> None:
         ic = cfg.init
         if ic.mode not in MODES:
@@ -66,30 +69,41 @@ class PretrainedInit(Hook):
             raise ValueError(f"init.lr_scale: must be >= 0, got {ic.lr_scale}")
         self.cfg = cfg
         self.report: dict[str, dict[str, int]] = {}
+        self.export = load_embeddings(ic.embeddings)  # a bad export fails before training
 
-    def on_train_start(self, s: State) -> None:
-        from oneepoch.embeddings import load_embeddings
-
+    def _targets(self, s: State) -> dict[str, str]:
+        """Vocabulary -> "user" / "item" table, after checking that the export fits."""
         ic = self.cfg.init
-        exp = load_embeddings(ic.embeddings)
         emb = _embedding(s, "init.embeddings")
-        if exp.user.dim != emb.dim:
-            raise ValueError(f"init.embeddings: {ic.embeddings} has dim {exp.user.dim} but "
-                             f"model.emb_dim is {emb.dim}: set model.emb_dim={exp.user.dim}")
+        if self.export.user.dim != emb.dim:
+            raise ValueError(f"init.embeddings: {ic.embeddings} has dim {self.export.user.dim} "
+                             f"but model.emb_dim is {emb.dim}: set "
+                             f"model.emb_dim={self.export.user.dim}")
         targets: dict[str, str] = {}
         for kind, names in (("user", ic.user_fields), ("item", ic.item_fields)):
             for name in names:
                 vname = _field_vocab(s, f"init.{kind}_fields", name)
                 if targets.setdefault(vname, kind) != kind:
                     raise ValueError(f"init: vocabulary {vname!r} listed as both user and item")
+        for vname in targets:
+            if s.data.vocabs[vname].n_ids >= 0:
+                raise ValueError(f"init.embeddings: vocabulary {vname!r} is hashed "
+                                 "(data.sparsity=hash): raw IDs cannot be aligned")
+        return targets
+
+    def check(self, s: State) -> None:
+        self._targets(s)
+
+    def on_train_start(self, s: State) -> None:
+        ic = self.cfg.init
+        exp = self.export
+        emb = _embedding(s, "init.embeddings")
+        targets = self._targets(s)
         scale_vec = torch.ones(emb.table_rows, dtype=torch.float32)
         lr_scale = 0.0 if ic.mode == "frozen" else ic.lr_scale
         resumed = s.step > 0  # weights already come from the run's checkpoint
         for vname, kind in targets.items():
             vocab = s.data.vocabs[vname]
-            if vocab.n_ids >= 0:
-                raise ValueError(f"init.embeddings: vocabulary {vname!r} is hashed "
-                                 "(data.sparsity=hash): raw IDs cannot be aligned")
             table = exp.table(kind)
             start = emb.rows(vname).start + 1  # row 0 of the vocabulary = OOV: keep fresh
             found = table.rows_of(vocab.raw) > 0
@@ -109,15 +123,15 @@ class PretrainedInit(Hook):
                 raise ValueError("init.mode: the embedding table has no row-wise optimizer")
             ro.row_lr = scale_vec if ro.row_lr is None else ro.row_lr * scale_vec
         if self.report:
-            out = {"embeddings": ic.embeddings, "mode": ic.mode, "lr_scale": lr_scale,
-                   "vocabularies": self.report}
-            tmp = s.run_dir / "init.json.tmp"
-            tmp.write_text(json.dumps(out, indent=1))
-            os.replace(tmp, s.run_dir / "init.json")
+            atomic_write_json(s.run_dir / "init.json", {
+                "embeddings": ic.embeddings, "mode": ic.mode, "lr_scale": lr_scale,
+                "vocabularies": self.report})
 
 
 class SingleStageContrastive(Hook):
     """Adds ``weight x`` the contrastive loss over the batch's clicked (user, item) pairs."""
+
+    applies = "single_stage"
 
     def __init__(self, cfg: TrainConfig) -> None:
         sc = cfg.single_stage
@@ -130,6 +144,9 @@ class SingleStageContrastive(Hook):
         self.log_tau = torch.nn.Parameter(torch.tensor(math.log(sc.temperature)))
         self.opt = torch.optim.Adam([self.log_tau], lr=cfg.optim.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+
+    def check(self, s: State) -> None:
+        self.on_train_start(s)  # only reads the state
 
     def on_train_start(self, s: State) -> None:
         sc = self.cfg.single_stage
@@ -156,8 +173,6 @@ class SingleStageContrastive(Hook):
 
     def on_loss(self, s: State, batch: Any, logits: torch.Tensor, loss: torch.Tensor
                 ) -> torch.Tensor:
-        from oneepoch.pretrain.losses import contrastive_loss
-
         sc = self.cfg.single_stage
         pos = batch.label > 0.5
         if int(pos.sum()) < 2:
@@ -172,7 +187,7 @@ class SingleStageContrastive(Hook):
         c = F.embedding(cand_loc + self.ioff, w, sparse=True)
         if sc.normalize:
             u, c = F.normalize(u, dim=-1), F.normalize(c, dim=-1)
-        logq = (torch.log(len(i_loc) * self.q[cand_loc] + sc.n_uniform / (self.n_items - 1))
+        logq = (logq_correction(self.q[cand_loc], len(i_loc), sc.n_uniform, self.n_items)
                 if sc.logq else None)
         cl = contrastive_loss(u, c, self.tau(), i_loc, cand_loc, logq, True, 1024)
         return loss + sc.weight * cl
@@ -186,6 +201,19 @@ class SingleStageContrastive(Hook):
 
     def on_eval(self, s: State, row: dict[str, Any]) -> None:
         row["single_stage_tau"] = float(self.tau().detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learned temperature, its Adam state and the negative sampler's generator."""
+        return {"log_tau": self.log_tau.detach().clone(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from oneepoch.training.checkpoint import restore_optim_keys
+
+        with torch.no_grad():
+            self.log_tau.copy_(state["log_tau"])
+        self.opt.load_state_dict(restore_optim_keys(state["opt"]))
+        self.gen.set_state(state["gen"])
 
 
 def hooks_for(cfg: TrainConfig) -> list[Hook]:

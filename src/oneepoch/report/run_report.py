@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from oneepoch.probes.verdict import one_epoch_verdict
+from oneepoch.analysis import one_epoch_verdict
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_curves
-from oneepoch.training.trainer import read_metrics
+from oneepoch.runfolder import read_metrics
 
 
 def _run_label(run_dir: Path) -> str:

@@ -35,6 +35,7 @@ from oneepoch import kernels
 from oneepoch.data.batcher import Batch, Batcher
 from oneepoch.models.ctr import EmbeddingMLP
 from oneepoch.models.layers import Dice
+from oneepoch.training.hooks import changes_loss
 from oneepoch.training.optim import Optimizer
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -103,8 +104,6 @@ class FusedStep:
     def why_not(model: torch.nn.Module, opt: Optimizer, batcher: Batcher | None = None,
                 hooks: list | tuple = ()) -> str | None:
         """``None`` if the fast path applies to this run, else the reason it does not."""
-        from oneepoch.training.trainer import Hook
-
         if os.environ.get("ONEEPOCH_FUSED", "1") == "0":
             return "ONEEPOCH_FUSED=0"
         if not isinstance(model, EmbeddingMLP):
@@ -139,7 +138,7 @@ class FusedStep:
             return "per-row learning rates not a float32 CPU vector of the table's rows"
         if opt.track_updates:
             return "update norms are tracked"
-        if any(type(h).on_loss is not Hook.on_loss for h in hooks):
+        if changes_loss(hooks):
             return "a hook changes the loss"
         return None
 

@@ -1,6 +1,5 @@
 """``oneepoch reproduce zhang2022``: figure definitions, verdict rules, end to end (quick)."""
 
-import argparse
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from conftest import HAND_SCHEMA, hand_table, write_ctr
 from oneepoch.cli import main
 from oneepoch.data.dataset import load_ctr
+from oneepoch.recipes import ReproduceOptions
 from oneepoch.recipes import zhang2022 as z
 
 
@@ -137,8 +137,7 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
     ratios = json.loads((out / "fig16" / "result.json").read_text())["numbers"]["ratios"]
     assert set(ratios) == {"embedding", "fc1", "fc2", "fc3"}
     # analysis only: figure 8's arms were never trained, so its checks see no runs (n=0)
-    args = argparse.Namespace(figure="8", table=None, data=None, seeds=1, quick=True,
-                              out=str(out), workers=1, overrides=[])
+    args = ReproduceOptions(figure="8", seeds=1, quick=True, out=str(out), workers=1)
     assert z.reproduce(args, train=False) == 0
     assert not (out / "runs" / "sgd-0.1").exists()
     res = json.loads((out / "fig8" / "result.json").read_text())

@@ -108,3 +108,55 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunConflict(ValueError):
+    """A finished run in the folder was trained with other settings."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(run_dir: str | Path, config: dict[str, Any],
+                volatile: tuple[str, ...] = ("threads", "progress")) -> list[str] | None:
+    """Dotted keys whose value in ``RUN/config.yaml`` differs from ``config`` (``None`` when
+    the folder has no config); ``volatile`` keys do not change results and are ignored."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    if not p.exists():
+        return None
+    try:
+        old = _flat(yaml.safe_load(p.read_text()) or {})
+    except (yaml.YAMLError, AttributeError):
+        return ["config.yaml (unreadable)"]
+    new = _flat(yaml.safe_load(yaml.safe_dump(config)))
+    return sorted(k for k in set(old) | set(new)
+                  if k not in volatile and old.get(k) != new.get(k))
+
+
+def reuse(run_dir: str | Path, config: dict[str, Any]) -> str:
+    """What a recipe does with a run folder it wants to train with ``config``: ``"skip"`` a
+    finished run with these settings, ``"resume"`` an unfinished one with these settings and
+    an epoch checkpoint, ``"fresh"`` otherwise. A *finished* run with other settings is never
+    overwritten silently: :class:`RunConflict` names the settings that differ.
+
+    >>> reuse("runs/never-made", {"epochs": 3})
+    'fresh'
+    """
+    diff = config_diff(run_dir, config)
+    if is_finished(run_dir):
+        if diff:
+            raise RunConflict(f"{run_dir}: finished with other settings ({', '.join(diff)} "
+                              "differ); use another output folder or delete it")
+        return "skip"
+    if diff == [] and any((Path(run_dir) / "checkpoints").glob("epoch-*/state.json")):
+        return "resume"
+    return "fresh"

@@ -1,7 +1,8 @@
 """``oneepoch reproduce PAPER``: each figure / table of the two papers from one command.
 
 Papers: ``zhang2022`` (paper A, recipes/zhang2022.py) and ``hsu2024`` (paper B,
-recipes/hsu2024.py). Each recipe module provides ``reproduce(args) -> int``.
+recipes/hsu2024.py). Each recipe module provides
+``reproduce(opts: oneepoch.recipes.ReproduceOptions) -> int``.
 """
 
 from __future__ import annotations
@@ -37,4 +38,9 @@ def run(args: argparse.Namespace) -> int:
         mod = importlib.import_module(PAPERS[args.paper])
     except ModuleNotFoundError as e:
         raise ValueError(f"reproduce {args.paper}: not available in this version ({e})") from e
-    return int(mod.reproduce(args) or 0)
+    from oneepoch.recipes import ReproduceOptions
+
+    opts = ReproduceOptions(figure=args.figure, table=args.table, data=args.data,
+                            seeds=args.seeds, quick=args.quick, out=args.out,
+                            workers=args.workers, overrides=list(args.overrides or []))
+    return int(mod.reproduce(opts) or 0)

@@ -1,9 +1,7 @@
 """``oneepoch reproduce hsu2024``: paper B's Figure 2 and Table 1 on the built-in multi-surface
 world (or ``--data DIR`` holding ``engagements/`` and one CTR folder per surface).
 
-    >>> reproduce(argparse.Namespace(paper="hsu2024", figure="2", table=None, data=None,
-    ...                              seeds=1, quick=True, out="runs/r", workers=0,
-    ...                              overrides=[]))                          # doctest: +SKIP
+    >>> reproduce(ReproduceOptions(figure="2", seeds=1, quick=True, out="runs/r"))  # doctest: +SKIP
 
 * **Figure 2**: stage-1 held-out Hit@3 (full catalogue) per epoch, contrastive vs BCE, mean
   +/- std over seeds, plus held-out full-catalogue loss and train-subset Hit@3.
@@ -28,9 +26,7 @@ process at a time (``--workers`` is not used by this recipe).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,14 +40,15 @@ from oneepoch.config import TrainConfig, load_config, to_dict
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurface
+from oneepoch.io import atomic_write_text
 from oneepoch.metrics import auc
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.train import pretrain
+from oneepoch.recipes import ReproduceOptions
 from oneepoch.remedies import hooks_from_config
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_mean_std
-from oneepoch.runfolder import read_metrics
-from oneepoch.training.checkpoint import list_checkpoints
+from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.training.hooks import Hook, State
 from oneepoch.training.trainer import predict, train
 
@@ -157,24 +154,6 @@ class SlateMetrics(Hook):
 # ----------------------------------------------------------------------------- runs
 
 
-def _config_matches(run_dir: Path, cfg: Any) -> bool:
-    c = run_dir / "config.yaml"
-    return c.exists() and yaml.safe_load(c.read_text()) == yaml.safe_load(
-        yaml.safe_dump(to_dict(cfg)))
-
-
-def _same_config(run_dir: Path, cfg: Any) -> bool:
-    """A finished run with these settings (reused as it is)."""
-    return (run_dir / "summary.json").exists() and _config_matches(run_dir, cfg)
-
-
-def _resumable(run_dir: Path, cfg: Any) -> bool:
-    """An unfinished run with these settings and an epoch checkpoint (a killed reproduction
-    continues from it instead of starting over)."""
-    return (not (run_dir / "summary.json").exists() and _config_matches(run_dir, cfg)
-            and bool(list_checkpoints(run_dir)))
-
-
 def ensure_data(root: Path, preset: Preset) -> dict[str, Any]:
     """Write the multi-surface world to ``root`` unless one with the same settings exists."""
     info_path = root / "synth.json"
@@ -203,9 +182,10 @@ def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Prese
         f"data.path={data_root / 'engagements'}", f"loss.type={loss}", f"seed={seed}",
         "threads=1", "progress=false", *preset.pretrain, *overrides])
     run_dir = out / "pretrain" / f"{loss}-s{seed}"
-    if not _same_config(run_dir, cfg):
+    policy = reuse(run_dir, to_dict(cfg))
+    if policy != "skip":
         t = time.time()
-        res = pretrain(cfg, run_dir, resume=_resumable(run_dir, cfg))
+        res = pretrain(cfg, run_dir, resume=policy == "resume")
         print(f"  pretrain {loss} seed {seed}: {time.time() - t:.0f} s, "
               f"{res.pairs_per_s:,.0f} pairs/s, held-out Hit@3 {res.metrics[-1]['test_hit@3']:.4f}",
               flush=True)
@@ -228,10 +208,11 @@ def downstream_run(out: Path, data: CTRData, surface: str, method: str, seed: in
         raise ValueError(f"unknown method {method!r} (choose {METHODS})")
     cfg = load_config(TrainConfig, None, [*ov, *overrides])
     run_dir = out / "downstream" / surface / f"{method}-s{seed}"
-    if not _same_config(run_dir, cfg):
+    policy = reuse(run_dir, to_dict(cfg))
+    if policy != "skip":
         t = time.time()
         train(cfg, run_dir, hooks=[*hooks_from_config(cfg), SlateMetrics()], data=data,
-              resume=_resumable(run_dir, cfg))
+              resume=policy == "resume")
         print(f"  {surface} {method} seed {seed}: {time.time() - t:.0f} s", flush=True)
     return run_dir
 
@@ -466,13 +447,11 @@ def _table1_report(out: Path, res: dict[str, Any], preset: Preset) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.item()
-                              if isinstance(o, np.generic) else str(o)))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=lambda o: o.item()
+                                       if isinstance(o, np.generic) else str(o)))
 
 
-def reproduce(args: argparse.Namespace) -> int:
+def reproduce(args: ReproduceOptions) -> int:
     """Entry point of ``oneepoch reproduce hsu2024 --figure 2 | --table 1``."""
     if not args.figure and not args.table:
         raise ValueError("reproduce hsu2024: choose --figure 2 and/or --table 1")

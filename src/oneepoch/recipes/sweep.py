@@ -36,7 +36,7 @@ import yaml
 
 from oneepoch.analysis import drop_after, one_epoch_verdict
 from oneepoch.config import TrainConfig, load_config, to_dict
-from oneepoch.runfolder import is_finished, read_metrics
+from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.training.hooks import Hook
 
 PROBES = ("adistance", "updates")
@@ -97,15 +97,7 @@ def spec_config(spec: RunSpec) -> TrainConfig:
 
 def check_same_config(spec: RunSpec) -> None:
     """Refuse to skip a finished run that was trained with other settings than ``spec``."""
-    p = Path(spec.run_dir) / "config.yaml"
-    if not p.exists():
-        return
-    old = to_dict(load_config(TrainConfig, p, ["threads=1", "progress=false"]))
-    new = to_dict(spec_config(spec))
-    diff = sorted(k for k in new if old.get(k) != new[k])
-    if diff:
-        raise ValueError(f"{spec.run_dir}: finished with other settings ({', '.join(diff)} "
-                         "differ); use another output folder or delete it")
+    reuse(spec.run_dir, to_dict(spec_config(spec)))
 
 
 def _seed_from_checkpoint(src: Path, dst: Path) -> None:
@@ -130,8 +122,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
 
     cfg = spec_config(spec)
     run_dir = Path(spec.run_dir)
-    resume = False
-    if spec.continue_from:
+    resume = reuse(run_dir, to_dict(cfg)) == "resume"  # a killed run continues
+    if spec.continue_from and not resume:
         _seed_from_checkpoint(Path(spec.continue_from), run_dir)
         resume = True
     hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes)]
@@ -143,12 +135,7 @@ def run_specs(specs: Sequence[RunSpec], workers: int = 0, log: bool = True) -> l
     """Run the unfinished ``specs``: in this process (``workers=1``) or in a pool of processes
     (``0`` = one per core). Specs with ``continue_from`` wait until their source is finished.
     Returns one summary per run trained now."""
-    todo = []
-    for s in specs:
-        if is_finished(s.run_dir):
-            check_same_config(s)
-        else:
-            todo.append(s)
+    todo = [s for s in specs if reuse(s.run_dir, to_dict(spec_config(s))) != "skip"]
     skipped = len(specs) - len(todo)
     if log and skipped:
         print(f"skipping {skipped} finished run(s)", flush=True)

@@ -23,7 +23,6 @@ HTML table made from the same rows as ``table.md``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -40,6 +39,7 @@ from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.stats import field_counts
 from oneepoch.data.synthetic import SynthConfig
 from oneepoch.probes.updates import read_updates
+from oneepoch.recipes import ReproduceOptions
 from oneepoch.recipes.sweep import (
     SUMMARY_HEADER,
     PointSummary,
@@ -654,7 +654,7 @@ def write_report(out: Path) -> Path:
                       sections)
 
 
-def prepare_data(args: argparse.Namespace, preset: Preset, out: Path) -> Path:
+def prepare_data(args: ReproduceOptions, preset: Preset, out: Path) -> Path:
     """The data folder: ``--data`` or the built-in synthetic set under ``out/data``."""
     from oneepoch.recipes.demo import ensure_synthetic
 
@@ -667,7 +667,7 @@ def prepare_data(args: argparse.Namespace, preset: Preset, out: Path) -> Path:
     return path
 
 
-def setup(args: argparse.Namespace) -> tuple[Context, list[str]]:
+def setup(args: ReproduceOptions) -> tuple[Context, list[str]]:
     """The context of a reproduction (data made if needed) and the settings of every run."""
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
@@ -685,7 +685,7 @@ def setup(args: argparse.Namespace) -> tuple[Context, list[str]]:
     return Context(preset, out, data, arms, runs, fine), base
 
 
-def train_arms(args: argparse.Namespace, keys: Sequence[str]) -> None:
+def train_arms(args: ReproduceOptions, keys: Sequence[str]) -> None:
     """Train (or skip, when finished) the runs of some arms, e.g. ``["hash-0.0001"]``."""
     c, base = setup(args)
     unknown = [k for k in keys if k not in c.arms]
@@ -694,7 +694,7 @@ def train_arms(args: argparse.Namespace, keys: Sequence[str]) -> None:
     run_specs(_specs(c, list(keys), base, args.seeds), args.workers)
 
 
-def reproduce(args: argparse.Namespace, train: bool = True) -> int:
+def reproduce(args: ReproduceOptions, train: bool = True) -> int:
     """Entry point of ``oneepoch reproduce zhang2022`` (see module doc).
 
     With ``train=False`` nothing is trained: each figure is analysed from the runs finished so

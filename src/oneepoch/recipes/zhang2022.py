@@ -44,14 +44,13 @@ from oneepoch.recipes.sweep import (
     SUMMARY_HEADER,
     PointSummary,
     RunSpec,
-    is_finished,
     markdown_table,
     mean_curve,
     run_specs,
     summarize_point,
     summary_rows,
 )
-from oneepoch.runfolder import read_metrics
+from oneepoch.runfolder import is_finished, read_metrics
 
 # ----------------------------------------------------------------------------- presets
 

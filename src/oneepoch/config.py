@@ -36,6 +36,9 @@ class DataConfig:
     sparsity_m: float = 1.0  # keep the top-m fraction of IDs (filter) / m x IDs buckets (hash)
     sparsity_fields: list[str] = field(default_factory=list)  # empty = every field
     label_noise: float = 0.0  # fraction of training labels replaced by coin flips
+    valid_split: str = ""  # a split of the data set evaluated as validation ("" = none)
+    valid_share: float = 0.0  # else carve this share of train out as validation (0 = none)
+    valid_by: str = "random"  # random | order (the last rows of train, in file order)
 
 
 @dataclass
@@ -98,6 +101,33 @@ class SingleStageConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Early stopping inside an epoch, selected on the validation split (never on test)."""
+
+    metric: str = ""  # "" = off | auc | logloss (of the validation split)
+    patience: int = 0  # evaluations without improvement before training stops; 0 = select only
+    min_delta: float = 0.0  # improvement that counts
+
+
+@dataclass
+class MedaConfig:
+    """MEDA (Fan et al. 2024): re-initialise ID tables and their optimizer state at every
+    epoch start after the first; the MLP is kept."""
+
+    enabled: bool = False
+    fields: list[str] = field(default_factory=list)  # fields whose vocabularies reset; [] = all
+
+
+@dataclass
+class FreqLrConfig:
+    """Frequency-adaptive embedding learning rate (after Qiu et al. 2025): an ID seen c times
+    in train trains at lr x min(1, (c / threshold) ** power)."""
+
+    threshold: float = 0.0  # 0 = off
+    power: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
@@ -118,6 +148,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
     single_stage: SingleStageConfig = field(default_factory=SingleStageConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    meda: MedaConfig = field(default_factory=MedaConfig)
+    freq_lr: FreqLrConfig = field(default_factory=FreqLrConfig)
 
 
 T = TypeVar("T")

@@ -127,12 +127,55 @@ def corrupt_labels(label: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
+CARVED = "carved-valid"  # the split name of a validation share carved out of train
+
+
+def take_rows(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
+    """The rows ``rows`` of a split (a copy)."""
+    return EncodedSplit(np.ascontiguousarray(split.ids[rows]),
+                        [np.ascontiguousarray(q[rows]) for q in split.seqs],
+                        [np.ascontiguousarray(n[rows]) for n in split.lens],
+                        np.ascontiguousarray(split.label[rows]),
+                        None if split.user is None else np.ascontiguousarray(split.user[rows]))
+
+
+def carve_validation(data: CTRData, train: str, share: float, by: str = "random"
+                     ) -> CTRData:
+    """Move ``share`` of the ``train`` split to a new split :data:`CARVED`: a random subset
+    (one fixed draw per data set, whatever the training seed, so every run of a comparison
+    has the same splits) or, with ``by="order"``, the last rows in file order (the latest,
+    when the rows are in time order as the preparers write them). The vocabulary is not
+    rebuilt: carved rows still count as seen in training."""
+    if not 0 < share < 1:
+        raise ValueError(f"data.valid_share: must be in (0, 1), got {share}")
+    tr = data.splits[train]
+    n = len(tr)
+    k = int(round(share * n))
+    if k < 1 or k >= n:
+        raise ValueError(f"data.valid_share={share}: carves {k} of {n} train rows")
+    if by == "order":
+        keep, carved = np.arange(n - k), np.arange(n - k, n)
+    elif by == "random":
+        pick = np.zeros(n, dtype=bool)
+        pick[np.random.default_rng([20221, n]).choice(n, k, replace=False)] = True
+        keep, carved = np.flatnonzero(~pick), np.flatnonzero(pick)
+    else:
+        raise ValueError(f"data.valid_by: unknown value {by!r} (choose random, order)")
+    return replace(data, splits={**data.splits, train: take_rows(tr, keep),
+                                 CARVED: take_rows(tr, carved)})
+
+
 def apply_transforms(data: CTRData, cfg: DataConfig, seed: int = 0) -> CTRData:
-    """Apply the transforms a :class:`DataConfig` asks for, in a fixed order."""
+    """Apply the transforms a :class:`DataConfig` asks for, in a fixed order: drop fields,
+    filter / hash, carve validation out of train, label noise (train only)."""
     if cfg.exclude_fields:
         data = exclude_fields(data, cfg.exclude_fields)
     # one fixed hash per (data set, m), whatever the training seed
     data = sparsify(data, cfg.sparsity, cfg.sparsity_m, cfg.sparsity_fields or None, 0)
+    if cfg.valid_share > 0:
+        if cfg.valid_split:
+            raise ValueError("data.valid_split and data.valid_share: set one of them")
+        data = carve_validation(data, cfg.train_split, cfg.valid_share, cfg.valid_by)
     if cfg.label_noise > 0:
         tr = data.splits[cfg.train_split]
         noisy = replace(tr, label=corrupt_labels(tr.label, cfg.label_noise, seed))

@@ -64,6 +64,10 @@ class Hook:
     def on_eval(self, s: State, row: dict[str, Any]) -> None: ...  # may add keys to row
     def on_train_end(self, s: State) -> None: ...
 
+    def summary(self) -> dict[str, Any]:
+        """Entries this hook adds to the run's ``summary.json`` at the end."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """State to keep in the run's checkpoints (tensors, numbers, lists, dicts)."""
         return {}

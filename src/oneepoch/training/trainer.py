@@ -27,7 +27,7 @@ from oneepoch.analysis import Verdict, one_epoch_verdict
 from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
-from oneepoch.data.transforms import apply_transforms
+from oneepoch.data.transforms import CARVED, apply_transforms
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
@@ -110,8 +110,16 @@ def prepare_data(cfg: TrainConfig, data: CTRData | None = None) -> CTRData:
     if data is None:
         if not cfg.data.path:
             raise ValueError("data.path: no data set given (a folder with schema.yaml)")
-        data = load_ctr(cfg.data.path, [cfg.data.train_split, cfg.data.test_split])
+        want = [cfg.data.train_split, cfg.data.test_split]
+        data = load_ctr(cfg.data.path, want + [cfg.data.valid_split] * bool(cfg.data.valid_split))
     return apply_transforms(data, cfg.data, cfg.seed)
+
+
+def valid_split_name(cfg: TrainConfig) -> str | None:
+    """The split evaluated as validation (``valid_*`` metrics), if any."""
+    if cfg.data.valid_split:
+        return cfg.data.valid_split
+    return CARVED if cfg.data.valid_share > 0 else None
 
 
 def build(cfg: TrainConfig, data: CTRData) -> tuple[torch.nn.Module, Optimizer]:
@@ -134,7 +142,15 @@ def config_hooks(cfg: TrainConfig) -> list[str]:
     """The settings of ``cfg`` that a hook applies (``hooks_from_config`` builds them); train()
     refuses to ignore one silently."""
     return [k for k, on in (("init.embeddings", bool(cfg.init.embeddings)),
-                            ("single_stage", cfg.single_stage.weight > 0)) if on]
+                            ("single_stage", cfg.single_stage.weight > 0),
+                            ("early_stop", bool(cfg.early_stop.metric)),
+                            ("meda", cfg.meda.enabled),
+                            ("freq_lr", cfg.freq_lr.threshold > 0)) if on]
+
+
+def stopped_early(hooks: Sequence[Hook]) -> bool:
+    """True when a hook ended the run on purpose (early stopping): it counts as finished."""
+    return any(getattr(h, "stopped", False) for h in hooks)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
@@ -165,6 +181,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     n_sub = min(cfg.eval.train_rows, len(train_split))
     sub = np.sort(np.random.default_rng([cfg.seed, 99]).choice(len(train_split), n_sub, False))
     sub_users = None if train_split.user is None else np.asarray(train_split.user[sub])
+    vname = valid_split_name(cfg)
+    valid_split = data.splits[vname] if vname else None
+    eval_valid = Batcher(valid_split, cfg.eval.batch_size, cfg.device) if valid_split else None
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
@@ -172,6 +191,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     def evaluate_now() -> dict[str, Any]:
         out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test")
         out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
+        if eval_valid is not None:
+            out.update(evaluate(model, eval_valid, None, valid_split.label, valid_split.user,
+                                "valid"))
         return out
 
     def batches(epoch: int) -> Iterator[np.ndarray]:
@@ -204,7 +226,12 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         base = {"step_path": loop.step.path, "step_path_reason": loop.step.reason}
         summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
-                   **base, "finished": not s.stop and s.step >= total}
+                   **base, "finished": s.step >= total or stopped_early(hooks)}
+        if vname:
+            summary["validation"] = {"split": vname, "rows": len(valid_split),
+                                     "carved_by": cfg.data.valid_by if vname == CARVED else None}
+        for h in hooks:
+            summary.update(h.summary())
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()

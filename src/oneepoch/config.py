@@ -230,7 +230,7 @@ class InitConfig:
     lr_scale: float = num(0.1, ge=0)  # finetune: lr multiplier of the pre-trained rows (frozen: 0)
     user_fields: list[str] = field(default_factory=lambda: ["user_ID"])  # from the user table
     item_fields: list[str] = field(default_factory=lambda: ["item_ID"])  # + fields sharing vocab
-    scale: float = 1.0  # multiply the loaded vectors
+    scale: float = num(1.0)  # multiply the loaded vectors (any finite number)
 
 
 def check_temperature(temperature: float, tau_min: float, tau_max: float, prefix: str) -> None:

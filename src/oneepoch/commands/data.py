@@ -99,7 +99,9 @@ def register_prepare(dsub: argparse._SubParsersAction) -> None:
         description="Write a data set in the project's format (Parquet + schema.yaml, plus "
         "prepare.md with rows read / dropped and per-field statistics, and engagements/ for "
         "pre-training where the source allows) from raw files. Nothing is downloaded.",
-        epilog="data sets:\n\n" + "\n".join(lines) + "example: oneepoch data prepare "
+        epilog="data sets (options: name=default, or name=default|other for one with "
+        "choices; typos and out-of-range values are refused before anything is read):\n\n"
+        + "\n".join(lines) + "example: oneepoch data prepare "
         "movielens --raw ml-100k/ --out data/ml100k --set threshold=4 max_len=20")
     pp.add_argument("name", choices=sorted(PREPARERS), metavar="NAME",
                     help="one of: " + ", ".join(sorted(PREPARERS)))

@@ -429,9 +429,19 @@ def load_config(cls: type[T], path: str | Path | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of settings")
         d = loaded
+    from_file = copy.deepcopy(d)
     parse_overrides(overrides, d)
     try:
         return from_dict(cls, d)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(where + str(e)) from None
+        # name the file only when the error is in it (not when an override caused it)
+        in_file = path is not None and (not overrides or not _loads(cls, from_file))
+        raise ConfigError((f"{path}: " if in_file else "") + str(e)) from None
+
+
+def _loads(cls: type, d: dict[str, Any]) -> bool:
+    try:
+        from_dict(cls, d)
+    except ConfigError:
+        return False
+    return True

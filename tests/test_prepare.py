@@ -419,7 +419,8 @@ def test_interactions_errors(tmp_path):
     with pytest.raises(PrepareError, match=r"t\.csv: line 3: column 'lab': expected 0 or 1"):
         prepare("interactions", raw, tmp_path / "o", {"user": "user", "item": "item",
                                                       "label": "lab"}, progress=False)
-    with pytest.raises(PrepareError, match=r"unknown option\(s\) \['lable'\]"):
+    with pytest.raises(PrepareError, match=r"prepare interactions: unknown config key 'lable' "
+                       r"\(did you mean 'label'\?\)"):
         prepare("interactions", raw, tmp_path / "o", {"lable": "lab"}, progress=False)
     with pytest.raises(PrepareError, match="unknown data set 'nope'"):
         prepare("nope", raw, tmp_path / "o")
@@ -440,7 +441,8 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["data", "prepare", "movielens", "--raw", str(raw), "--out", str(out),
                  "--overwrite", "--quiet", "--set", "split=weekly"]) == 2
-    assert "split must be 'user' or 'global'" in capsys.readouterr().err
+    assert ("prepare movielens: config key 'split': got 'weekly'; allowed: user, global"
+            in capsys.readouterr().err)
     assert (out / "train.parquet").exists()  # the failed run left the old data set intact
     assert sorted(PREPARERS) == ["amazon-books", "interactions", "movielens",
                                  "taobao-userbehavior"]

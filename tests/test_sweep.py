@@ -44,8 +44,13 @@ def test_make_probe_errors():
         make_probe("gradnorm")
     with pytest.raises(ValueError, match="key=value"):
         make_probe("adistance:rows")
-    with pytest.raises(ValueError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="unknown config key 'rows'"):
         make_probe("updates:rows=3")
+    with pytest.raises(ValueError, match=r"unknown config key 'row' \(did you mean 'rows'"):
+        make_probe("adistance:row=3")
+    with pytest.raises(ValueError, match=r"config key 'rows': got 4; must be >= 8"):
+        make_probe("adistance:rows=4")
+    assert make_probe("adistance:rows=1e3").rows == 1000
     p = make_probe("adistance:rows=500,per_field=false,every=3")
     assert (p.rows, p.per_field, p.every) == (500, False, 3)
 

@@ -40,14 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def synth(args: argparse.Namespace) -> int:
-    import yaml
-
+    from oneepoch.config import parse_overrides
     from oneepoch.data.synthetic import SynthConfig, write_synthetic
 
-    kw = {}
-    for item in args.set:
-        k, _, val = item.partition("=")
-        kw[k] = yaml.safe_load(val)
+    kw = parse_overrides(args.set)
     if args.rows:
         kw["n_train"] = args.rows
     if args.test_rows:
@@ -55,7 +51,7 @@ def synth(args: argparse.Namespace) -> int:
     kw["seed"] = args.seed
     if getattr(args, "surfaces", None):
         return synth_surfaces(args, kw)
-    info = write_synthetic(args.out, SynthConfig.from_dict(kw))
+    info = write_synthetic(args.out, SynthConfig.from_dict(kw))  # checked before writing
     print(f"wrote {args.out}: {info['rows']['train']:,} train / {info['rows']['test']:,} test rows")
     print(f"ground-truth AUC on test (ceiling): {info['ground_truth_auc_test']:.4f}")
     print(f"item IDs in train: {info['item_ids_in_train']:,}; the least frequent half of them "
@@ -103,7 +99,9 @@ def register_prepare(dsub: argparse._SubParsersAction) -> None:
         description="Write a data set in the project's format (Parquet + schema.yaml, plus "
         "prepare.md with rows read / dropped and per-field statistics, and engagements/ for "
         "pre-training where the source allows) from raw files. Nothing is downloaded.",
-        epilog="data sets:\n\n" + "\n".join(lines) + "example: oneepoch data prepare "
+        epilog="data sets (options: name=default, or name=default|other for one with "
+        "choices; typos and out-of-range values are refused before anything is read):\n\n"
+        + "\n".join(lines) + "example: oneepoch data prepare "
         "movielens --raw ml-100k/ --out data/ml100k --set threshold=4 max_len=20")
     pp.add_argument("name", choices=sorted(PREPARERS), metavar="NAME",
                     help="one of: " + ", ".join(sorted(PREPARERS)))
@@ -119,16 +117,10 @@ def register_prepare(dsub: argparse._SubParsersAction) -> None:
 
 
 def prepare_cmd(args: argparse.Namespace) -> int:
-    import yaml
-
+    from oneepoch.config import parse_overrides
     from oneepoch.data.prepare import prepare
 
-    opts = {}
-    for item in args.set:
-        k, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        opts[k] = yaml.safe_load(val)
+    opts = parse_overrides(args.set)  # typed and checked by the preparer's options dataclass
     if args.seed is not None:
         opts["seed"] = args.seed
     if args.max_len is not None:
@@ -159,19 +151,18 @@ def add_surface_options(s: argparse.ArgumentParser) -> None:
 
 
 def synth_surfaces(args: argparse.Namespace, kw: dict) -> int:
-    from dataclasses import replace
-
+    from oneepoch.config import from_dict
     from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurface
 
-    base = SurfacesConfig()
-    rows = {k: kw.pop(k) for k in ("n_train", "n_test") if k in kw}
-    if "n_test" in rows:
-        rows["n_valid"] = rows["n_test"]
-    world = replace(base.world, **{f: v for f, v in SynthConfig.from_dict(kw).__dict__.items()
-                                   if f in kw})
-    cfg = replace(base, world=world, surfaces=[x for x in args.surfaces.split(",") if x], **rows)
+    # --rows / --test-rows are per surface; every other --set key is a world setting
+    d: dict = {k: kw.pop(k) for k in ("n_train", "n_test") if k in kw}
+    if "n_test" in d:
+        d["n_valid"] = d["n_test"]
+    world = SynthConfig.from_dict(kw, base=SurfacesConfig().world)
+    d["surfaces"] = [x for x in args.surfaces.split(",") if x]
     if args.engagement_ratio:
-        cfg.engagement_ratio = args.engagement_ratio
+        d["engagement_ratio"] = args.engagement_ratio
+    cfg = from_dict(SurfacesConfig, d, base=SurfacesConfig(world=world))
     info = write_multisurface(args.out, cfg)
     print(f"wrote {args.out}/engagements: {info['engagements']['train']:,} engagements "
           f"(+ {info['engagements']['test']:,} held out)")

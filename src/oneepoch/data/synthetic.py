@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from oneepoch.config import ConfigError, choice, from_dict, num
 from oneepoch.data.schema import Feature, Schema
 from oneepoch.io import atomic_dir
 from oneepoch.metrics import auc
@@ -37,37 +38,42 @@ from oneepoch.metrics import auc
 
 @dataclass
 class SynthConfig:
-    """Settings of the hidden world and of the sample."""
+    """Settings of the hidden world and of the sample (ranges checked by :meth:`from_dict`)."""
 
-    n_users: int = 100_000
-    n_items: int = 500_000
-    n_cates: int = 200
-    n_scenes: int = 19
-    dim: int = 8
-    cate_share: float = 0.7  # item latent = cate_share * category latent + sqrt(1-c^2) * own
-    item_zipf: float = 0.9
-    cate_zipf: float = 0.7
-    affinity: float = 2.0
-    pop_coef: float = 0.3
-    item_bias_std: float = 1.0
-    scene_bias_std: float = 0.3
-    offset: float = -0.5
-    n_segments: int = 30  # user_age x user_gender cells: nearest of these centroids
-    hist_min: int = 5
-    hist_max: int = 20
-    hist_candidates: int = 100
-    n_train: int = 400_000
-    n_test: int = 50_000
-    seed: int = 0
+    n_users: int = num(100_000, ge=1)
+    n_items: int = num(500_000, ge=1)
+    n_cates: int = num(200, ge=1)
+    n_scenes: int = num(19, ge=1)
+    dim: int = num(8, ge=1)
+    cate_share: float = num(0.7, ge=0, le=1)  # item latent = c * cate latent + sqrt(1-c^2) * own
+    item_zipf: float = num(0.9, ge=0)
+    cate_zipf: float = num(0.7, ge=0)
+    affinity: float = num(2.0)
+    pop_coef: float = num(0.3)
+    item_bias_std: float = num(1.0, ge=0)
+    scene_bias_std: float = num(0.3, ge=0)
+    offset: float = num(-0.5)
+    n_segments: int = num(30, ge=1)  # user_age x user_gender cells: nearest of these centroids
+    hist_min: int = num(5, ge=0)
+    hist_max: int = num(20, ge=1)
+    hist_candidates: int = num(100, ge=1)
+    n_train: int = num(400_000, ge=1)
+    n_test: int = num(50_000, ge=1)
+    seed: int = num(0, ge=0)
+
+    def validate(self, prefix: str) -> None:
+        if not self.hist_min <= self.hist_max <= self.hist_candidates:
+            raise ConfigError(f"synthetic data: need {prefix}hist_min ({self.hist_min}) <= "
+                              f"{prefix}hist_max ({self.hist_max}) <= {prefix}hist_candidates "
+                              f"({self.hist_candidates})")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SynthConfig:
-        known = {f.name for f in fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise ValueError(f"synthetic data: unknown setting(s) {sorted(bad)}; "
-                             f"known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], base: SynthConfig | None = None) -> SynthConfig:
+        """Settings from ``key: value`` pairs (e.g. parsed ``--set`` items) over ``base``
+        (default: the defaults above): unknown keys (with a did-you-mean), values of the wrong
+        type (``n_items=1e5`` is read as 100000) and out-of-range values are a
+        :class:`~oneepoch.config.ConfigError`."""
+        return from_dict(cls, d, base=base)
 
 
 @dataclass
@@ -261,13 +267,18 @@ class SurfacesConfig:
 
     world: SynthConfig = field(default_factory=lambda: SynthConfig(
         n_users=10_000, n_items=20_000))
-    surfaces: list[str] = field(default_factory=lambda: ["homefeed", "related"])
-    n_train: int = 50_000  # ranking rows per surface (train split)
-    n_valid: int = 10_000
-    n_test: int = 10_000
-    engagement_ratio: float = 20.0
-    n_heldout: int = 20_000
-    slate: int = 10  # valid / test impressions come in requests of this many items per user
+    surfaces: list[str] = choice(*DEFAULT_SURFACES, default=["homefeed", "related"])
+    n_train: int = num(50_000, ge=1)  # ranking rows per surface (train split)
+    n_valid: int = num(10_000, ge=1)
+    n_test: int = num(10_000, ge=1)
+    engagement_ratio: float = num(20.0, ge=0)
+    n_heldout: int = num(20_000, ge=1)
+    slate: int = num(10, ge=0)  # valid / test impressions: requests of this many items per user
+
+    def validate(self, prefix: str) -> None:
+        if not self.surfaces:
+            raise ConfigError(f"config key '{prefix}surfaces': name at least one surface "
+                              f"({', '.join(DEFAULT_SURFACES)})")
 
 
 def surface_spec(name: str) -> SurfaceSpec:

@@ -5,14 +5,15 @@
     >>> cfg.loss.type, cfg.model.dim, cfg.eval.ks
     ('bce', 32, [3, 50])
 
-``configs/pretrain.yaml`` lists every default with a comment.
+``configs/pretrain.yaml`` lists every default with a comment. Choices and ranges are declared
+on the fields and checked when the settings are loaded (see :mod:`oneepoch.config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from oneepoch.config import OptimConfig
+from oneepoch.config import ConfigError, OptimConfig, check_temperature, choice, num
 
 
 @dataclass
@@ -20,52 +21,58 @@ class PretrainDataConfig:
     path: str = ""  # engagement data set (schema.yaml with format: engagements)
     train_split: str = "train"
     test_split: str = "test"  # held-out engagements; "" = hold out `holdout` of train
-    holdout: float = 0.02  # fraction of train held out when test_split is ""
+    holdout: float = num(0.02, gt=0, lt=1)  # fraction of train held out when test_split is ""
     surfaces: list[str] = field(default_factory=list)  # keep only these surfaces (empty = all)
 
 
 @dataclass
 class PretrainModelConfig:
-    dim: int = 64
-    init_std: float = 0.1
+    dim: int = num(64, ge=1)
+    init_std: float = num(0.1, ge=0)
     normalize: bool = False  # L2-normalise user and item vectors before the dot product
 
 
 @dataclass
 class LossConfig:
-    type: str = "contrastive"  # contrastive (paper B Eq. 1) | bce (random negatives)
+    type: str = choice("contrastive", "bce")  # contrastive (paper B Eq. 1) | bce (random negs)
     in_batch: bool = True  # the batch's other positives are negatives
-    n_uniform: int = 4096  # extra negatives drawn uniformly from the catalogue, per batch
+    n_uniform: int = num(4096, ge=0)  # extra negatives drawn uniformly from the catalogue
     logq: bool = False  # subtract log(expected sampling count) from every logit
-    temperature: float = 0.1  # initial tau
+    temperature: float = num(0.1, gt=0)  # initial tau
     learn_temperature: bool = True
-    tau_min: float = 0.01  # tau is exp(log_tau) clamped to [tau_min, tau_max]
-    tau_max: float = 1.0
-    bce_negatives: int = 4  # bce: uniform negatives per positive
-    chunk: int = 128  # rows of the logit matrix computed at once (a block stays in cache)
+    tau_min: float = num(0.01, gt=0)  # tau is exp(log_tau) clamped to [tau_min, tau_max]
+    tau_max: float = num(1.0, gt=0)
+    bce_negatives: int = num(4, ge=1)  # bce: uniform negatives per positive
+    chunk: int = num(128, ge=1)  # rows of the logit matrix computed at once (stays in cache)
+
+    def validate(self, prefix: str) -> None:
+        check_temperature(self.temperature, self.tau_min, self.tau_max, prefix)
+        if self.type == "contrastive" and not self.in_batch and self.n_uniform <= 0:
+            raise ConfigError(f"config key '{prefix}n_uniform': {prefix}in_batch=false needs "
+                              f"{prefix}n_uniform > 0 (no negatives otherwise)")
 
 
 @dataclass
 class PretrainEvalConfig:
-    per_epoch: int = 2  # evaluations per epoch (plus one before training)
-    ks: list[int] = field(default_factory=lambda: [3, 50])  # Hit / Recall / NDCG at these K
-    max_pairs: int = 20_000  # held-out pairs ranked (a fixed random subset when more)
-    train_pairs: int = 20_000  # fixed train subset ranked the same way (overfitting check)
+    per_epoch: int = num(2, ge=1)  # evaluations per epoch (plus one before training)
+    ks: list[int] = num([3, 50], ge=1)  # Hit / Recall / NDCG at these K
+    max_pairs: int = num(20_000, ge=1)  # held-out pairs ranked (a fixed random subset if more)
+    train_pairs: int = num(20_000, ge=1)  # fixed train subset ranked the same way (overfitting)
     exclude_seen: bool = False  # drop the user's training items from the candidates
-    batch_size: int = 1024  # users scored against the full catalogue at once
+    batch_size: int = num(1024, ge=1)  # users scored against the full catalogue at once
 
 
 @dataclass
 class PretrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
-    epochs: int = 10
-    batch_size: int = 4096  # positive pairs per step
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    epochs: int = num(10, ge=1)
+    batch_size: int = num(4096, ge=1)  # positive pairs per step
+    seed: int = num(0, ge=0)
+    threads: int = num(0, ge=0)  # torch intra-op threads; 0 = all cores
     progress: bool = True
     export: bool = True  # write RUN/embeddings/ at the end
-    checkpoint_keep: int = 1  # epoch checkpoints kept (0 = all)
+    checkpoint_keep: int = num(1, ge=0)  # epoch checkpoints kept (0 = all)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

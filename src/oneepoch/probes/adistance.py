@@ -25,11 +25,13 @@ metrics rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from oneepoch.config import num
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import EncodedSplit
 from oneepoch.training.hooks import Hook, State
@@ -121,6 +123,16 @@ def balanced_sample(label: np.ndarray, n: int, seed: int | list[int]) -> np.ndar
                                    rng.choice(neg, k, replace=False)]))
 
 
+@dataclass
+class ADistanceSettings:
+    """The settings of :class:`ADistanceProbe` (probe spec ``adistance:rows=4000,every=2``)."""
+
+    rows: int = num(4000, ge=8)
+    every: int = num(1, ge=1)
+    per_field: bool = True
+    seed: int = num(0, ge=0)
+
+
 class ADistanceProbe(Hook):
     """Track the A-distance of EMB(x) on fixed train and test samples at evaluation points.
 
@@ -135,6 +147,8 @@ class ADistanceProbe(Hook):
         >>> res = train(cfg, hooks=[ADistanceProbe(rows=4000, every=2)])   # doctest: +SKIP
         >>> res.metrics[-1]["adist_train"], res.metrics[-1]["adist_train_item_ID"]  # doctest: +SKIP
     """
+
+    Settings = ADistanceSettings  # what a probe spec may set (checked by ``make_probe``)
 
     def __init__(self, rows: int = 4000, every: int = 1, per_field: bool = True,
                  seed: int = 0) -> None:

@@ -14,6 +14,7 @@ metrics row also gets ``upd_<group>``: the mean per-step norm since the previous
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,15 @@ def read_updates(run_dir: str | Path) -> dict[str, np.ndarray]:
     return {c: t.column(c).to_numpy() for c in t.column_names}
 
 
+@dataclass
+class UpdateNormSettings:
+    """:class:`UpdateNormLogger` has no settings (probe spec ``updates``)."""
+
+
 class UpdateNormLogger(Hook):
     """Log the l-inf norm of each step's applied update per layer group (see module doc)."""
+
+    Settings = UpdateNormSettings  # what a probe spec may set (checked by ``make_probe``)
 
     def __init__(self) -> None:
         self._groups: dict[str, list[str]] = {}

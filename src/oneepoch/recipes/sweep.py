@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from oneepoch.analysis import drop_after, one_epoch_verdict
 from oneepoch.config import TrainConfig, load_config, to_dict
@@ -68,26 +67,34 @@ class RunSpec:
 def make_probe(spec: str) -> Hook:
     """A probe hook from ``name`` or ``name:key=value,...`` (names: ``adistance``, ``updates``).
 
+    The settings are read like every other config (:func:`oneepoch.config.from_dict` on the
+    probe's ``Settings`` dataclass): typed, range-checked, unknown keys with a did-you-mean.
+
     >>> type(make_probe("adistance:every=2,rows=1000")).__name__
     'ADistanceProbe'
     """
+    import difflib
+
+    from oneepoch.config import ConfigError, from_dict, parse_overrides
     from oneepoch.probes.adistance import ADistanceProbe
     from oneepoch.probes.updates import UpdateNormLogger
 
     name, _, args = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, args.split(",")):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ValueError(f"probe {spec!r}: expected key=value after ':', got {item!r}")
-        kwargs[k.strip()] = yaml.safe_load(v.strip())  # 6000 -> int, false -> bool
-    cls = {"adistance": ADistanceProbe, "updates": UpdateNormLogger}.get(name)
-    if cls is None:
-        raise ValueError(f"probe {name!r}: unknown (choose {', '.join(PROBES)})")
+    name = name.strip()
+    classes: dict[str, Any] = {"adistance": ADistanceProbe, "updates": UpdateNormLogger}
+    if name not in classes:
+        near = difflib.get_close_matches(name, PROBES, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"probe {name!r}: unknown{hint}; choose {', '.join(PROBES)}")
+    items = [a.strip() for a in args.split(",") if a.strip()]
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"probe {spec!r}: expected key=value after ':', got {item!r}")
     try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"probe {spec!r}: {e}") from None
+        settings = from_dict(classes[name].Settings, parse_overrides(items))
+    except ConfigError as e:
+        raise ConfigError(f"probe {spec!r}: {e}") from None
+    return classes[name](**asdict(settings))
 
 
 def spec_config(spec: RunSpec) -> TrainConfig:

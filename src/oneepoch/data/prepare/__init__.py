@@ -39,13 +39,15 @@ class Preparer:
                        self.function)
 
     def option_help(self) -> list[str]:
-        """``name=default`` for every option (for ``--help``)."""
+        """``name=default`` for every option, or ``name=default|other|...`` for one with
+        choices (for ``--help``)."""
         cls = getattr(importlib.import_module(f"oneepoch.data.prepare.{self.module}"),
                       self.options)
         out = []
         for f in fields(cls):
             default = f.default if not callable(f.default_factory) else f.default_factory()
-            out.append(f"{f.name}={default}")
+            others = [c for c in f.metadata.get("choices", ()) if c != default]
+            out.append(f"{f.name}={default}" + "".join(f"|{c}" for c in others))
         return out
 
 

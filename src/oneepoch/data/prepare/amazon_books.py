@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from oneepoch.config import num
 from oneepoch.data.prepare.common import (
     PrepareError,
     Summary,
@@ -59,16 +60,11 @@ META_FIELDS = {"asin": pa.string(), "categories": pa.list_(pa.list_(pa.string())
 class AmazonBooksOptions:
     """Settings of the Amazon Books preparer (``--set key=value``)."""
 
-    max_len: int = 20  # history length (earlier reviews)
-    min_history: int = 1  # DIN: a user's first review is history only
-    negatives: int = 1  # per positive
+    max_len: int = num(20, ge=1)  # history length (earlier reviews)
+    min_history: int = num(1, ge=0)  # DIN: a user's first review is history only
+    negatives: int = num(1, ge=1)  # per positive
     user_id: bool = True  # user_ID as a feature (paper A's Table 2 lists it)
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.max_len < 1 or self.negatives < 1 or self.min_history < 0:
-            raise PrepareError("prepare amazon-books: max_len and negatives must be >= 1, "
-                               "min_history >= 0")
+    seed: int = num(0, ge=0)
 
 
 def _meta_extract(obj: dict[str, Any]) -> tuple[Any, Any, Any]:

@@ -19,11 +19,11 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from oneepoch.config import ConfigError, from_dict
 from oneepoch.data.schema import DataError, Schema
 from oneepoch.io import atomic_dir as _atomic_dir
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+T = TypeVar("T")
 
 
 class PrepareError(DataError):
@@ -569,42 +573,12 @@ def write_engagements(directory: Path, table: pa.Table, name: str,
     return schema
 
 
-def make_options(cls: type, values: dict[str, Any], name: str) -> Any:
-    """Build a preparer's options dataclass from ``key: value`` settings, refusing unknown keys
-    (listing the known ones) and checking each value's type against the default's."""
-    from dataclasses import MISSING, fields
-
-    known = {f.name: f for f in fields(cls)}
-    bad = sorted(set(values) - set(known))
-    if bad:
-        raise PrepareError(f"prepare {name}: unknown option(s) {bad}; known: {sorted(known)}")
-    kw: dict[str, Any] = {}
-    for k, v in values.items():
-        f = known[k]
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else None)
-        if isinstance(default, bool):
-            if not isinstance(v, bool):
-                raise PrepareError(f"prepare {name}: option {k} must be true or false, got {v!r}")
-        elif isinstance(default, int) and not isinstance(v, bool):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            if not isinstance(v, int):
-                raise PrepareError(f"prepare {name}: option {k} must be an integer, got {v!r}")
-        elif isinstance(default, float):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise PrepareError(f"prepare {name}: option {k} must be a number, got {v!r}")
-            v = float(v)
-        elif isinstance(default, list):
-            if isinstance(v, str):
-                v = [x for x in v.split(",") if x]
-            if not isinstance(v, list):
-                raise PrepareError(f"prepare {name}: option {k} must be a list, got {v!r}")
-        elif isinstance(default, str):
-            v = "" if v is None else str(v)
-        kw[k] = v
-    opts = cls(**kw)
-    check = getattr(opts, "check", None)
-    if check:
-        check()
-    return opts
+def make_options(cls: type[T], values: Mapping[str, Any], name: str) -> T:
+    """Build a preparer's options dataclass from ``key: value`` settings through
+    :func:`oneepoch.config.from_dict` (the one settings mechanism): unknown keys (with a
+    did-you-mean), wrong types and values outside the fields' declared choices or ranges are a
+    :class:`PrepareError` naming the preparer and the option."""
+    try:
+        return from_dict(cls, values)
+    except ConfigError as e:
+        raise PrepareError(f"prepare {name}: {e}") from None

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from oneepoch.config import ConfigError, num, setting
 from oneepoch.data.prepare.common import (
     PrepareError,
     Summary,
@@ -56,6 +57,11 @@ from oneepoch.data.prepare.samples import (
 )
 
 
+def _one_char(v: str) -> str | None:
+    ok = len(v) == 1 or v in ("\\t", "tab")
+    return None if ok else "the delimiter must be one character (\\t or tab for tabs)"
+
+
 @dataclass
 class InteractionsOptions:
     """Settings of the generic interaction-table preparer (``--set key=value``)."""
@@ -68,28 +74,21 @@ class InteractionsOptions:
     time: str = ""  # timestamp column (histories; per-user time split when no split column)
     item_features: list[str] = field(default_factory=list)
     user_features: list[str] = field(default_factory=list)
-    negatives: int = 1  # per positive, positive-only logs
-    max_len: int = 20  # history length (needs time)
-    min_history: int = 0
-    test_fraction: float = 0.2  # without a split column
+    negatives: int = num(1, ge=0)  # per positive, positive-only logs
+    max_len: int = num(20, ge=0)  # history length (needs time)
+    min_history: int = num(0, ge=0)
+    test_fraction: float = num(0.2, gt=0, lt=1)  # without a split column
     user_id: bool = True  # user_ID as a feature
-    delimiter: str = ","
-    seed: int = 0
+    delimiter: str = setting(",", check=_one_char)  # one character (\\t or tab: a tab)
+    seed: int = num(0, ge=0)
 
-    def check(self) -> None:
+    def validate(self, prefix: str) -> None:
         if not self.user or not self.item:
-            raise PrepareError("prepare interactions: user and item columns must be named")
-        if self.negatives < 0 or self.max_len < 0 or self.min_history < 0:
-            raise PrepareError("prepare interactions: negatives, max_len and min_history "
-                               "must be >= 0")
+            raise ConfigError(f"config keys '{prefix}user' and '{prefix}item': name the user "
+                              "and item columns")
         if not self.label and self.negatives == 0:
-            raise PrepareError("prepare interactions: without a label column every row is a "
-                               "positive: set negatives >= 1 (or name the label column)")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise PrepareError("prepare interactions: test_fraction must be in (0, 1)")
-        if len(self.delimiter) != 1 and self.delimiter not in ("\\t", "tab"):
-            raise PrepareError("prepare interactions: delimiter must be one character "
-                               "(use \\t for tabs)")
+            raise ConfigError(f"config key '{prefix}negatives': without a label column every "
+                              "row is a positive: set negatives >= 1 (or name the label column)")
 
 
 def _zero_one(path: Path, t: pa.Table, col: str) -> np.ndarray:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from oneepoch.config import choice, num
 from oneepoch.data.prepare.common import (
     ENGAGEMENTS_DIR,
     PrepareError,
@@ -66,28 +67,16 @@ AGE_LABELS = np.array([1, 18, 25, 35, 45, 50, 56])
 class MovieLensOptions:
     """Settings of the MovieLens preparer (``--set key=value``)."""
 
-    threshold: float = 4.0  # rating >= threshold is a click
-    max_len: int = 20  # history length (earlier clicks)
-    split: str = "user"  # user: each user's latest ratings; global: the latest overall
-    test_fraction: float = 0.2
+    threshold: float = num(4.0)  # rating >= threshold is a click
+    max_len: int = num(20, ge=0)  # history length (earlier clicks)
+    split: str = choice("user", "global")  # user: each user's latest ratings; global: overall
+    test_fraction: float = num(0.2, gt=0, lt=1)
     user_id: bool = True  # user_ID as a feature
     user_features: bool = True  # age, gender, occupation where the source has them
-    genre: str = "first"  # first: first listed genre; all: the whole genre list as one ID
-    min_history: int = 0
+    genre: str = choice("first", "all")  # first: first listed genre; all: the list as one ID
+    min_history: int = num(0, ge=0)
     engagements: bool = True  # also write engagements/ (every training rating)
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.split not in ("user", "global"):
-            raise PrepareError(f"prepare movielens: split must be 'user' or 'global', "
-                               f"got {self.split!r}")
-        if self.genre not in ("first", "all"):
-            raise PrepareError(f"prepare movielens: genre must be 'first' or 'all', "
-                               f"got {self.genre!r}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise PrepareError("prepare movielens: test_fraction must be in (0, 1)")
-        if self.max_len < 0 or self.min_history < 0:
-            raise PrepareError("prepare movielens: max_len and min_history must be >= 0")
+    seed: int = num(0, ge=0)
 
 
 def _strip_type(name: str) -> str:

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from oneepoch.config import choice, num
 from oneepoch.data.prepare.common import (
     ENGAGEMENTS_DIR,
     PrepareError,
@@ -68,27 +69,16 @@ _SPILL = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("category", pa.
 class TaobaoOptions:
     """Settings of the Taobao UserBehavior preparer (``--set key=value``)."""
 
-    max_len: int = 20  # history length (earlier clicks)
-    min_history: int = 1  # users need 1 + min_history clicks
-    target: str = "coin"  # coin: one sample per user (pos or neg); pair: both
-    test_fraction: float = 0.1  # share of users in test
-    start: int = 0  # keep timestamps >= start (0: no limit)
-    end: int = 0  # keep timestamps < end (0: no limit)
+    max_len: int = num(20, ge=1)  # history length (earlier clicks)
+    min_history: int = num(1, ge=0)  # users need 1 + min_history clicks
+    target: str = choice("coin", "pair")  # coin: one sample per user (pos or neg); pair: both
+    test_fraction: float = num(0.1, ge=0, lt=1)  # share of users in test
+    start: int = num(0, ge=0)  # keep timestamps >= start (0: no limit)
+    end: int = num(0, ge=0)  # keep timestamps < end (0: no limit)
     engagements: bool = True
-    buckets: int = 64  # user partitions spilled to disk (memory ~ rows / buckets)
-    block_mb: int = 64  # CSV block read at a time
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.target not in ("coin", "pair"):
-            raise PrepareError(f"prepare taobao-userbehavior: target must be 'coin' or 'pair', "
-                               f"got {self.target!r}")
-        if self.max_len < 1 or self.min_history < 0 or not 1 <= self.buckets <= 4096 \
-                or self.block_mb < 1:
-            raise PrepareError("prepare taobao-userbehavior: max_len and block_mb must be >= 1, "
-                               "buckets in [1, 4096], min_history >= 0")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise PrepareError("prepare taobao-userbehavior: test_fraction must be in [0, 1)")
+    buckets: int = num(64, ge=1, le=4096)  # user partitions spilled to disk (memory: rows/buckets)
+    block_mb: int = num(64, ge=1)  # CSV block read at a time
+    seed: int = num(0, ge=0)
 
 
 def mix64(x: np.ndarray, seed: int, salt: int) -> np.ndarray:

@@ -128,7 +128,8 @@ def test_sparse_step_touches_only_batch_rows(tiny_synth):
 
 
 def test_fresh_run_drops_an_earlier_runs_checkpoints_and_summary(tiny_synth, tmp_path):
-    from oneepoch.recipes.hsu2024 import _resumable, _same_config
+    from oneepoch.config import to_dict
+    from oneepoch.runfolder import RunConflict, reuse
 
     cfg = cfg_for(tiny_synth, tmp_path, "name=r", "epochs=2")
     stale = tmp_path / "r" / "checkpoints" / "epoch-009"
@@ -140,8 +141,10 @@ def test_fresh_run_drops_an_earlier_runs_checkpoints_and_summary(tiny_synth, tmp
     assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["epoch-001"]
     assert not (tmp_path / "r" / "summary.json").exists()
     # a reproduction recipe continues such a run rather than starting over
-    assert _resumable(tmp_path / "r", cfg) and not _same_config(tmp_path / "r", cfg)
+    assert reuse(tmp_path / "r", to_dict(cfg)) == "resume"
     other = cfg_for(tiny_synth, tmp_path, "name=r", "epochs=2", "seed=5")
-    assert not _resumable(tmp_path / "r", other)
+    assert reuse(tmp_path / "r", to_dict(other)) == "fresh"
     train(cfg, tmp_path / "r", resume=True)
-    assert _same_config(tmp_path / "r", cfg) and not _resumable(tmp_path / "r", cfg)
+    assert reuse(tmp_path / "r", to_dict(cfg)) == "skip"
+    with pytest.raises(RunConflict, match="seed"):  # a finished run is never overwritten
+        reuse(tmp_path / "r", to_dict(other))

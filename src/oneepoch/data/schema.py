@@ -27,12 +27,13 @@ recent, when histories are in time order) with a warning, unless ``on_long_seque
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from oneepoch.io import atomic_write_text
 
 SCHEMA_FILE = "schema.yaml"
 
@@ -135,10 +136,7 @@ class Schema:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / SCHEMA_FILE
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _TOP_KEYS = {

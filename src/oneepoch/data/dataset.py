@@ -140,12 +140,19 @@ def _id_target(types: list[pa.DataType]) -> pa.DataType:
 
 def _unify(tables: list[pa.Table], files: list[Path], schema: Schema) -> list[pa.Table]:
     """Cast ID columns whose type differs between the files of one split to a common type
-    (int and string IDs -> strings); other columns are left to the concatenation."""
+    (int and string IDs -> strings) and labels to float64; other columns are left to the
+    concatenation."""
     id_cols = set(schema.feature_names) | {schema.user_key, schema.user, schema.item,
                                            schema.surface, schema.engagement_type}
     for c in schema.columns():
         types = [t.schema.field(c).type for t in tables]
-        if c not in id_cols or all(t.equals(types[0]) for t in types):
+        if all(t.equals(types[0]) for t in types):
+            continue
+        if schema.format == "ctr" and c == schema.label:  # 0/1 as int, float or bool (checked)
+            tables = [t.set_column(t.schema.get_field_index(c), c, t.column(c).cast(pa.float64()))
+                      for t in tables]
+            continue
+        if c not in id_cols:
             continue
         is_list = [pa.types.is_list(t) or pa.types.is_large_list(t) for t in types]
         values = [_plain(t.value_type) if lst else _plain(t)

@@ -40,7 +40,7 @@ def test_damaged_tensors_file(tmp_path, damage):
     ck = _ck(tmp_path)
     damage(ck / "tensors.safetensors")
     with pytest.raises(CheckpointError, match=r"epoch-001/tensors\.safetensors: .*damaged: "
-                                              r"resume from an earlier one") as ei:
+                                              r"use another one \(for --resume, delete this folder") as ei:
         load_checkpoint(ck)
     assert "\n" not in str(ei.value)
 

@@ -68,8 +68,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-_DAMAGED = ("the checkpoint is damaged: resume from an earlier one (delete this folder and "
-            "--resume again) or start afresh without --resume")
+_DAMAGED = ("the checkpoint is damaged: use another one (for --resume, delete this folder "
+            "to resume from the epoch before) or start afresh")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",

@@ -39,8 +39,8 @@ def _truncate(f):
 def test_damaged_tensors_file(tmp_path, damage):
     ck = _ck(tmp_path)
     damage(ck / "tensors.safetensors")
-    with pytest.raises(CheckpointError, match=r"epoch-001/tensors\.safetensors: .*damaged: "
-                                              r"use another one \(for --resume, delete this folder") as ei:
+    with pytest.raises(CheckpointError, match=r"epoch-001/tensors\.safetensors: .*damaged: use "
+                                              r"another one \(for --resume, delete") as ei:
         load_checkpoint(ck)
     assert "\n" not in str(ei.value)
 
@@ -121,4 +121,33 @@ def test_cli_resume_from_garbage_checkpoint_exits_2(tmp_path, tiny_synth, capsys
     code = main(["train", "--resume", str(run)])
     err = capsys.readouterr().err.strip()
     assert code == 2
+    assert len(err.splitlines()) == 1 and "epoch-001/tensors.safetensors" in err
+
+
+def test_cli_pretrain_resume_from_truncated_checkpoint_exits_2(tmp_path, capsys):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from oneepoch.config import load_config, to_dict
+    from oneepoch.pretrain import PretrainConfig
+
+    data = tmp_path / "eng"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 400), ("test", 100)):
+        pq.write_table(pa.table({"user_id": rng.integers(0, 30, n),
+                                 "item_id": rng.integers(0, 50, n)}), data / f"{split}.parquet")
+    (data / "schema.yaml").write_text("format: engagements\nuser: user_id\nitem: item_id\n"
+                                      "splits: {train: train.parquet, test: test.parquet}\n")
+    run = tmp_path / "run"
+    ck = save_checkpoint(run / "checkpoints" / "epoch-001", STATE)
+    _truncate(ck / "tensors.safetensors")
+    cfg = load_config(PretrainConfig, "pretrain", [f"data.path={data}", "epochs=2",
+                                                   "batch_size=64", "model.dim=4", "threads=1",
+                                                   "progress=false"])
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    code = main(["pretrain", "--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
     assert len(err.splitlines()) == 1 and "epoch-001/tensors.safetensors" in err

@@ -206,3 +206,22 @@ def test_validate_still_quiet_on_good_data(tmp_path):
         warnings.simplefilter("error")
         lines = validate(make(tmp_path))
     assert any("out-of-vocabulary" in x for x in lines)
+
+
+@pytest.mark.parametrize("schema, msg", [
+    ("features: {a: id}\nsplits: {train: 5}", r"split 'train': expected a file name"),
+    ("features: {a: {type: sequence, max_len: abc}}\nsplits: {train: t.parquet}",
+     r"feature 'a': max_len must be a whole number, got 'abc'"),
+    ("features: {a: {type: sequence, max_len: 2.5}}\nsplits: {train: t.parquet}",
+     r"max_len must be a whole number, got 2.5"),
+])
+def test_schema_mistakes_are_data_errors(tmp_path, schema, msg):
+    (tmp_path / "schema.yaml").write_text(schema)
+    with pytest.raises(DataError, match=r"schema\.yaml: " + msg):
+        load_ctr(tmp_path)
+
+
+def test_binary_schema_file(tmp_path):
+    (tmp_path / "schema.yaml").write_bytes(b"\xff\xfe\x00format: ctr")
+    with pytest.raises(DataError, match=r"schema\.yaml: not valid YAML"):
+        load_ctr(tmp_path)

@@ -30,7 +30,8 @@ MUTATIONS = (
     "missing_column", "unknown_key", "bad_feature_type", "seq_without_max_len", "label_value",
     "label_nan", "label_null", "label_string", "label_missing", "empty_file", "truncated_file",
     "garbage_file", "not_a_mapping", "no_such_file", "float_ids", "seq_not_a_list",
-    "vocab_of_unknown", "label_is_feature", "one_class_test",
+    "vocab_of_unknown", "label_is_feature", "one_class_test", "split_not_a_file",
+    "max_len_text", "schema_binary", "ids_as_lists",
 )
 
 
@@ -120,8 +121,14 @@ def _write(d: Path, spec: dict) -> None:
         feats["y"] = "id"
     elif mut == "no_such_file":
         schema["splits"]["test"] = "tset.parquet"
+    elif mut == "split_not_a_file":
+        schema["splits"]["test"] = 5
+    elif mut == "max_len_text":
+        feats["f0"] = {"type": "sequence", "max_len": "abc"}
     (d / "schema.yaml").write_text(yaml.safe_dump([schema] if mut == "not_a_mapping"
                                                   else schema))
+    if mut == "schema_binary":
+        (d / "schema.yaml").write_bytes(b"\xff\xfe\x00" + (d / "schema.yaml").read_bytes())
     victim = spec["victim"]
     for fname, fd in spec["files"].items():
         cols, types = dict(fd["cols"]), fd["types"]
@@ -149,6 +156,8 @@ def _write(d: Path, spec: dict) -> None:
                 del arrays["y"]
             elif mut == "float_ids":
                 arrays["f0"] = pa.array([0.5] * len(y))
+            elif mut == "ids_as_lists":
+                arrays["f0"] = pa.array([[1]] * len(y))
             elif mut == "seq_not_a_list" and any(f["seq"] for f in fields):
                 arrays[fields[-1]["name"]] = pa.array(list(range(len(y))))
             elif mut == "seq_not_a_list":

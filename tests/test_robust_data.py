@@ -213,7 +213,7 @@ def test_validate_still_quiet_on_good_data(tmp_path):
     ("features: {a: {type: sequence, max_len: abc}}\nsplits: {train: t.parquet}",
      r"feature 'a': max_len must be a whole number, got 'abc'"),
     ("features: {a: {type: sequence, max_len: 2.5}}\nsplits: {train: t.parquet}",
-     r"max_len must be a whole number, got 2.5"),
+     r"feature .a.: max_len must be a whole number, got 2.5"),
 ])
 def test_schema_mistakes_are_data_errors(tmp_path, schema, msg):
     (tmp_path / "schema.yaml").write_text(schema)

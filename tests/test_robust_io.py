@@ -169,6 +169,11 @@ def test_check_writable_dir(tmp_path, monkeypatch):
         check_writable_dir(tmp_path / "runs")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    free = io.shutil.disk_usage(tmp_path).free
+    check_writable_dir(tmp_path / "runs", min_free_bytes=1)
+    with pytest.raises(StorageError, match=r"out_dir=.*runs: only \d+ MiB free on its device, the "
+                                           r"run needs about \d+ MiB"):
+        check_writable_dir(tmp_path / "runs", min_free_bytes=free + 2**40)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

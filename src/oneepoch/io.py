@@ -214,9 +214,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_writable_dir(path: str | Path, setting: str = "out_dir") -> Path:
+def check_writable_dir(path: str | Path, setting: str = "out_dir",
+                       min_free_bytes: int = 0) -> Path:
     """Check before a run starts that ``path`` can be a (possibly not yet existing) output
-    folder: no component is a regular file, and its nearest existing ancestor takes a file.
+    folder: no component is a regular file, its nearest existing ancestor takes a file, and
+    (when ``min_free_bytes`` is given, e.g. an estimate of the checkpoints' size) the device
+    holding it has that much free space.
 
     Creates nothing that stays behind (a probe file is written and removed in the nearest
     existing folder). Raises :class:`StorageError` naming ``setting`` and the path.
@@ -240,4 +243,10 @@ def check_writable_dir(path: str | Path, setting: str = "out_dir") -> Path:
         raise storage_error(e, probe_dir, f"{setting} is not writable") from e
     os.close(fd)
     os.unlink(name)
+    if min_free_bytes > 0:
+        free = shutil.disk_usage(probe_dir).free
+        if free < min_free_bytes:
+            raise StorageError(f"{where}: only {free / 2**20:.0f} MiB free on its device, the run "
+                               f"needs about {min_free_bytes / 2**20:.0f} MiB: free some space or "
+                               f"choose another {setting}")
     return path

@@ -88,10 +88,11 @@ def test_single_class_test_split_is_refused(tmp_path, value, cls):
     with pytest.raises(DataError, match=rf"test\.parquet: split 'test': all 5 labels in column "
                                         rf"'y' are {cls}; AUC is undefined"):
         load_ctr(d)
-    with pytest.raises(DataError, match="split 'test'"):  # the cached path checks too
-        load_ctr(d, single_class="warn") and load_ctr(d)
     with pytest.warns(UserWarning, match="split 'test'"):
-        load_ctr(d, single_class="warn")
+        load_ctr(d, single_class="warn")  # encodes and writes the cache
+    assert (d / CACHE_DIR).exists()
+    with pytest.raises(DataError, match="split 'test'"):  # the cached path checks too
+        load_ctr(d)
 
 
 def test_single_class_train_split_warns(tmp_path):

@@ -88,3 +88,10 @@ def test_round_trip_still_loads(tmp_path):
     path = _export(tmp_path)
     emb = load_embeddings(path)
     assert emb.user.dim == 4 and emb.item.vocab.raw.to_pylist() == ["a", "b", "c"]
+
+
+def test_export_refuses_tables_of_different_dims(tmp_path):
+    uv = vocab_from_values("user", pa.array([1, 2]))
+    with pytest.raises(ValueError, match=r"one dim, got user \(3, 4\) and item \(3, 5\)"):
+        export_embeddings(tmp_path / "e", torch.zeros(3, 4), torch.zeros(3, 5), uv, uv, {})
+    assert not (tmp_path / "e").exists()

@@ -135,6 +135,10 @@ def export_embeddings(path: str | Path, user_weight: torch.Tensor, item_weight: 
     ``user_weight`` / ``item_weight`` have one row per vocabulary row (row 0 = OOV).
     """
     path = Path(path)
+    if user_weight.dim() != 2 or item_weight.dim() != 2 or \
+            user_weight.shape[1] != item_weight.shape[1]:
+        raise ValueError(f"export_embeddings: tables must be [rows, dim] with one dim, got user "
+                         f"{tuple(user_weight.shape)} and item {tuple(item_weight.shape)}")
     for kind, w, v in (("user", user_weight, user_vocab), ("item", item_weight, item_vocab)):
         if w.shape[0] != v.size:
             raise ValueError(f"export_embeddings: {kind} table has {w.shape[0]} rows but the "

@@ -182,3 +182,18 @@ def test_check_writable_dir_read_only_folder(tmp_path):
     ro.mkdir(mode=0o555)
     with pytest.raises(StorageError, match="not writable"):
         check_writable_dir(ro / "runs")
+
+
+def test_atomic_dir_replaces_a_folder_and_refuses_a_file(tmp_path):
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "b").write_text("2")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside it
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(StorageError, match=r"f: is a file, not a folder"):
+        with atomic_dir(tmp_path / "f") as tmp:
+            (tmp / "a").write_text("1")
+    assert (tmp_path / "f").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "out"]

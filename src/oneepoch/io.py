@@ -200,9 +200,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise storage_error(e, path, "cannot create the folder") from e
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
+        old = None
+        if path.is_symlink() or path.exists():
+            if not path.is_dir():
+                raise StorageError(f"{path}: is a file, not a folder: remove it or choose "
+                                   "another path")
+            # move the old folder aside first: a kill between the two renames leaves it
+            # recoverable (hidden beside the new one) rather than deleted
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except StorageError as e:  # from a nested writer: name the final path, not the temporary
         raise _renamed(e, tmp, path) from e
     except Exception as e:

@@ -26,13 +26,13 @@ import torch
 from oneepoch.analysis import Verdict, one_epoch_verdict
 from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
-from oneepoch.data.dataset import CTRData, load_ctr
+from oneepoch.data.dataset import CTRData, load_ctr, oov_shares
 from oneepoch.data.transforms import CARVED, apply_transforms
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.runfolder import read_metrics
-from oneepoch.training.checkpoint import load_checkpoint
+from oneepoch.training.checkpoint import check_state_shapes, load_checkpoint
 from oneepoch.training.fused import FusedForward
 from oneepoch.training.hooks import Hook, State
 from oneepoch.training.loop import Loop, TrainingDiverged, eval_points, open_run
@@ -105,14 +105,17 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None,
     return out
 
 
+def load_data(cfg: TrainConfig) -> CTRData:
+    """Load the splits of ``cfg.data.path`` a run uses (train, test and a validation split)."""
+    if not cfg.data.path:
+        raise ValueError("data.path: no data set given (a folder with schema.yaml)")
+    want = [cfg.data.train_split, cfg.data.test_split]
+    return load_ctr(cfg.data.path, want + [cfg.data.valid_split] * bool(cfg.data.valid_split))
+
+
 def prepare_data(cfg: TrainConfig, data: CTRData | None = None) -> CTRData:
     """Load ``cfg.data.path`` (unless given) and apply the configured transforms."""
-    if data is None:
-        if not cfg.data.path:
-            raise ValueError("data.path: no data set given (a folder with schema.yaml)")
-        want = [cfg.data.train_split, cfg.data.test_split]
-        data = load_ctr(cfg.data.path, want + [cfg.data.valid_split] * bool(cfg.data.valid_split))
-    return apply_transforms(data, cfg.data, cfg.seed)
+    return apply_transforms(load_data(cfg) if data is None else data, cfg.data, cfg.seed)
 
 
 def valid_split_name(cfg: TrainConfig) -> str | None:
@@ -128,7 +131,9 @@ def build(cfg: TrainConfig, data: CTRData) -> tuple[torch.nn.Module, Optimizer]:
     model = build_model(cfg.model, data.vocab_sizes, [data.field_vocab(f) for f in data.fields],
                         len(data.single_fields)).to(cfg.device)
     if cfg.init_from:
-        model.load_state_dict(load_checkpoint(cfg.init_from, cfg.device)["model"])
+        ck = load_checkpoint(cfg.init_from, cfg.device, required=("model",))
+        check_state_shapes(model.state_dict(), ck["model"], cfg.init_from)
+        model.load_state_dict(ck["model"])
     groups = dict(model.param_groups())  # type: ignore[operator]
     for g in cfg.freeze:
         if g not in groups:
@@ -172,7 +177,10 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     if missing:
         raise ValueError(f"{', '.join(missing)}: set, but no hook applies it; pass "
                          "hooks=oneepoch.remedies.hooks_from_config(cfg) to train()")
-    data = prepare_data(cfg, data)
+    if data is None:
+        data = load_data(cfg)
+    oov = oov_shares(data, cfg.data.test_split)  # before a filter / hash would inflate it
+    data = apply_transforms(data, cfg.data, cfg.seed)
     model, opt = build(cfg, data)
     train_split, test_split = data.splits[cfg.data.train_split], data.splits[cfg.data.test_split]
     batcher = Batcher(train_split, cfg.batch_size, cfg.device)
@@ -226,7 +234,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         base = {"step_path": loop.step.path, "step_path_reason": loop.step.reason}
         summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
-                   **base, "finished": s.step >= total or stopped_early(hooks)}
+                   **base, "oov_test_share": oov,
+                   "finished": s.step >= total or stopped_early(hooks)}
         if vname:
             summary["validation"] = {"split": vname, "rows": len(valid_split),
                                      "carved_by": cfg.data.valid_by if vname == CARVED else None}

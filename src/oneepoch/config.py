@@ -295,6 +295,15 @@ class FreqLrConfig:
 
 
 @dataclass
+class FreezeAfterConfig:
+    """Paper A's lever as a remedy: stop training parameter groups from an epoch on (their
+    learning rate becomes 0, so the fused step keeps running)."""
+
+    epoch: int = num(0, ge=0)  # from the start of this 0-based epoch (1 = after epoch 1); 0 = off
+    groups: list[str] = choice("embedding", "mlp", default=["embedding"])
+
+
+@dataclass
 class TrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
@@ -318,6 +327,7 @@ class TrainConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     meda: MedaConfig = field(default_factory=MedaConfig)
     freq_lr: FreqLrConfig = field(default_factory=FreqLrConfig)
+    freeze_after: FreezeAfterConfig = field(default_factory=FreezeAfterConfig)
 
 
 T = TypeVar("T")

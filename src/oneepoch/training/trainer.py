@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,17 @@ def config_hooks(cfg: TrainConfig) -> list[str]:
                             ("single_stage", cfg.single_stage.weight > 0),
                             ("early_stop", bool(cfg.early_stop.metric)),
                             ("meda", cfg.meda.enabled),
-                            ("freq_lr", cfg.freq_lr.threshold > 0)) if on]
+                            ("freq_lr", cfg.freq_lr.threshold > 0),
+                            ("freeze_after", cfg.freeze_after.epoch > 0)) if on]
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, in MiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
 def stopped_early(hooks: Sequence[Hook]) -> bool:
@@ -158,16 +168,27 @@ def stopped_early(hooks: Sequence[Hook]) -> bool:
     return any(getattr(h, "stopped", False) for h in hooks)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
-          resume: bool = False, data: CTRData | None = None) -> TrainResult:
-    """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
+@dataclass
+class RunSetup:
+    """A CTR run, checked and built, before anything is written (see :func:`setup_run`)."""
 
-    ``hooks`` plug probes and remedies in (build the config's own with
-    :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
-    device, data, model, the checkpoint to resume from) is checked before the run folder is
-    touched; the folder is locked while the run writes it.
-    """
-    t0 = time.time()
+    cfg: TrainConfig
+    run_dir: Path
+    hooks: list[Hook]
+    data: CTRData
+    state: State
+    batcher: Batcher
+    evaluate: Callable[[], dict[str, Any]]
+    batches: Callable[[int], Iterator[np.ndarray]]
+    valid_split: str | None
+    oov: dict[str, float]
+
+
+def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
+              data: CTRData | None = None) -> RunSetup:
+    """Check everything a run needs (device, output folder, data, model, every hook's own
+    requirements) and build it, writing nothing. ``train`` starts with it; ``compare`` calls it
+    for each remedy before training any of them."""
     check_device(cfg.device)
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
@@ -190,8 +211,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     sub = np.sort(np.random.default_rng([cfg.seed, 99]).choice(len(train_split), n_sub, False))
     sub_users = None if train_split.user is None else np.asarray(train_split.user[sub])
     vname = valid_split_name(cfg)
-    valid_split = data.splits[vname] if vname else None
-    eval_valid = Batcher(valid_split, cfg.eval.batch_size, cfg.device) if valid_split else None
+    valid = data.splits[vname] if vname else None
+    eval_valid = Batcher(valid, cfg.eval.batch_size, cfg.device) if valid is not None else None
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
@@ -199,19 +220,34 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     def evaluate_now() -> dict[str, Any]:
         out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test")
         out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
-        if eval_valid is not None:
-            out.update(evaluate(model, eval_valid, None, valid_split.label, valid_split.user,
-                                "valid"))
+        if eval_valid is not None and valid is not None:
+            out.update(evaluate(model, eval_valid, None, valid.label, valid.user, "valid"))
         return out
 
     def batches(epoch: int) -> Iterator[np.ndarray]:
         return iter(batcher.epoch_rows(epoch_order(len(train_split), epoch, cfg.shuffle,
                                                    cfg.seed)))
 
+    return RunSetup(cfg, run_dir, hooks, data, s, batcher, evaluate_now, batches, vname, oov)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
+          resume: bool = False, data: CTRData | None = None) -> TrainResult:
+    """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
+
+    ``hooks`` plug probes and remedies in (build the config's own with
+    :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
+    device, data, model, the checkpoint to resume from) is checked before the run folder is
+    touched (:func:`setup_run`); the folder is locked while the run writes it.
+    """
+    t0 = time.time()
+    r = setup_run(cfg, run_dir, hooks, data)
+    s, hooks, run_dir, vname = r.state, r.hooks, r.run_dir, r.valid_split
+    model, opt = s.model, s.optimizer
     lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
     try:
-        loop = Loop(s, lambda: build_step(model, opt, batcher, hooks, s), hooks, batches,
-                    evaluate_now, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
+        loop = Loop(s, lambda: build_step(model, opt, r.batcher, hooks, s), hooks, r.batches,
+                    r.evaluate, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
                     cfg.checkpoint_keep,
                     sync=getattr(opt, "sync", lambda: None), progress=cfg.progress,
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
@@ -234,10 +270,10 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         base = {"step_path": loop.step.path, "step_path_reason": loop.step.reason}
         summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
-                   **base, "oov_test_share": oov,
+                   **base, "peak_rss_mib": peak_rss_mib(), "oov_test_share": r.oov,
                    "finished": s.step >= total or stopped_early(hooks)}
         if vname:
-            summary["validation"] = {"split": vname, "rows": len(valid_split),
+            summary["validation"] = {"split": vname, "rows": len(r.data.splits[vname]),
                                      "carved_by": cfg.data.valid_by if vname == CARVED else None}
         for h in hooks:
             summary.update(h.summary())

@@ -12,6 +12,7 @@
  * count.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -793,6 +794,31 @@ typedef struct {
     int64_t unique_rows;
     double *prof;  /* NULL, or [PROF_N] seconds per phase, accumulated (benchmarks) */
 } CtrStep;
+
+/* The ABI Python relies on (kernels/abi.py checks it when it loads the library, so a library
+ * built from another version of this file is refused instead of read out of step). Bump
+ * ONEEPOCH_ABI whenever a signature, a struct passed by pointer or a limit changes. */
+#define ONEEPOCH_ABI 1
+#define OFF(f) offsetof(CtrStep, f)
+static const int64_t ctr_step_offsets[] = {  /* every field, in declaration order */
+    OFF(ids), OFF(sel), OFF(seqs), OFF(L), OFF(lens), OFF(label), OFF(B), OFF(S), OFF(K),
+    OFF(W), OFF(Wm), OFF(Wv), OFF(off), OFF(lim), OFF(slot), OFF(R), OFF(D), OFF(emb_lr),
+    OFF(emb_bc1), OFF(emb_bc2), OFF(emb_row_lr), OFF(n_layers), OFF(width), OFF(p), OFF(g),
+    OFF(m), OFF(v), OFF(step), OFF(run_mean), OFF(run_var), OFF(dice_eps),
+    OFF(dice_momentum), OFF(lr), OFF(beta1), OFF(beta2), OFF(eps), OFF(wd), OFF(scratch),
+    OFF(cap), OFF(threads), OFF(status), OFF(unique_rows), OFF(prof)};
+#undef OFF
+
+/* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, the number of CtrStep
+ * fields F, then the F field offsets in declaration order; returns how many values there are
+ * (call with n = 0 to size out). */
+int64_t oneepoch_abi(int64_t *out, int64_t n) {
+    const int64_t F = (int64_t)(sizeof(ctr_step_offsets) / sizeof(ctr_step_offsets[0]));
+    const int64_t head[] = {ONEEPOCH_ABI, (int64_t)sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, F};
+    const int64_t H = (int64_t)(sizeof(head) / sizeof(head[0]));
+    for (int64_t i = 0; i < n && i < H + F; i++) out[i] = i < H ? head[i] : ctr_step_offsets[i - H];
+    return H + F;
+}
 
 /* Phases of the profile, as thread 0 sees them (waits at barriers included): pool, forward
  * GEMMs, Dice forward, loss, backward GEMMs, Dice backward, embedding backward + row-wise

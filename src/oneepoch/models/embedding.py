@@ -43,9 +43,7 @@ class _NativePool(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         g = g.contiguous()
         grad = g.new_empty(ctx.rows)
-        kernels.lib().emb_pool_backward(g.data_ptr(), g.shape[0], ctx.n_single, len(ctx.lens),
-                                        kernels.ptr_array(ctx.lens), ctx.inv.data_ptr(),
-                                        ctx.rows[0], ctx.rows[1], grad.data_ptr())
+        kernels.emb_pool_backward(g, ctx.n_single, ctx.lens, ctx.inv, grad)
         return grad, None, None, None, None
 
 
@@ -189,12 +187,8 @@ class FieldEmbedding(nn.Module):
             slot = self._slot32
             rows = torch.empty(cap, dtype=torch.int64)
             inv = torch.empty(cap, dtype=torch.int32)
-        n = kernels.lib().emb_pool_forward(
-            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), self.field_rows.data_ptr(),
-            len(seqs),
-            kernels.ptr_array(seqs), kernels.int64_array([q.shape[1] for q in seqs]),
-            kernels.ptr_array(lens), w.data_ptr(), self.table_rows, self.dim, out.data_ptr(),
-            kernels.ptr(slot), kernels.ptr(rows), kernels.ptr(inv))
+        n = kernels.emb_pool_forward(ids, self.field_offsets, self.field_rows, seqs, lens, w,
+                                     out, slot, rows, inv)
         if n < 0:
             raise IndexError(self._bad_lookup(batch, n))
         if not train:

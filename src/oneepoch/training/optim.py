@@ -33,8 +33,7 @@ def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, 
             and kernels.usable(idx, vals)):
         rows = torch.empty_like(idx)
         summed = torch.empty_like(vals)
-        u = kernels.lib().coalesce_rows(idx.data_ptr(), vals.data_ptr(), idx.shape[0],
-                                        vals.shape[1], rows.data_ptr(), summed.data_ptr())
+        u = kernels.coalesce_rows(idx, vals, rows, summed)
         if u >= 0:
             return rows[:u], summed[:u]
     rows, inv = torch.unique(idx, return_inverse=True)
@@ -161,10 +160,9 @@ class RowWiseOptimizer:
         scale = None
         if self.row_lr is not None:
             scale = self.row_lr.index_select(0, rows).to(torch.float32).contiguous()
-        linf = kernels.lib().rowwise_adam(
-            w.data_ptr(), m.data_ptr(), v.data_ptr(), rows.data_ptr(), grad.data_ptr(),
-            rows.shape[0], w.shape[1], self.lr, kernels.ptr(scale), c.beta1, c.beta2, c.eps,
-            1 - c.beta1 ** self.step_count, 1 - c.beta2 ** self.step_count, c.weight_decay)
+        linf = kernels.rowwise_adam(w, m, v, rows, grad, self.lr, scale, c.beta1, c.beta2,
+                                    c.eps, 1 - c.beta1 ** self.step_count,
+                                    1 - c.beta2 ** self.step_count, c.weight_decay)
         self.last_update_linf = float(linf)
         return True
 

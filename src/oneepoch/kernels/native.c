@@ -1048,239 +1048,305 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
     return U;
 }
 
+/* What every phase of one ctr_step reads, shared by the threads (set up before the parallel
+ * region), and a thread's own view. */
+typedef struct {
+    CtrStep *c;
+    Layout o;
+    const int64_t *w;
+    int64_t B, NL, D, NC, lps, per_chunk, n_dense;
+    float inv_b;
+    Bags bags;
+    /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
+    float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
+    int64_t err;  /* pooling's error code (a lookup outside its field), else 0 */
+} Step;
+
+typedef struct {
+    int64_t t, nt;  /* this thread, of nt */
+    double tp;      /* thread 0's clock at the last phase mark (profiling) */
+} Thread;
+
+static inline void tick(const Step *s, Thread *th, int k) {
+    if (s->c->prof && th->t == 0) {
+        const double t_ = now_s();
+        s->c->prof[k] += t_ - th->tp;
+        th->tp = t_;
+    }
+}
+
+/* A thread's chunks ch = t, t + nt, ...: samples [CB0, CB1); CHUNK_BUF: chunk ch's rows in
+ * bufA / bufB. */
+#define CHUNKS for (int64_t ch = th->t; ch < s->NC; ch += th->nt)
+#define CB0 (ch * CHUNK_ROWS)
+#define CB1 (CB0 + CHUNK_ROWS < s->B ? CB0 + CHUNK_ROWS : s->B)
+#define CHUNK_BUF(buf) ((buf) + ch * CHUNK_ROWS * s->o.mw)
+
+/* 1. pooled embeddings of my chunks (their lookups listed by owner for step 5) */
+static void step_pool(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t nt = th->nt;
+    CHUNKS {
+        Bags a;  /* the chunk as a batch of its own */
+        const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
+        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a);
+        a.out = o->x0 + CB0 * (c->S + c->K) * s->D;
+        const int64_t at = ch * nt * s->per_chunk;
+        a.owners = nt, a.cap_list = s->per_chunk, a.lk_n = o->lk_n + ch * LKN_STRIDE(nt);
+        a.lk = o->lk + at, a.fscale = o->fscale + CB0 * (c->S + c->K);
+        for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
+        const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
+        if (r < 0) {
+#pragma omp atomic write
+            s->err = r;
+        }
+    }
+    tick(s, th, 0);
+}
+
+/* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit. Returns 0
+ * (in every thread alike) if pooling failed: then nothing may be updated. */
+static int step_forward(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w, NL = s->NL, NC = s->NC, B = s->B, t = th->t;
+    const float *h = o->x0;
+    const int64_t st = 3 * o->max_h;
+    for (int64_t i = 0; i < NL; i++) {
+        const int64_t win = w[i], wout = w[i + 1];
+        const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
+        float *zi = i + 1 < NL ? o->z[i + 1] : o->logit;
+        CHUNKS {
+            for (int64_t b = CB0; b < CB1; b++)
+                memcpy(zi + b * wout, bi, sizeof(float) * wout);
+            gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
+                    zi + CB0 * wout, wout);
+        }
+        tick(s, th, 1);
+        if (i + 1 == NL) break;
+        const int64_t l = i + 1, H = wout;
+        float *part = o->part + l * NC * st;
+        float *mean = o->mean[l] + t * o->hs[l], *var = o->var[l] + t * o->hs[l];
+        float *rstd = o->rstd[l] + t * o->hs[l];
+        CHUNKS {  /* the chunk's mean and squared deviations from it */
+            float *cm = part + ch * st, *m2 = cm + o->max_h;
+            col_sums(zi, CB0, CB1, H, cm);
+            const float inv_n = 1.0f / (float)(CB1 - CB0);
+            for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
+            col_sqdev(zi, CB0, CB1, H, cm, m2);
+        }
+#pragma omp barrier
+        if (s->err) return 0;  /* a lookup was out of range: update nothing */
+        /* batch statistics from the chunks' (Chan et al.), in chunk order */
+        for (int64_t j = 0; j < H; j++) mean[j] = 0.0f, var[j] = 0.0f;
+        for (int64_t ch = 0; ch < NC; ch++) {
+            const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+            for (int64_t j = 0; j < H; j++) mean[j] += n_c * cm[j];
+        }
+        for (int64_t j = 0; j < H; j++) mean[j] *= s->inv_b;
+        for (int64_t ch = 0; ch < NC; ch++) {
+            const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+            const float *m2 = cm + o->max_h;
+            for (int64_t j = 0; j < H; j++) {
+                const float d = cm[j] - mean[j];
+                var[j] += m2[j] + n_c * d * d;
+            }
+        }
+        for (int64_t j = 0; j < H; j++) {
+            var[j] *= s->inv_b;
+            rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
+        }
+        int64_t h0, h1;  /* the running statistics: a slice per thread */
+        share(H, 16, &h0, &h1);
+        float *rm = c->run_mean[i], *rv = c->run_var[i];
+        const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
+        for (int64_t j = h0; j < h1; j++) {
+            rm[j] += mo * (mean[j] - rm[j]);
+            rv[j] += mo * (var[j] * unb - rv[j]);
+        }
+        CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o->pp[l], o->y[l]);
+        h = o->y[l];
+        tick(s, th, 2);
+    }
+    if (NL == 1) {  /* no statistics barrier above */
+#pragma omp barrier
+        return !s->err;
+    }
+    return 1;
+}
+
+/* 3. the loss and its gradient with respect to the logits, per chunk */
+static void step_loss(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    CHUNKS {
+        double lc = 0.0;
+        for (int64_t b = CB0; b < CB1; b++) {
+            if (c->sel && b + 16 < CB1) __builtin_prefetch(c->label + c->sel[b + 16]);
+            const float zb = o->logit[b], lb = c->label[row_of(c->sel, b)];
+            lc += (double)(fmaxf(zb, 0.0f) - zb * lb + log1pf(expf(-fabsf(zb))));
+            o->glogit[b] = (1.0f / (1.0f + expf(-zb)) - lb) * s->inv_b;
+        }
+        o->lossc[ch] = lc;
+    }
+    tick(s, th, 3);
+}
+
+/* 4. backward, last layer first: weight and bias partials per chunk, dH = G W into the buffer
+ * G is not in, then Dice's backward from there into the other. Returns the gradient of the
+ * pooled embeddings (chunk-major, pooling scales applied). */
+static const float *step_backward(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w, NL = s->NL, NC = s->NC, D = s->D, t = th->t;
+    const int64_t st = 3 * o->max_h;
+    const float *G = o->glogit;
+    float *dH = o->bufA;
+    for (int64_t i = NL - 1; i >= 0; i--) {
+        const int64_t win = w[i], wout = w[i + 1];
+        const float *Hin = i == 0 ? o->x0 : o->y[i];
+        dH = G == o->bufA ? o->bufB : o->bufA;
+        CHUNKS {
+            float *wp = o->wpart + ch * o->n_wb + o->woff[i];
+            const int64_t nb = CB1 - CB0;
+            const float *Gc = G == o->glogit ? G + CB0 * wout : CHUNK_BUF(G);
+            gemm_rm(1, 0, wout, win, nb, 1.0f, Gc, wout, Hin + CB0 * win, win, 0.0f, wp, win);
+            col_sums(Gc, 0, nb, wout, wp + wout * win);
+            gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f, CHUNK_BUF(dH),
+                    win);
+            if (i == 0) {  /* the gradient of each looked-up row: pooling's scale */
+                const int64_t F = c->S + c->K;
+                float *dx = CHUNK_BUF(dH);
+                const float *fs = o->fscale + CB0 * F;
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t f = c->S; f < F; f++) {
+                        const float sc = fs[b * F + f];
+                        float *g = dx + (b * F + f) * D;
+                        if (sc != 1.0f)
+                            for (int64_t d = 0; d < D; d++) g[d] *= sc;
+                    }
+            }
+        }
+        tick(s, th, 4);
+        if (i == 0) break;
+        const int64_t H = win;
+        float *next = dH == o->bufA ? o->bufB : o->bufA;
+        float *part = o->part + (NL + i) * NC * st;
+        const float *alpha = c->p[3 * (i - 1) + 2];
+        const float *mean = o->mean[i] + t * o->hs[i], *rstd = o->rstd[i] + t * o->hs[i];
+        float *sg = o->sg[i] + t * o->hs[i], *sgx = o->sgx[i] + t * o->hs[i];
+        CHUNKS {
+            float *pt = part + ch * st;
+            dice_back_partial(o->z[i] + CB0 * H, o->pp[i] + CB0 * H, CHUNK_BUF(dH), alpha, mean,
+                              rstd, 0, CB1 - CB0, H, pt, pt + o->max_h, pt + 2 * o->max_h);
+        }
+#pragma omp barrier
+        sum_parts(part, NC, st, 0, H, s->inv_b, sg);
+        sum_parts(part + o->max_h, NC, st, 0, H, s->inv_b, sgx);
+        int64_t h0, h1;
+        share(H, 16, &h0, &h1);
+        sum_parts(part + 2 * o->max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
+        CHUNKS dice_back_rows(o->z[i] + CB0 * H, o->pp[i] + CB0 * H, CHUNK_BUF(dH), alpha, mean,
+                              rstd, 0, CB1 - CB0, H, sg, sgx, CHUNK_BUF(next));
+        G = next;
+        tick(s, th, 5);
+    }
+    return dH;
+}
+
+/* 5. (after every thread's backward) the table rows I own: gradient sums in lookup order,
+ * row-wise Adam. Returns how many rows I updated. */
+static int64_t step_table(Step *s, Thread *th, const float *dX) {
+    const Layout *o = &s->o;
+    const int64_t t = th->t, nt = th->nt;
+#pragma omp barrier
+    int64_t at = 0;  /* my region: after the lookups of the threads before me */
+    for (int64_t q = 0; q < t; q++)
+        for (int64_t ch = 0; ch < s->NC; ch++) at += o->lk_n[ch * LKN_STRIDE(nt) + q];
+    const int64_t U = emb_update_owned(s->c, o, dX, t, nt, o->rows + at, o->egrad + at * s->D);
+    tick(s, th, 6);
+    return U;
+}
+
+/* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by slices of
+ * every parameter */
+static void step_dense(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w;
+    for (int64_t j = 0; j < s->n_dense; j++) {
+        const int64_t layer = j / 3, kind = j % 3;
+        const int64_t n = kind == 0 ? w[layer] * w[layer + 1] : w[layer + 1];
+        int64_t e0, e1;
+        share(n, 16, &e0, &e1);
+        if (kind < 2) {
+            const int64_t at = o->woff[layer] + (kind ? w[layer] * w[layer + 1] : 0);
+            sum_parts(o->wpart + at, s->NC, o->n_wb, e0, e1, 1.0f, c->g[j]);
+        }
+        adam_slice(c->p[j], c->g[j], c->m[j], c->v[j], e0, e1, s->step_size[j], s->bc2_sqrt[j],
+                   c->beta1, c->beta2, c->eps, c->wd);
+    }
+    tick(s, th, 7);
+}
+#undef CHUNK_BUF
+#undef CHUNKS
+#undef CB0
+#undef CB1
+
 /* Returns the batch's mean BCE loss (NaN with status != 0 if a lookup was outside the table:
- * then nothing has been updated). */
+ * then nothing has been updated). A chunk stays with its thread from pooling to its last
+ * gradient, so the only barriers are where batch-wide sums are needed: each hidden layer's
+ * Dice statistics (forward and backward; every thread then adds the chunk partials itself, in
+ * chunk order, into its own copy) and before the updates. */
 double ctr_step(CtrStep *c) {
     const int64_t B = c->B, NL = c->n_layers, D = c->D;
-    const int64_t *w = c->width;
     const int64_t T = c->threads < 1 ? 1 : c->threads;
     if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS || B < 2 || c->R > INT32_MAX) {
         c->status = -3;  /* outside what the scratch and the fixed arrays allow */
         return NAN;
     }
-    int64_t lps = c->S;  /* lookups per sample, at most */
-    for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
-    Layout o;
-    layout(&o, c->scratch, B, NL, w, c->cap, lps, D, T);
-    const int64_t NC = o.NC, n_dense = 3 * NL - 1;
-    /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
-    float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
-    for (int64_t j = 0; j < n_dense; j++) {
+    Step s;
+    s.c = c, s.w = c->width, s.B = B, s.NL = NL, s.D = D, s.err = 0;
+    s.lps = c->S;  /* lookups per sample, at most */
+    for (int64_t k = 0; k < c->K; k++) s.lps += c->L[k];
+    layout(&s.o, c->scratch, B, NL, s.w, c->cap, s.lps, D, T);
+    s.NC = s.o.NC, s.n_dense = 3 * NL - 1;
+    for (int64_t j = 0; j < s.n_dense; j++) {
         const float t = *c->step[j] + 1.0f;
-        step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
-        bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
+        s.step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
+        s.bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
     }
     const Bags bags = {c->ids, c->off, c->lim, c->L, c->seqs, c->lens, c->W, B, c->S, c->K,
-                       c->R, D, o.x0, c->sel, 0, 0, NULL, NULL, NULL};
-    const int64_t per_chunk = lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
-    const float inv_b = 1.0f / (float)B;
-    int64_t err = 0, U = 0;
+                       c->R, D, s.o.x0, c->sel, 0, 0, NULL, NULL, NULL};
+    s.bags = bags;
+    s.per_chunk = s.lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
+    s.inv_b = 1.0f / (float)B;
+    int64_t U = 0;
 #pragma omp parallel num_threads(T) reduction(+ : U)
     {
-        int64_t t = 0, nt = 1;
+        Thread th = {0, 1, 0.0};
 #ifdef _OPENMP
-        t = omp_get_thread_num(), nt = omp_get_num_threads();
+        th.t = omp_get_thread_num(), th.nt = omp_get_num_threads();
 #endif
-        double tp = (c->prof && t == 0) ? now_s() : 0.0;
-#define TICK(k) do { if (c->prof && t == 0) { double t_ = now_s(); c->prof[k] += t_ - tp; tp = t_; } } while (0)
-#define CHUNKS for (int64_t ch = t; ch < NC; ch += nt)
-#define CB0 (ch * CHUNK_ROWS)
-#define CB1 (CB0 + CHUNK_ROWS < B ? CB0 + CHUNK_ROWS : B)
-#define CHUNK_BUF(buf) ((buf) + ch * CHUNK_ROWS * o.mw) /* chunk ch's rows in bufA / bufB */
-        /* A chunk stays with its thread from pooling to its last gradient, so the only barriers
-         * are where batch-wide sums are needed: each hidden layer's Dice statistics (forward and
-         * backward; every thread then adds the chunk partials itself, in chunk order, into its
-         * own copy) and before the updates. */
-        int ok = 1;  /* the same in every thread: set from err only after a barrier */
-        /* 1. pooled embeddings of my chunks */
-        CHUNKS {
-            Bags a;  /* the chunk as a batch of its own; its lookups listed by owner (step 5) */
-            const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
-            chunk_view(&bags, CB0, CB1 - CB0, o.graw + CB0 * (lps + c->K), gseq, glen, &a);
-            a.out = o.x0 + CB0 * (c->S + c->K) * D;
-            const int64_t at = ch * nt * per_chunk;
-            a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * LKN_STRIDE(nt);
-            a.lk = o.lk + at, a.fscale = o.fscale + CB0 * (c->S + c->K);
-            for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
-            const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
-            if (r < 0) {
-#pragma omp atomic write
-                err = r;
-            }
+        th.tp = (c->prof && th.t == 0) ? now_s() : 0.0;
+        step_pool(&s, &th);
+        if (step_forward(&s, &th)) {
+            step_loss(&s, &th);
+            const float *dX = step_backward(&s, &th);
+            U += step_table(&s, &th, dX);
+            step_dense(&s, &th);
         }
-        TICK(0);
-        /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit */
-        const float *h = o.x0;
-        const int64_t st = 3 * o.max_h;
-        for (int64_t i = 0; i < NL; i++) {
-            const int64_t win = w[i], wout = w[i + 1];
-            const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
-            float *zi = i + 1 < NL ? o.z[i + 1] : o.logit;
-            CHUNKS {
-                for (int64_t b = CB0; b < CB1; b++)
-                    memcpy(zi + b * wout, bi, sizeof(float) * wout);
-                gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
-                        zi + CB0 * wout, wout);
-            }
-            TICK(1);
-            if (i + 1 == NL) break;
-            const int64_t l = i + 1, H = wout;
-            float *part = o.part + l * NC * st;
-            float *mean = o.mean[l] + t * o.hs[l], *var = o.var[l] + t * o.hs[l];
-            float *rstd = o.rstd[l] + t * o.hs[l];
-            CHUNKS {  /* the chunk's mean and squared deviations from it */
-                float *cm = part + ch * st, *m2 = cm + o.max_h;
-                col_sums(zi, CB0, CB1, H, cm);
-                const float inv_n = 1.0f / (float)(CB1 - CB0);
-                for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
-                col_sqdev(zi, CB0, CB1, H, cm, m2);
-            }
-#pragma omp barrier
-            if (err) {  /* a lookup was out of range: update nothing */
-                ok = 0;
-                break;
-            }
-            /* batch statistics from the chunks' (Chan et al.), in chunk order */
-            for (int64_t j = 0; j < H; j++) mean[j] = 0.0f, var[j] = 0.0f;
-            for (int64_t ch = 0; ch < NC; ch++) {
-                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
-                for (int64_t j = 0; j < H; j++) mean[j] += n_c * cm[j];
-            }
-            for (int64_t j = 0; j < H; j++) mean[j] *= inv_b;
-            for (int64_t ch = 0; ch < NC; ch++) {
-                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
-                const float *m2 = cm + o.max_h;
-                for (int64_t j = 0; j < H; j++) {
-                    const float d = cm[j] - mean[j];
-                    var[j] += m2[j] + n_c * d * d;
-                }
-            }
-            for (int64_t j = 0; j < H; j++) {
-                var[j] *= inv_b;
-                rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
-            }
-            int64_t h0, h1;  /* the running statistics: a slice per thread */
-            share(H, 16, &h0, &h1);
-            float *rm = c->run_mean[i], *rv = c->run_var[i];
-            const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
-            for (int64_t j = h0; j < h1; j++) {
-                rm[j] += mo * (mean[j] - rm[j]);
-                rv[j] += mo * (var[j] * unb - rv[j]);
-            }
-            CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o.pp[l], o.y[l]);
-            h = o.y[l];
-            TICK(2);
-        }
-        if (NL == 1) {  /* no statistics barrier above */
-#pragma omp barrier
-            ok = !err;
-        }
-        if (ok) {
-            /* 3. loss and its gradient with respect to the logits, per chunk */
-            CHUNKS {
-                double lc = 0.0;
-                for (int64_t b = CB0; b < CB1; b++) {
-                    if (c->sel && b + 16 < CB1) __builtin_prefetch(c->label + c->sel[b + 16]);
-                    const float zb = o.logit[b], lb = c->label[row_of(c->sel, b)];
-                    lc += (double)(fmaxf(zb, 0.0f) - zb * lb + log1pf(expf(-fabsf(zb))));
-                    o.glogit[b] = (1.0f / (1.0f + expf(-zb)) - lb) * inv_b;
-                }
-                o.lossc[ch] = lc;
-            }
-            TICK(3);
-            /* 4. backward, last layer first: weight and bias partials per chunk, dH = G W into
-             * the buffer G is not in, then Dice's backward from there into the other */
-            const float *G = o.glogit;
-            float *dH = o.bufA;
-            for (int64_t i = NL - 1; i >= 0; i--) {
-                const int64_t win = w[i], wout = w[i + 1];
-                const float *Hin = i == 0 ? o.x0 : o.y[i];
-                dH = G == o.bufA ? o.bufB : o.bufA;
-                CHUNKS {
-                    float *wp = o.wpart + ch * o.n_wb + o.woff[i];
-                    const int64_t nb = CB1 - CB0;
-                    const float *Gc = G == o.glogit ? G + CB0 * wout : CHUNK_BUF(G);
-                    gemm_rm(1, 0, wout, win, nb, 1.0f, Gc, wout, Hin + CB0 * win, win, 0.0f, wp,
-                            win);
-                    col_sums(Gc, 0, nb, wout, wp + wout * win);
-                    gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f,
-                            CHUNK_BUF(dH), win);
-                    if (i == 0) {  /* the gradient of each looked-up row: pooling's scale */
-                        const int64_t F = c->S + c->K;
-                        float *dx = CHUNK_BUF(dH);
-                        const float *fs = o.fscale + CB0 * F;
-                        for (int64_t b = 0; b < nb; b++)
-                            for (int64_t f = c->S; f < F; f++) {
-                                const float sc = fs[b * F + f];
-                                float *g = dx + (b * F + f) * D;
-                                if (sc != 1.0f)
-                                    for (int64_t d = 0; d < D; d++) g[d] *= sc;
-                            }
-                    }
-                }
-                TICK(4);
-                if (i == 0) break;
-                const int64_t H = win;
-                float *next = dH == o.bufA ? o.bufB : o.bufA;
-                float *part = o.part + (NL + i) * NC * st;
-                const float *alpha = c->p[3 * (i - 1) + 2];
-                const float *mean = o.mean[i] + t * o.hs[i], *rstd = o.rstd[i] + t * o.hs[i];
-                float *sg = o.sg[i] + t * o.hs[i], *sgx = o.sgx[i] + t * o.hs[i];
-                CHUNKS {
-                    float *pt = part + ch * st;
-                    dice_back_partial(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
-                                      mean, rstd, 0, CB1 - CB0, H, pt, pt + o.max_h,
-                                      pt + 2 * o.max_h);
-                }
-#pragma omp barrier
-                sum_parts(part, NC, st, 0, H, inv_b, sg);
-                sum_parts(part + o.max_h, NC, st, 0, H, inv_b, sgx);
-                int64_t h0, h1;
-                share(H, 16, &h0, &h1);
-                sum_parts(part + 2 * o.max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
-                CHUNKS dice_back_rows(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
-                                      mean, rstd, 0, CB1 - CB0, H, sg, sgx, CHUNK_BUF(next));
-                G = next;
-                TICK(5);
-            }
-#pragma omp barrier
-            /* 5. the table rows I own: gradient sums in lookup order, row-wise Adam */
-            int64_t at = 0;  /* my region: after the lookups of the threads before me */
-            for (int64_t q = 0; q < t; q++)
-                for (int64_t ch = 0; ch < NC; ch++) at += o.lk_n[ch * LKN_STRIDE(nt) + q];
-            U += emb_update_owned(c, &o, dH, t, nt, o.rows + at, o.egrad + at * D);
-            TICK(6);
-            /* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by
-             * slices of every parameter */
-            for (int64_t j = 0; j < n_dense; j++) {
-                const int64_t layer = j / 3, kind = j % 3;
-                const int64_t n = kind == 0 ? w[layer] * w[layer + 1] : w[layer + 1];
-                int64_t e0, e1;
-                share(n, 16, &e0, &e1);
-                if (kind < 2) {
-                    const int64_t at = o.woff[layer] + (kind ? w[layer] * w[layer + 1] : 0);
-                    sum_parts(o.wpart + at, NC, o.n_wb, e0, e1, 1.0f, c->g[j]);
-                }
-                adam_slice(c->p[j], c->g[j], c->m[j], c->v[j], e0, e1, step_size[j],
-                           bc2_sqrt[j], c->beta1, c->beta2, c->eps, c->wd);
-            }
-            TICK(7);
-        }
-#undef CHUNK_BUF
-#undef TICK
-#undef CHUNKS
-#undef CB0
-#undef CB1
     }
-    if (err) {
-        c->status = err;
+    if (s.err) {
+        c->status = s.err;
         return NAN;
     }
     c->status = 0;
     c->unique_rows = U;
-    for (int64_t j = 0; j < n_dense; j++) *c->step[j] += 1.0f;
+    for (int64_t j = 0; j < s.n_dense; j++) *c->step[j] += 1.0f;
     double loss = 0.0;
-    for (int64_t ch = 0; ch < NC; ch++) loss += o.lossc[ch];
+    for (int64_t ch = 0; ch < s.NC; ch++) loss += s.o.lossc[ch];
     return loss / (double)B;
 }
 

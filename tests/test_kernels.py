@@ -107,7 +107,9 @@ def test_embedding_out_of_range_id_is_a_clear_error_and_leaves_no_trace():
     torch.testing.assert_close(emb(batch), good)
 
 
-@pytest.mark.parametrize("over", [dict(), dict(weight_decay=0.1)])
+@pytest.mark.parametrize("over", [dict(embedding_update="lazy"),
+                                  dict(embedding_update="lazy", weight_decay=0.1),
+                                  dict(), dict(weight_decay=0.1)])  # (dense: the default)
 def test_rowwise_adam_matches_reference(over):
     from oneepoch.models.ctr import build_model
 
@@ -132,7 +134,10 @@ def test_rowwise_adam_matches_reference(over):
                 o.step()
         runs.append((m.embedding.weight.detach().clone(), o.sparse["embedding.weight"].state))
     (w1, s1), (w2, s2) = runs
-    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+    # Dense: a row's catch-up amplifies the paths' step-1 difference of an element whose
+    # gradient is below eps (6.7e-8 here: Adam's update is ill-conditioned there) to 1.5e-6.
+    atol = 1e-6 if over.get("embedding_update") == "lazy" else 3e-6
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=atol)
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-7)
 

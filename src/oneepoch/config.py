@@ -59,6 +59,7 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     emb_lr_scale: float = 1.0  # embedding lr = lr x this
+    embedding_update: str = "dense"  # dense | lazy
 
 
 @dataclass

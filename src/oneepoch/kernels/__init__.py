@@ -39,9 +39,13 @@ from oneepoch.kernels import abi
 from oneepoch.kernels.abi import (  # noqa: F401  (the kernels, re-exported)
     MAX_LAYERS,
     MAX_SEQS,
+    AdamCatchUp,
     NativeABIError,
     accidental_hits,
+    adam_catch_up_all,
+    adam_catch_up_batch,
     address,
+    catch_up_struct,
     coalesce_rows,
     contrastive_blocks,
     contrastive_scratch,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_LAYERS = 64  # linear layers of the fused step's MLP, at most
 MAX_SEQS = 64  # sequence fields of the fused step, at most
 
@@ -45,12 +45,23 @@ class CtrStep(ctypes.Structure):
         ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("lim", _P), ("slot", _P), ("R", _I),
         ("D", _I),
         ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F), ("emb_row_lr", _P),
+        ("emb_last", _P), ("emb_t", _I), ("emb_catch", _P),
         ("n_layers", _I), ("width", _P),
         ("p", _P), ("g", _P), ("m", _P), ("v", _P), ("step", _P),
         ("run_mean", _P), ("run_var", _P), ("dice_eps", _F), ("dice_momentum", _F),
         ("lr", _F), ("beta1", _F), ("beta2", _F), ("eps", _F), ("wd", _F),
         ("scratch", _P), ("cap", _I), ("threads", _I),
         ("status", _I), ("unique_rows", _I), ("prof", _P),
+    ]
+
+
+class AdamCatchUp(ctypes.Structure):
+    """Mirror of native.c's ``AdamCatchUp`` (dense Adam's catch-up tables; checked at load)."""
+
+    _fields_ = [
+        ("beta1", _D), ("beta2", _D), ("eps", _D), ("tol", _D), ("T", _I),
+        ("H0", _P), ("H1", _P), ("H2", _P), ("s", _P), ("P", _I), ("pw", _P),
+        ("log_q", _D * 5),
     ]
 
 
@@ -61,7 +72,11 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dice_backward": (None, [_P, _P, _P, _P, _P, _P, _I, _I, _C, _P, _P, _P]),
     "emb_pool_forward": (_I, [_P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P]),
     "emb_pool_backward": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _P]),
-    "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
+    "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F, _P, _I,
+                          _P]),
+    "adam_catch_up_all": (_I, [_P, _P, _P, _P, _I, _I, _I, _F, _P, _P]),
+    "adam_catch_up_batch": (_I, [_P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I,
+                                 _I, _F, _P, _P]),
     "softmax_xent_rows": (_D, [_P, _I, _I, _I, _C]),
     "rank_rows": (None, [_P, _I, _I, _I, _P, _P, _P, _F, _P, _P]),
     "topk_rows": (_C, [_P, _I, _I, _I, _P]),
@@ -84,7 +99,10 @@ def expected_abi() -> dict[str, Any]:
     """What this package expects the library to report (see :func:`library_abi`)."""
     return {"version": ABI_VERSION, "sizeof(CtrStep)": ctypes.sizeof(CtrStep),
             "MAX_LAYERS": MAX_LAYERS, "MAX_SEQS": MAX_SEQS,
-            "CtrStep offsets": [getattr(CtrStep, name).offset for name, _ in CtrStep._fields_]}
+            "sizeof(AdamCatchUp)": ctypes.sizeof(AdamCatchUp),
+            "CtrStep offsets": [getattr(CtrStep, name).offset for name, _ in CtrStep._fields_],
+            "AdamCatchUp offsets": [getattr(AdamCatchUp, name).offset
+                                    for name, _ in AdamCatchUp._fields_]}
 
 
 def library_abi(handle: ctypes.CDLL) -> dict[str, Any]:
@@ -95,8 +113,10 @@ def library_abi(handle: ctypes.CDLL) -> dict[str, Any]:
     out = (ctypes.c_int64 * n)()
     fn(out, n)
     v = list(out)
+    f, g = v[5], v[6]
     return {"version": v[0], "sizeof(CtrStep)": v[1], "MAX_LAYERS": v[2], "MAX_SEQS": v[3],
-            "CtrStep offsets": v[5:5 + v[4]]}
+            "sizeof(AdamCatchUp)": v[4], "CtrStep offsets": v[7:7 + f],
+            "AdamCatchUp offsets": v[7 + f:7 + f + g]}
 
 
 def check(handle: ctypes.CDLL, path: str) -> None:
@@ -217,11 +237,54 @@ def emb_pool_backward(g: torch.Tensor, n_single: int, lens: list[torch.Tensor],
 
 def rowwise_adam(W: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                  grad: torch.Tensor, lr: float, row_lr: torch.Tensor | None, beta1: float,
-                 beta2: float, eps: float, bc1: float, bc2: float, wd: float) -> float:
-    """Lazy Adam on these distinct rows of W; returns the largest |update|."""
+                 beta2: float, eps: float, bc1: float, bc2: float, wd: float,
+                 last: torch.Tensor | None = None, t: int = 0,
+                 catch_up: AdamCatchUp | None = None) -> float:
+    """Adam on these distinct rows of W at step ``t``; returns the largest |update|. Lazy
+    without ``last``; dense with ``last`` (int64 [R], each row's last step) and the catch-up
+    tables: each row first gets the zero-gradient steps it missed."""
     return _lib().rowwise_adam(W.data_ptr(), m.data_ptr(), v.data_ptr(), rows.data_ptr(),
                                grad.data_ptr(), rows.shape[0], W.shape[1], lr, ptr(row_lr),
-                               beta1, beta2, eps, bc1, bc2, wd)
+                               beta1, beta2, eps, bc1, bc2, wd, ptr(last), t,
+                               None if catch_up is None else ctypes.byref(catch_up))
+
+
+def adam_catch_up_batch(ids: torch.Tensor, offsets: torch.Tensor,
+                        rows_per_field: torch.Tensor, seqs: list[torch.Tensor],
+                        lens: list[torch.Tensor], W: torch.Tensor, m: torch.Tensor,
+                        v: torch.Tensor, last: torch.Tensor, t: int, lr: float,
+                        row_lr: torch.Tensor | None, catch_up: AdamCatchUp) -> int:
+    """Dense Adam: brings every row this batch (int32 ids [B, S], sequences, lengths) looks
+    up to step ``t``; returns -1 (nothing changed) if a lookup is outside its field (pooling
+    then reports it), else 0."""
+    return _lib().adam_catch_up_batch(
+        ids.data_ptr(), ids.shape[0], ids.shape[1], offsets.data_ptr(),
+        rows_per_field.data_ptr(), len(seqs), ptr_array(seqs),
+        int64_array([q.shape[1] for q in seqs]), ptr_array(lens), W.data_ptr(), m.data_ptr(),
+        v.data_ptr(), last.data_ptr(), W.shape[0], W.shape[1], t, lr, ptr(row_lr),
+        ctypes.byref(catch_up))
+
+
+def catch_up_struct(beta1: float, beta2: float, eps: float, tol: float, H0: np.ndarray,
+                    H1: np.ndarray, H2: np.ndarray, s: np.ndarray, pw: np.ndarray,
+                    log_q: list[float]) -> AdamCatchUp:
+    """The ``AdamCatchUp`` struct over these float64 tables (kept alive by the struct):
+    H0, H1, H2, s [T + 2]; pw [5, P]."""
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (H0, H1, H2, s, pw)]
+    st = AdamCatchUp(beta1, beta2, eps, tol, len(arrays[0]) - 2, *(a.ctypes.data
+                     for a in arrays[:4]), arrays[4].shape[1], arrays[4].ctypes.data,
+                     (_D * 5)(*log_q))
+    st._keep = arrays  # type: ignore[attr-defined]
+    return st
+
+
+def adam_catch_up_all(W: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                      t: int, lr: float, row_lr: torch.Tensor | None,
+                      catch_up: AdamCatchUp) -> int:
+    """Brings every row with ``last < t`` up to step ``t`` (dense Adam); returns how many."""
+    return _lib().adam_catch_up_all(W.data_ptr(), m.data_ptr(), v.data_ptr(), last.data_ptr(),
+                                    W.shape[0], W.shape[1], t, lr, ptr(row_lr),
+                                    ctypes.byref(catch_up))
 
 
 def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor,

@@ -388,17 +388,204 @@ void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Dense Adam at row-wise cost. torch.optim.Adam on a dense table (and TF1's AdamOptimizer)    */
+/* decays every row's moments at every step and moves every row by lr/bc1 m/(sqrt(v)/sqrt(bc2) */
+/* + eps), gradient or not. Here a row keeps the step it was last brought up to date (last[r]); */
+/* when it is next touched (or at sync) the k zero-gradient steps i = t0+1 .. t0+k it missed    */
+/* are applied at once: m *= b1^k, v *= b2^k, and w -= m0 F(x), x = sqrt(v0), where             */
+/*   F(x) = sum_j w_j / (x + e_j),  w_j = lr (s_i / bc1_i) r^j,  e_j = eps s_i b2^(-j/2),       */
+/*   j = i - t0, s_i = sqrt(1 - b2^i), bc1_i = 1 - b1^i, r = b1 / sqrt(b2).                       */
+/* Closed form: F ~ W / (x + e~), W = sum w_j, e~ = sum w_j e_j / W (the sums are window sums of */
+/* the suffix tables H0, H1, H2 built by kernels/abi.py: sum_{j=1..k} a_{t0+j} q^j =            */
+/* q (H(t0+1) - q^k H(t0+k+1)), H(i) = sum_{i'>=i} a_i' q^(i'-i)). It is exact when eps = 0 and */
+/* its relative error is sum (w_j/W) (e~ - e_j)^2 / ((x + e_j)(x + e~)) <= var / ((x + e_1)(x + */
+/* e~)) (e_j grows with j), var the w-weighted variance of e_j (from H2). An element whose bound */
+/* exceeds tol is summed exactly instead, step by step (exact_catch_up).                        */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    double beta1, beta2, eps, tol;
+    int64_t T;           /* H0, H1, H2, s hold i = 0 .. T + 1; from T + 1 on, bc1 = bc2 = 1 */
+    const double *H0, *H1, *H2, *s;
+    int64_t P;           /* pw holds exponents 0 .. P - 1 of each ratio */
+    const double *pw;    /* [5 P]: b1^k, b2^k, r^k, rho^k, rho2^k (rho = b1/b2, rho2 = b1/b2^1.5) */
+    double log_q[5];     /* their logs, for exponents >= P */
+} AdamCatchUp;
+
+static inline double cu_pow(const AdamCatchUp *a, int q, int64_t k) {
+    return k < a->P ? a->pw[q * a->P + k] : exp((double)k * a->log_q[q]);
+}
+
+static inline double cu_window(const AdamCatchUp *a, const double *H, int q, int64_t t0,
+                               int64_t k) {
+    const int64_t T1 = a->T + 1, i0 = t0 + 1 < T1 ? t0 + 1 : T1, i1 = t0 + k + 1 < T1 ? t0 + k + 1 : T1;
+    return a->pw[q * a->P + 1] * (H[i0] - cu_pow(a, q, k) * H[i1]);
+}
+
+/* F(x) / lr of the comment above, summed step by step (the few elements the closed form's
+ * bound does not cover); stops once the remaining weight is below 1e-12 of S0 = W / lr and adds
+ * that remainder at the last e_j (e_j only grows). */
+static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t k, double S0) {
+    const double b1 = a->beta1, b2 = a->beta2, r = b1 / sqrt(b2), ib2h = 1.0 / sqrt(b2);
+    double acc = 0.0, wp = 0.0, rj = 1.0, bj = 1.0, e = a->eps;
+    double b1i = pow(b1, (double)t0), b2i = pow(b2, (double)t0);
+    for (int64_t j = 1; j <= k; j++) {
+        rj *= r, bj *= ib2h, b1i *= b1, b2i *= b2;
+        const double si = sqrt(1.0 - b2i), wj = si / (1.0 - b1i) * rj;
+        e = a->eps * si * bj;
+        acc += wj / (x + e);
+        wp += wj;
+        if (S0 - wp <= 1e-12 * S0) break;
+    }
+    if (S0 > wp) acc += (S0 - wp) / (x + e);
+    return acc;
+}
+
+/* Brings one row (D elements) from step t0 through the k >= 1 zero-gradient steps after it.
+ * lr: the row's learning rate. */
+static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
+                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a) {
+    const double S0 = cu_window(a, a->H0, 2, t0, k);
+    const float b1k = (float)cu_pow(a, 0, k), b2k = (float)cu_pow(a, 1, k);
+    if (S0 > 0.0 && lr != 0.0) {
+        const double S1 = cu_window(a, a->H1, 3, t0, k), S2 = cu_window(a, a->H2, 4, t0, k);
+        const double eb = a->eps * S1 / S0;
+        const double var = fmax(a->eps * a->eps * (S2 / S0) - eb * eb, 0.0);
+        const int64_t T1 = a->T + 1;
+        const double e1 = a->eps * a->s[t0 + 1 < T1 ? t0 + 1 : T1] / sqrt(a->beta2);
+        const float Wf = (float)(lr * S0), ebf = (float)eb, e1f = (float)e1;
+        const float lim = (float)(var / a->tol);  /* exact where (x + e_1)(x + e~) < var / tol */
+        for (int64_t d = 0; d < D; d++) {
+            if (m[d] == 0.0f) continue;  /* (a row never seen: nothing to move) */
+            const float x = sqrtf(v[d]);
+            float mv;
+            if ((x + e1f) * (x + ebf) < lim)
+                mv = (float)((double)m[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
+            else
+                mv = m[d] * Wf / (x + ebf);
+            w[d] -= mv;
+        }
+    }
+    for (int64_t d = 0; d < D; d++) {
+        m[d] *= b1k;
+        v[d] *= b2k;
+    }
+}
+
+/* Brings every row of W, m, v [R, D] with last[r] < t up to step t (Optimizer.sync); row_lr
+ * [R] (or NULL) scales lr per row. Returns the rows moved. */
+int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R, int64_t D,
+                          int64_t t, float lr, const float *row_lr, const AdamCatchUp *a) {
+    int64_t n = 0;
+#pragma omp parallel for schedule(static) reduction(+ : n) if (R * D >= 65536)
+    for (int64_t r = 0; r < R; r++) {
+        if (last[r] >= t) continue;
+        const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
+        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a);
+        last[r] = t;
+        n++;
+    }
+    return n;
+}
+
+/* Dense Adam, before a forward pass: brings the rows the batch looks up (valid lookups only;
+ * pooling reports the others) that thread `who` of T owns (owner_of) up to step t, so the
+ * forward and the gradient see what torch.optim.Adam's table would hold. */
+static void catch_up_lookups(const Bags *a, float *W, float *m, float *v, int64_t *last,
+                             int64_t t, float lr, const float *row_lr, const AdamCatchUp *cu,
+                             int64_t who, int64_t T) {
+    const int64_t S = a->S, K = a->K, D = a->D;
+#define CATCH_UP(r)                                                                              \
+    do {                                                                                         \
+        const int64_t r_ = (r);                                                                  \
+        if ((T == 1 || owner_of(r_, T) == who) && last[r_] < t) {                                \
+            const double lr_ = row_lr ? (double)lr * row_lr[r_] : (double)lr;                    \
+            catch_up_row(W + r_ * D, m + r_ * D, v + r_ * D, D, last[r_], t - last[r_], lr_, cu); \
+            last[r_] = t;                                                                        \
+        }                                                                                        \
+    } while (0)
+    for (int64_t b = 0; b < a->B; b++) {
+        const int64_t i = row_of(a->sel, b);
+        for (int64_t f = 0; f < S; f++) {
+            const int64_t id = a->ids[i * S + f];
+            if (id >= 0 && id < a->lim[f]) CATCH_UP(a->off[f] + id);
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t L = a->L[k], lim = a->lim[S + k], off = a->off[S + k];
+            int64_t n = a->lens[k][i];
+            n = n < 0 ? 0 : (n > L ? L : n);
+            const id32 *q = a->seqs[k] + i * L;
+            for (int64_t j = 0; j < n; j++)
+                if (q[j] >= 0 && q[j] < lim) CATCH_UP(off + q[j]);
+        }
+    }
+#undef CATCH_UP
+}
+
+/* 0 if every lookup of samples [b0, b1) is inside its field (and every length inside its
+ * padding), else -1. */
+static int64_t lookups_valid(const Bags *a, int64_t b0, int64_t b1) {
+    const int64_t S = a->S, K = a->K;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t i = row_of(a->sel, b);
+        for (int64_t f = 0; f < S; f++) {
+            const int64_t id = a->ids[i * S + f];
+            if (id < 0 || id >= a->lim[f]) return -1;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t L = a->L[k], lim = a->lim[S + k], n = a->lens[k][i];
+            if (n < 0 || n > L) return -1;
+            const id32 *q = a->seqs[k] + i * L;
+            for (int64_t j = 0; j < n; j++)
+                if (q[j] < 0 || q[j] >= lim) return -1;
+        }
+    }
+    return 0;
+}
+
+/* catch_up_lookups over the whole batch (the autograd path's FieldEmbedding, before pooling),
+ * each thread its own rows. Returns -1 (and changes nothing) if a lookup is outside its field
+ * (pooling then says which). */
+int64_t adam_catch_up_batch(const id32 *ids, int64_t B, int64_t S, const int64_t *off,
+                         const int64_t *lim, int64_t K, const id32 *const *seqs,
+                         const int64_t *L, const id32 *const *lens, float *W, float *m, float *v,
+                         int64_t *last, int64_t R, int64_t D, int64_t t, float lr,
+                         const float *row_lr, const AdamCatchUp *cu) {
+    const Bags a = {ids, off, lim, L, seqs, lens, W, B, S, K, R, D, NULL, NULL, 0, 0, NULL,
+                    NULL, NULL};
+    if (lookups_valid(&a, 0, B)) return -1;
+#pragma omp parallel if (B * (S + K) * D >= 8192)
+    {
+        int64_t who = 0, T = 1;
+#ifdef _OPENMP
+        who = omp_get_thread_num(), T = omp_get_num_threads();
+#endif
+        catch_up_lookups(&a, W, m, v, last, t, lr, row_lr, cu, who, T);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Row-wise (lazy) Adam on the rows of a table: W, m, v [R, D]; rows [U]; grad [U, D].         */
 /* The same update as RowWiseOptimizer's torch path; row_lr [U] (or NULL) scales lr per row.   */
-/* Returns the largest |update| applied.                                                      */
+/* Returns the largest |update| applied. Dense (last != NULL): each row is first brought up to */
+/* step t - 1 (catch_up_row), then updated at step t, and last[row] = t.                       */
 /* ---------------------------------------------------------------------------------------- */
 static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
                        const int64_t *restrict rows, const float *restrict grad, int64_t u0,
                        int64_t u1, int64_t D, float lr, const float *restrict row_lr,
                        const float *restrict lr_of_row, float b1, float b2, float eps,
-                       float ib1, float ib2, float wd) {
+                       float ib1, float ib2, float wd, int64_t *restrict last, int64_t t,
+                       const AdamCatchUp *cu) {
     float linf = 0.0f;
     for (int64_t u = u0; u < u1; u++) {
+        if (last) {  /* dense: the steps this row missed, then this one */
+            const int64_t r = rows[u], t0 = last[r];
+            if (t0 < t - 1) {
+                const float a = row_lr ? lr * row_lr[u] : (lr_of_row ? lr * lr_of_row[r] : lr);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu);
+            }
+            last[r] = t;
+        }
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
             PREFETCH_ROW(W + q, D, 1);
@@ -426,14 +613,15 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
 
 float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const float *grad,
                    int64_t U, int64_t D, float lr, const float *row_lr, float b1, float b2,
-                   float eps, float bc1, float bc2, float wd) {
+                   float eps, float bc1, float bc2, float wd, int64_t *last, int64_t t,
+                   const AdamCatchUp *cu) {
     float linf = 0.0f;
 #pragma omp parallel reduction(max : linf) if (U * D >= 8192)
     {
         int64_t u0, u1;
         share(U, 1, &u0, &u1);  /* rows are distinct: threads never touch the same row */
         linf = adam_rows(W, m, v, rows, grad, u0, u1, D, lr, row_lr, NULL, b1, b2, eps,
-                         1.0f / bc1, 1.0f / bc2, wd);
+                         1.0f / bc1, 1.0f / bc2, wd, last, t, cu);
     }
     return linf;
 }
@@ -775,6 +963,11 @@ typedef struct {
     int64_t R, D;
     float emb_lr, emb_bc1, emb_bc2;
     const float *emb_row_lr;  /* NULL, or [R]: per-row multipliers of emb_lr */
+    /* dense Adam on the table: emb_last [R] each row's last step (NULL: lazy), emb_t this
+     * step (set by ctr_steps), emb_catch the catch-up tables */
+    int64_t *emb_last;
+    int64_t emb_t;
+    const AdamCatchUp *emb_catch;
     /* the MLP: n_layers linear layers, width[0..n_layers] (width[0] = (S + K) * D, last 1);
      * dense parameters in the order W_0, b_0, alpha_0, W_1, b_1, alpha_1, ..., W_last, b_last,
      * each with its gradient buffer, Adam moments and step counter (float, as torch keeps it) */
@@ -798,26 +991,35 @@ typedef struct {
 /* The ABI Python relies on (kernels/abi.py checks it when it loads the library, so a library
  * built from another version of this file is refused instead of read out of step). Bump
  * ONEEPOCH_ABI whenever a signature, a struct passed by pointer or a limit changes. */
-#define ONEEPOCH_ABI 1
+#define ONEEPOCH_ABI 2
 #define OFF(f) offsetof(CtrStep, f)
 static const int64_t ctr_step_offsets[] = {  /* every field, in declaration order */
     OFF(ids), OFF(sel), OFF(seqs), OFF(L), OFF(lens), OFF(label), OFF(B), OFF(S), OFF(K),
     OFF(W), OFF(Wm), OFF(Wv), OFF(off), OFF(lim), OFF(slot), OFF(R), OFF(D), OFF(emb_lr),
-    OFF(emb_bc1), OFF(emb_bc2), OFF(emb_row_lr), OFF(n_layers), OFF(width), OFF(p), OFF(g),
+    OFF(emb_bc1), OFF(emb_bc2), OFF(emb_row_lr), OFF(emb_last), OFF(emb_t), OFF(emb_catch), OFF(n_layers), OFF(width), OFF(p), OFF(g),
     OFF(m), OFF(v), OFF(step), OFF(run_mean), OFF(run_var), OFF(dice_eps),
     OFF(dice_momentum), OFF(lr), OFF(beta1), OFF(beta2), OFF(eps), OFF(wd), OFF(scratch),
     OFF(cap), OFF(threads), OFF(status), OFF(unique_rows), OFF(prof)};
 #undef OFF
+#define OFF(f) offsetof(AdamCatchUp, f)
+static const int64_t catch_up_offsets[] = {
+    OFF(beta1), OFF(beta2), OFF(eps), OFF(tol), OFF(T), OFF(H0), OFF(H1), OFF(H2), OFF(s),
+    OFF(P), OFF(pw), OFF(log_q)};
+#undef OFF
 
-/* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, the number of CtrStep
- * fields F, then the F field offsets in declaration order; returns how many values there are
- * (call with n = 0 to size out). */
+/* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, sizeof(AdamCatchUp), the
+ * numbers of CtrStep and AdamCatchUp fields F and G, then the F and G field offsets in
+ * declaration order; returns how many values there are (call with n = 0 to size out). */
 int64_t oneepoch_abi(int64_t *out, int64_t n) {
     const int64_t F = (int64_t)(sizeof(ctr_step_offsets) / sizeof(ctr_step_offsets[0]));
-    const int64_t head[] = {ONEEPOCH_ABI, (int64_t)sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, F};
+    const int64_t G = (int64_t)(sizeof(catch_up_offsets) / sizeof(catch_up_offsets[0]));
+    const int64_t head[] = {ONEEPOCH_ABI, (int64_t)sizeof(CtrStep), MAX_LAYERS, MAX_SEQS,
+                            (int64_t)sizeof(AdamCatchUp), F, G};
     const int64_t H = (int64_t)(sizeof(head) / sizeof(head[0]));
-    for (int64_t i = 0; i < n && i < H + F; i++) out[i] = i < H ? head[i] : ctr_step_offsets[i - H];
-    return H + F;
+    for (int64_t i = 0; i < n && i < H + F + G; i++)
+        out[i] = i < H ? head[i] : (i < H + F ? ctr_step_offsets[i - H]
+                                              : catch_up_offsets[i - H - F]);
+    return H + F + G;
 }
 
 /* Phases of the profile, as thread 0 sees them (waits at barriers included): pool, forward
@@ -1043,7 +1245,8 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
         }
     }
     adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
-              c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd);
+              c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd,
+              c->emb_last, c->emb_t, c->emb_catch);
     for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
     return U;
 }
@@ -1330,6 +1533,19 @@ double ctr_step(CtrStep *c) {
         th.t = omp_get_thread_num(), th.nt = omp_get_num_threads();
 #endif
         th.tp = (c->prof && th.t == 0) ? now_s() : 0.0;
+        if (c->emb_last) {  /* dense Adam: the batch's rows up to the previous step first */
+            int64_t b0, b1;  /* (only if every lookup is valid: a failing step changes nothing) */
+            share(B, 1, &b0, &b1);
+            if (lookups_valid(&s.bags, b0, b1)) {
+#pragma omp atomic write
+                s.err = -1;
+            }
+#pragma omp barrier
+            if (!s.err)
+                catch_up_lookups(&s.bags, c->W, c->Wm, c->Wv, c->emb_last, c->emb_t - 1,
+                                 c->emb_lr, c->emb_row_lr, c->emb_catch, th.t, th.nt);
+#pragma omp barrier
+        }
         step_pool(&s, &th);
         if (step_forward(&s, &th)) {
             step_loss(&s, &th);
@@ -1365,6 +1581,7 @@ int64_t ctr_steps(CtrStep *c, const int64_t *rows, int64_t n_rows, int64_t B, do
         const double t = (double)(t0 + k + 1);
         c->emb_bc1 = (float)(1.0 - pow(beta1, t));
         c->emb_bc2 = (float)(1.0 - pow(beta2, t));
+        c->emb_t = t0 + k + 1;
         losses[k] = ctr_step(c);
         if (c->status) return k;
     }

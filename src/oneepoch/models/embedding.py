@@ -22,12 +22,28 @@ above gives the same numbers.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from oneepoch import kernels
 from oneepoch.data.batcher import Batch
+
+# Called with each training batch before its rows are read (a dense-Adam optimizer brings them
+# up to date there); kept beside the modules, so copying or saving a module does not copy it.
+_BEFORE_LOOKUP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_before_lookup(module: nn.Module, fn: Callable[[Batch], None] | None) -> None:
+    """Call ``fn(batch)`` at the start of every forward of ``module`` that builds a gradient
+    for its table (``None``: stop)."""
+    if fn is None:
+        _BEFORE_LOOKUP.pop(module, None)
+    else:
+        _BEFORE_LOOKUP[module] = fn
 
 
 class _NativePool(torch.autograd.Function):
@@ -218,6 +234,8 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         needs_grad = self.weight.requires_grad and torch.is_grad_enabled()
+        if needs_grad and self in _BEFORE_LOOKUP:
+            _BEFORE_LOOKUP[self](batch)
         if (self.fused or not needs_grad) and batch.ids.dtype == torch.int64 \
                 and self.weight.dtype == torch.float32 and kernels.usable(self.weight, batch.ids):
             return self._native(batch)

@@ -197,7 +197,8 @@ class FusedStep:
         w, rs = self.emb.weight, self.rowopt.state
         run_stats = [d._buffers[k] for d in self._acts for k in ("running_mean", "running_var")]
         tensors = [w, rs["exp_avg"], rs["exp_avg_sq"], *self.params, *moments, *run_stats]
-        key = tuple(map(torch.Tensor.data_ptr, tensors))
+        last = rs.get("last_step")  # dense Adam on the table: each row's last step
+        key = tuple(map(torch.Tensor.data_ptr, tensors)) + (kernels.ptr(last),)
         if key == self._state_key:
             return
         if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32
@@ -205,7 +206,14 @@ class FusedStep:
             raise RuntimeError("FusedStep: a parameter or optimizer state is not a contiguous "
                                "float32 CPU tensor")
         c = self.c
+        if last is not None and not (last.is_contiguous() and last.device.type == "cpu"
+                                     and last.dtype == torch.int64):
+            raise RuntimeError("FusedStep: the table's last_step is not a contiguous int64 CPU "
+                               "tensor")
         c.W, c.Wm, c.Wv = key[0], key[1], key[2]
+        c.emb_last = kernels.ptr(last)
+        cu = self.rowopt.catch_up
+        c.emb_catch = None if cu is None else kernels.address(cu.struct)
         arrs = [kernels.ptr_array(ts) for ts in (
             self.params, self.grads, moments[0::3], moments[1::3], moments[2::3],
             run_stats[0::2], run_stats[1::2])]

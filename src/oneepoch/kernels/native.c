@@ -11,6 +11,7 @@
  * by columns, samples or rows, never inside one sum, so results do not depend on the thread
  * count.
  */
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -441,33 +442,44 @@ static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t
 }
 
 /* Brings one row (D elements) from step t0 through the k >= 1 zero-gradient steps after it.
- * lr: the row's learning rate. */
+ * lr: the row's learning rate. By chunks of 64 elements: the closed form for all (vectorised),
+ * then the exact sum for the elements its bound does not cover (if any), then the update. */
 static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
                          int64_t t0, int64_t k, double lr, const AdamCatchUp *a) {
     const double S0 = cu_window(a, a->H0, 2, t0, k);
     const float b1k = (float)cu_pow(a, 0, k), b2k = (float)cu_pow(a, 1, k);
+    float Wf = 0.0f, ebf = 1.0f, e1f = 1.0f, lim = 0.0f;
     if (S0 > 0.0 && lr != 0.0) {
         const double S1 = cu_window(a, a->H1, 3, t0, k), S2 = cu_window(a, a->H2, 4, t0, k);
         const double eb = a->eps * S1 / S0;
         const double var = fmax(a->eps * a->eps * (S2 / S0) - eb * eb, 0.0);
         const int64_t T1 = a->T + 1;
-        const double e1 = a->eps * a->s[t0 + 1 < T1 ? t0 + 1 : T1] / sqrt(a->beta2);
-        const float Wf = (float)(lr * S0), ebf = (float)eb, e1f = (float)e1;
-        const float lim = (float)(var / a->tol);  /* exact where (x + e_1)(x + e~) < var / tol */
-        for (int64_t d = 0; d < D; d++) {
-            if (m[d] == 0.0f) continue;  /* (a row never seen: nothing to move) */
-            const float x = sqrtf(v[d]);
-            float mv;
-            if ((x + e1f) * (x + ebf) < lim)
-                mv = (float)((double)m[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
-            else
-                mv = m[d] * Wf / (x + ebf);
-            w[d] -= mv;
-        }
+        Wf = (float)(lr * S0);
+        ebf = (float)eb > FLT_MIN ? (float)eb : FLT_MIN;  /* (eps = 0: m = 0 where v = 0) */
+        e1f = (float)(a->eps * a->s[t0 + 1 < T1 ? t0 + 1 : T1] / sqrt(a->beta2));
+        lim = (float)(var / a->tol);  /* exact where (x + e_1)(x + e~) < var / tol */
     }
-    for (int64_t d = 0; d < D; d++) {
-        m[d] *= b1k;
-        v[d] *= b2k;
+    float mv[64];
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t n = D - d0 < 64 ? D - d0 : 64;
+        float *restrict wc = w + d0, *restrict mc = m + d0, *restrict vc = v + d0;
+        int need = 0;
+        for (int64_t d = 0; d < n; d++) {
+            const float x = sqrtf(vc[d]);
+            mv[d] = mc[d] * Wf / (x + ebf);
+            need |= ((x + e1f) * (x + ebf) < lim) & (mc[d] != 0.0f);
+        }
+        if (need)
+            for (int64_t d = 0; d < n; d++) {
+                const float x = sqrtf(vc[d]);
+                if ((x + e1f) * (x + ebf) < lim && mc[d] != 0.0f)
+                    mv[d] = (float)((double)mc[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
+            }
+        for (int64_t d = 0; d < n; d++) {
+            wc[d] -= mv[d];
+            mc[d] *= b1k;
+            vc[d] *= b2k;
+        }
     }
 }
 
@@ -488,37 +500,70 @@ int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R
 }
 
 /* Dense Adam, before a forward pass: brings the rows the batch looks up (valid lookups only;
- * pooling reports the others) that thread `who` of T owns (owner_of) up to step t, so the
- * forward and the gradient see what torch.optim.Adam's table would hold. */
+ * pooling reports the others) that thread `who` of T owns (owner_of) from last[r] < t up to step
+ * t, so the forward and the gradient see what torch.optim.Adam's table would hold, and sets
+ * last[r] = mark (t, or t + 1 when the step's update follows for sure). By blocks of samples:
+ * their rows listed with last[r] prefetched, then the stale ones' W, m, v rows prefetched, then
+ * caught up (rows are scattered: misses in flight together instead of one after another). */
+#define CU_BLOCK 16
 static void catch_up_lookups(const Bags *a, float *W, float *m, float *v, int64_t *last,
-                             int64_t t, float lr, const float *row_lr, const AdamCatchUp *cu,
-                             int64_t who, int64_t T) {
+                             int64_t t, int64_t mark, float lr, const float *row_lr,
+                             const AdamCatchUp *cu, int64_t who, int64_t T, int64_t *buf) {
     const int64_t S = a->S, K = a->K, D = a->D;
-#define CATCH_UP(r)                                                                              \
-    do {                                                                                         \
-        const int64_t r_ = (r);                                                                  \
-        if ((T == 1 || owner_of(r_, T) == who) && last[r_] < t) {                                \
-            const double lr_ = row_lr ? (double)lr * row_lr[r_] : (double)lr;                    \
-            catch_up_row(W + r_ * D, m + r_ * D, v + r_ * D, D, last[r_], t - last[r_], lr_, cu); \
-            last[r_] = t;                                                                        \
-        }                                                                                        \
-    } while (0)
-    for (int64_t b = 0; b < a->B; b++) {
-        const int64_t i = row_of(a->sel, b);
-        for (int64_t f = 0; f < S; f++) {
-            const int64_t id = a->ids[i * S + f];
-            if (id >= 0 && id < a->lim[f]) CATCH_UP(a->off[f] + id);
+    for (int64_t b0 = 0; b0 < a->B; b0 += CU_BLOCK) {
+        const int64_t b1 = b0 + CU_BLOCK < a->B ? b0 + CU_BLOCK : a->B;
+        int64_t n = 0, ns = 0;
+        for (int64_t b = b0; b < b1; b++) {  /* 1. my rows of these samples */
+            const int64_t i = row_of(a->sel, b);
+            for (int64_t f = 0; f < S; f++) {
+                const int64_t id = a->ids[i * S + f];
+                if (id < 0 || id >= a->lim[f]) continue;
+                const int64_t r = a->off[f] + id;
+                if (T == 1 || owner_of(r, T) == who) {
+                    __builtin_prefetch(last + r);
+                    buf[n++] = r;
+                }
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t L = a->L[k], lim = a->lim[S + k], off = a->off[S + k];
+                int64_t len = a->lens[k][i];
+                len = len < 0 ? 0 : (len > L ? L : len);
+                const id32 *q = a->seqs[k] + i * L;
+                for (int64_t j = 0; j < len; j++) {
+                    if (q[j] < 0 || q[j] >= lim) continue;
+                    const int64_t r = off + q[j];
+                    if (T == 1 || owner_of(r, T) == who) {
+                        __builtin_prefetch(last + r);
+                        buf[n++] = r;
+                    }
+                }
+            }
         }
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t L = a->L[k], lim = a->lim[S + k], off = a->off[S + k];
-            int64_t n = a->lens[k][i];
-            n = n < 0 ? 0 : (n > L ? L : n);
-            const id32 *q = a->seqs[k] + i * L;
-            for (int64_t j = 0; j < n; j++)
-                if (q[j] >= 0 && q[j] < lim) CATCH_UP(off + q[j]);
+        for (int64_t e = 0; e < n; e++)  /* 2. the stale ones (and rows seen first here) */
+            if (last[buf[e]] < mark) buf[ns++] = buf[e];
+        for (int64_t e = 0; e < ns; e++) {  /* 3. caught up (a row listed twice: once) */
+            if (e + PREFETCH < ns) {
+                const int64_t q = buf[e + PREFETCH] * D;
+                PREFETCH_ROW(W + q, D, 1);
+                PREFETCH_ROW(m + q, D, 1);
+                PREFETCH_ROW(v + q, D, 1);
+            }
+            const int64_t r = buf[e], t0 = last[r];
+            if (t0 >= mark) continue;
+            if (t0 < t) {
+                const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu);
+            }
+            last[r] = mark;
         }
     }
-#undef CATCH_UP
+}
+
+/* Lookups per sample at most (the block buffer of catch_up_lookups holds CU_BLOCK samples'). */
+static int64_t lookups_per_sample(const Bags *a) {
+    int64_t lps = a->S;
+    for (int64_t k = 0; k < a->K; k++) lps += a->L[k];
+    return lps;
 }
 
 /* 0 if every lookup of samples [b0, b1) is inside its field (and every length inside its
@@ -559,7 +604,9 @@ int64_t adam_catch_up_batch(const id32 *ids, int64_t B, int64_t S, const int64_t
 #ifdef _OPENMP
         who = omp_get_thread_num(), T = omp_get_num_threads();
 #endif
-        catch_up_lookups(&a, W, m, v, last, t, lr, row_lr, cu, who, T);
+        int64_t *buf = malloc(sizeof(int64_t) * CU_BLOCK * lookups_per_sample(&a));
+        if (buf) catch_up_lookups(&a, W, m, v, last, t, t, lr, row_lr, cu, who, T, buf);
+        free(buf);
     }
     return 0;
 }
@@ -1024,8 +1071,9 @@ int64_t oneepoch_abi(int64_t *out, int64_t n) {
 
 /* Phases of the profile, as thread 0 sees them (waits at barriers included): pool, forward
  * GEMMs, Dice forward, loss, backward GEMMs, Dice backward, embedding backward + row-wise
- * Adam, weight-gradient sums + dense Adam. */
-#define PROF_N 8
+ * Adam, weight-gradient sums + dense Adam, and (dense Adam on the table) the rows' catch-up
+ * before pooling. */
+#define PROF_N 9
 static inline double now_s(void) {
 #ifdef _OPENMP
     return omp_get_wtime();
@@ -1176,10 +1224,11 @@ static void adam_slice(float *restrict p, const float *restrict g, float *restri
 
 /* Samples [b0, b0 + nb) of a batch as a batch of their own (sel NULL, samples 0..nb-1): with a
  * scattered batch (sel) their rows are first gathered into graw (independent loads, in flight
- * together, instead of misses inside the pooling loop), else pointers into the arrays. gseq and
- * glen receive the sequence and length pointers; graw needs nb * (S + sum L + K) int64. */
+ * together, instead of misses inside the pooling loop; gather 0: they already are), else
+ * pointers into the arrays. gseq and glen receive the sequence and length pointers; graw needs
+ * nb * (S + sum L + K) int64. */
 static void chunk_view(const Bags *all, int64_t b0, int64_t nb, id32 *graw,
-                       const id32 **gseq, const id32 **glen, Bags *a) {
+                       const id32 **gseq, const id32 **glen, Bags *a, int gather) {
     const int64_t S = all->S, K = all->K;
     *a = *all;
     if (all->sel) {
@@ -1188,7 +1237,7 @@ static void chunk_view(const Bags *all, int64_t b0, int64_t nb, id32 *graw,
             gseq[k] = g, g += nb * all->L[k];
             glen[k] = g, g += nb;
         }
-        for (int64_t b = 0; b < nb; b++) {
+        for (int64_t b = 0; b < nb && gather; b++) {
             if (b + 16 < nb) prefetch_raw(all, b0 + b + 16);
             const int64_t i = all->sel[b0 + b];
             memcpy(graw + b * S, all->ids + i * S, sizeof(id32) * S);
@@ -1244,9 +1293,10 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
             }
         }
     }
+    /* (dense Adam: the rows were caught up, and their last step set, before pooling) */
     adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
               c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd,
-              c->emb_last, c->emb_t, c->emb_catch);
+              NULL, 0, NULL);
     for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
     return U;
 }
@@ -1263,6 +1313,7 @@ typedef struct {
     /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
     float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
     int64_t err;  /* pooling's error code (a lookup outside its field), else 0 */
+    int gathered; /* the batch's scattered samples are already gathered (step_catch_up) */
 } Step;
 
 typedef struct {
@@ -1293,7 +1344,8 @@ static void step_pool(Step *s, Thread *th) {
     CHUNKS {
         Bags a;  /* the chunk as a batch of its own */
         const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
-        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a);
+        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a,
+                   !s->gathered);
         a.out = o->x0 + CB0 * (c->S + c->K) * s->D;
         const int64_t at = ch * nt * s->per_chunk;
         a.owners = nt, a.cap_list = s->per_chunk, a.lk_n = o->lk_n + ch * LKN_STRIDE(nt);
@@ -1306,6 +1358,37 @@ static void step_pool(Step *s, Thread *th) {
         }
     }
     tick(s, th, 0);
+}
+
+/* 0. (dense Adam on the table) the rows the batch looks up, brought up to the previous step
+ * before pooling reads them, and marked with this step: each thread gathers and checks its
+ * chunks (a batch with a lookup outside its field changes nothing), then catches up the rows
+ * it owns over all chunks. */
+static void step_catch_up(Step *s, Thread *th) {
+    CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
+    Bags a;
+    CHUNKS {
+        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a, 1);
+        if (lookups_valid(&a, 0, CB1 - CB0)) {
+#pragma omp atomic write
+            s->err = -1;
+        }
+    }
+    s->gathered = 1;  /* (every thread writes the same) */
+#pragma omp barrier
+    if (!s->err) {
+        int64_t *buf = (int64_t *)o->lk + th->t * s->per_chunk;  /* free until pooling */
+        for (int64_t ch = 0; ch < s->NC; ch++) {
+            chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen,
+                       &a, 0);
+            catch_up_lookups(&a, c->W, c->Wm, c->Wv, c->emb_last, c->emb_t - 1, c->emb_t,
+                             c->emb_lr, c->emb_row_lr, c->emb_catch, th->t, th->nt, buf);
+        }
+    }
+#pragma omp barrier
+    tick(s, th, 8);
 }
 
 /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit. Returns 0
@@ -1510,7 +1593,7 @@ double ctr_step(CtrStep *c) {
         return NAN;
     }
     Step s;
-    s.c = c, s.w = c->width, s.B = B, s.NL = NL, s.D = D, s.err = 0;
+    s.c = c, s.w = c->width, s.B = B, s.NL = NL, s.D = D, s.err = 0, s.gathered = 0;
     s.lps = c->S;  /* lookups per sample, at most */
     for (int64_t k = 0; k < c->K; k++) s.lps += c->L[k];
     layout(&s.o, c->scratch, B, NL, s.w, c->cap, s.lps, D, T);
@@ -1533,19 +1616,7 @@ double ctr_step(CtrStep *c) {
         th.t = omp_get_thread_num(), th.nt = omp_get_num_threads();
 #endif
         th.tp = (c->prof && th.t == 0) ? now_s() : 0.0;
-        if (c->emb_last) {  /* dense Adam: the batch's rows up to the previous step first */
-            int64_t b0, b1;  /* (only if every lookup is valid: a failing step changes nothing) */
-            share(B, 1, &b0, &b1);
-            if (lookups_valid(&s.bags, b0, b1)) {
-#pragma omp atomic write
-                s.err = -1;
-            }
-#pragma omp barrier
-            if (!s.err)
-                catch_up_lookups(&s.bags, c->W, c->Wm, c->Wv, c->emb_last, c->emb_t - 1,
-                                 c->emb_lr, c->emb_row_lr, c->emb_catch, th.t, th.nt);
-#pragma omp barrier
-        }
+        if (c->emb_last) step_catch_up(&s, &th);
         step_pool(&s, &th);
         if (step_forward(&s, &th)) {
             step_loss(&s, &th);
@@ -1731,7 +1802,7 @@ void ctr_forward(CtrStep *c, float *prob) {
             const int64_t b0 = ch * CHUNK_ROWS, nb = b0 + CHUNK_ROWS < B ? CHUNK_ROWS : B - b0;
             Bags a;
             const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
-            chunk_view(&bags, b0, nb, graw, gseq, glen, &a);
+            chunk_view(&bags, b0, nb, graw, gseq, glen, &a, 1);
             a.out = x0;
             const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
             if (r < 0) { e = r; break; }

@@ -40,8 +40,9 @@ MAX_LAYERS, MAX_SEQS = kernels.MAX_LAYERS, kernels.MAX_SEQS  # native.c's (check
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")  # the order _bind_state lists them in
 
 
+# native.c's PROF_N phases (thread 0's view, waits included)
 PHASES = ("pool", "fwd_gemm", "dice_fwd", "loss", "bwd_gemm", "dice_bwd", "emb_bwd_adam",
-          "dense_sum_adam")  # native.c's PROF_N phases (thread 0's view, waits included)
+          "dense_sum_adam", "emb_catch_up")
 
 
 def sgemm_address() -> int | None:

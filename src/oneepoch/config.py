@@ -218,6 +218,9 @@ class OptimConfig:
     beta2: float = num(0.999, ge=0, lt=1)
     eps: float = num(1e-8, gt=0)
     emb_lr_scale: float = num(1.0, ge=0)  # embedding lr = lr x this
+    # Adam on ID tables: dense = TF1 / torch.optim.Adam (every row moves every step, applied
+    # lazily at row-wise cost); lazy = only the batch's rows (SparseAdam / LazyAdam)
+    embedding_update: str = choice("dense", "lazy")
 
 
 @dataclass

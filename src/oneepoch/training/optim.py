@@ -451,6 +451,11 @@ class Optimizer:
         before = None
         if self.track_updates and self.dense is not None:
             before = [p.detach().clone() for p in self.dense_params]
+        # dense Adam while tracking: every row is brought up to date after each step, so the
+        # norm is of the whole table's change in this step (what TF1 / torch.optim.Adam move;
+        # O(table) per step, for probe runs only)
+        tables = {n: o.param.detach().clone() for n, o in self.sparse.items()
+                  if self.track_updates and o.dense_adam}
         for opt in self.sparse.values():
             opt.track_updates = self.track_updates
             opt.step()
@@ -458,6 +463,9 @@ class Optimizer:
             self.dense.step()
         if self.track_updates:
             out = {n: o.last_update_linf for n, o in self.sparse.items()}
+            for n, b in tables.items():
+                self.sparse[n].sync()
+                out[n] = float((self.sparse[n].param.detach() - b).abs().max())
             if before is not None:
                 for p, b in zip(self.dense_params, before, strict=True):
                     out[self.names[p]] = float((p.detach() - b).abs().max())

@@ -68,6 +68,8 @@ class EvalConfig:
     at_start: bool = True  # also evaluate before the first step
     train_rows: int = 50_000  # fixed train subsample evaluated beside test
     batch_size: int = 16_384  # rows per forward pass in evaluation
+    bucket_field: str = "auto"  # test AUC per train-count bucket of this field ("auto", "" = off)
+    bucket_bounds: list[int] = field(default_factory=lambda: [5, 50])  # tail<=5<torso<=50<head
 
 
 @dataclass

@@ -38,7 +38,7 @@ from oneepoch.config import TrainConfig, load_config, to_dict
 from oneepoch.probes.verdict import one_epoch_verdict
 from oneepoch.training.trainer import Hook, read_metrics
 
-PROBES = ("adistance", "updates")
+PROBES = ("adistance", "updates", "collapse")
 
 
 # ----------------------------------------------------------------------------- specs
@@ -71,6 +71,7 @@ def make_probe(spec: str) -> Hook:
     'ADistanceProbe'
     """
     from oneepoch.probes.adistance import ADistanceProbe
+    from oneepoch.probes.collapse import CollapseProbe
     from oneepoch.probes.updates import UpdateNormLogger
 
     name, _, args = spec.partition(":")
@@ -80,7 +81,8 @@ def make_probe(spec: str) -> Hook:
         if not eq:
             raise ValueError(f"probe {spec!r}: expected key=value after ':', got {item!r}")
         kwargs[k.strip()] = yaml.safe_load(v.strip())  # 6000 -> int, false -> bool
-    cls = {"adistance": ADistanceProbe, "updates": UpdateNormLogger}.get(name)
+    cls = {"adistance": ADistanceProbe, "updates": UpdateNormLogger,
+           "collapse": CollapseProbe}.get(name)
     if cls is None:
         raise ValueError(f"probe {name!r}: unknown (choose {', '.join(PROBES)})")
     try:

@@ -1,0 +1,138 @@
+"""Calibrate ``oneepoch data risk``'s rule: risk figures beside the measured one-epoch drop.
+
+For each data set (the built-in synthetic one and variants of its world, and every real sample
+in ../shared/data/ that is present), prepares it under ``--work`` (unless there already), runs
+:func:`oneepoch.data.risk.data_risk` and the base model (``oneepoch train --config ctr``,
+3 epochs, one thread), and tabulates the riskiest field's shares beside the drop in test AUC
+right after the end of epoch 1 (the verdict's first boundary) and the verdict. Writes
+``benchmarks/results/risk_calibration.json`` and prints the Markdown table of
+docs/diagnostics.md.
+
+    python benchmarks/calibrate_risk.py --work /tmp/oe-risk-calib [--seeds 0 1] [--only synth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from oneepoch.data.risk import RULE_K, data_risk, risk_level  # noqa: F401 - RULE_K in docs
+from oneepoch.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+if not SHARED.exists():
+    SHARED = Path("/work/shared/data")
+RESULTS = Path(__file__).parent / "results"
+
+# name -> (how to make it, CLI arguments, extra training settings)
+SETS: dict[str, tuple[str, list[str], list[str]]] = {
+    "synth": ("synth", [], []),
+    "synth n_items=20k": ("synth", ["n_items=20000"], []),
+    "synth n_items=50k": ("synth", ["n_items=50000"], []),
+    "synth n_items=150k": ("synth", ["n_items=150000"], []),
+    "synth n_items=2M": ("synth", ["n_items=2000000"], []),
+    "synth item_zipf=1.2": ("synth", ["item_zipf=1.2"], []),
+    "synth item_bias_std=0": ("synth", ["item_bias_std=0"], []),
+    "synth n_items=2M item_bias_std=0": ("synth", ["n_items=2000000", "item_bias_std=0"], []),
+    "ml-100k": ("movielens", [str(SHARED / "ml-100k")], ["batch_size=128"]),
+    "ml-100k split=global": ("movielens", [str(SHARED / "ml-100k"), "split=global"],
+                             ["batch_size=128"]),
+    "amazon-book-kgat": ("interactions", [str(SHARED / "amazon-book-kgat/interactions.csv.gz"),
+                                          "split=split"], ["eval.per_epoch=10"]),
+    "taobao-mb": ("interactions", [str(SHARED / "taobao-mb/interactions.csv.gz"), "label=buy",
+                                   "where=view", "split=view_split"], []),
+}
+
+
+def cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "oneepoch.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+
+
+def make(name: str, out: Path) -> bool:
+    kind, args, _ = SETS[name]
+    if (out / "schema.yaml").exists():
+        return True
+    if kind == "synth":
+        cli("data", "synth", "--out", str(out), *(["--set", *args] if args else []))
+        return True
+    raw = Path(args[0])
+    if not raw.exists():
+        print(f"skip {name}: {raw} not found", file=sys.stderr)
+        return False
+    sets = args[1:]
+    cli("data", "prepare", kind, "--raw", str(raw), "--out", str(out), "--quiet",
+        *(["--set", *sets] if sets else []))
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/oe-risk-calib")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", nargs="*", help="data-set names (default: all)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    rows = []
+    for name in args.only or list(SETS):
+        slug = name.replace(" ", "_").replace("=", "-")
+        ddir = work / "data" / slug
+        if not make(name, ddir):
+            continue
+        r = data_risk(ddir)
+        worst = max(r["fields"], key=lambda f: f["row_share"][RULE_K])
+        own = max(r["fields"], key=lambda f: (f["own_row_share"] or f["row_share"])[RULE_K])
+        own_share = own["own_row_share"] or own["row_share"]
+        for seed in args.seeds:
+            run = work / "runs" / f"{slug}-s{seed}"
+            if not (run / "summary.json").exists():
+                cli("train", "--config", "ctr", f"data.path={ddir}", "epochs=3", "threads=1",
+                    "progress=false", f"seed={seed}", f"out_dir={run.parent}", f"name={run.name}",
+                    *SETS[name][2])
+            summ = json.loads((run / "summary.json").read_text())
+            det = summ["verdict_detail"]
+            b1 = det["boundaries"][0] if det["boundaries"] else {}
+            rows.append({
+                "data": name, "seed": seed, "level": r["level"], "field": worst["field"],
+                "rows_le": {str(k): worst["row_share"][k] for k in r["ks"]},
+                "own_field": own["field"],
+                "own_rows_le": {str(k): own_share[k] for k in r["ks"]},
+                "train_ids": worst["train_ids"], "test_rows": worst["test_rows"],
+                "drop_epoch1": b1.get("drop", float("nan")),
+                "change_before": b1.get("change_before", float("nan")),
+                "phenomenon": det["phenomenon"], "best_epoch": det["best_epoch"],
+                "best_auc": det["best_auc"], "verdict": summ["verdict"],
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "risk_calibration.json"
+    if args.only:  # merge into earlier results
+        old = json.loads(out.read_text()) if out.exists() else []
+        keep = {(x["data"], x["seed"]) for x in rows}
+        rows = [x for x in old if (x["data"], x["seed"]) not in keep] + rows
+    atomic_write_text(out, json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The calibration table (Markdown)."""
+    lines = ["| data | seed | field | test rows <= 0 / 2 / 5 | field alone <= 0 / 2 / 5 | rule "
+             "| drop after epoch 1 (pt) | verdict | best epoch |",
+             "|---|---:|---|---|---|---|---:|---|---:|"]
+    for x in rows:
+        a = " / ".join(f"{100 * x['rows_le'][k]:.0f}%" for k in ("0", "2", "5"))
+        o = " / ".join(f"{100 * x['own_rows_le'][k]:.0f}%" for k in ("0", "2", "5"))
+        lines.append(f"| {x['data']} | {x['seed']} | {x['field']} | {a} | {o} | {x['level']} | "
+                     f"{100 * x['drop_epoch1']:+.2f} | {'yes' if x['phenomenon'] else 'no'} | "
+                     f"{x['best_epoch']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -89,6 +89,16 @@ def test_unseen_and_rare_ids_counted(tmp_path: Path):
     assert f["row_share"] == {0: 0.5, 1: 0.75, 2: 0.75, 5: 1.0, 10: 1.0}
     assert f["test_id_share"][0] == pytest.approx(1 / 3)
     assert f["train_id_share"][1] == 0.5
+    # a null test ID counts as unseen (the encoder maps it to row 0); string IDs hash-counted
+    pq.write_table(pa.table({"item": [1, None, 9, 1], "y": [1, 0, 1, 0]}), d / "test.parquet")
+    f = data_risk(d)["fields"][0]
+    assert f["row_share"][0] == 0.5 and f["test_ids"] == 3
+    pq.write_table(pa.table({"item": ["a", "a", "a", "b"], "y": [0, 1, 0, 1]}),
+                   d / "train.parquet")
+    pq.write_table(pa.table({"item": ["a", "b", "z", None], "y": [1, 0, 1, 0]}),
+                   d / "test.parquet")
+    f = data_risk(d)["fields"][0]
+    assert f["row_share"] == {0: 0.5, 1: 0.75, 2: 0.75, 5: 1.0, 10: 1.0}
 
 
 def test_counter_merges_exactly():
@@ -100,6 +110,31 @@ def test_counter_merges_exactly():
     keys, counts = c.result()
     got = dict(zip(keys.to_pylist(), counts.tolist(), strict=True))
     assert got == dict(Counter(vals.tolist()))
+
+
+def test_counter_dense_grows_and_falls_back_to_hashing():
+    rng = np.random.default_rng(1)
+    want: Counter = Counter()
+    c = IdCounter(pa.int64(), min_merge=8, dense_max=5_000)
+    wide = False
+    # dense: a small range, then growth above and below (negative IDs too), then too wide
+    for lo, hi, n in [(100, 120, 50), (100, 3000, 400), (-900, 50, 400), (-900, 3900, 5),
+                      (0, 10**9, 300), (5, 9, 20)]:
+        v = rng.integers(lo, hi, n)
+        want.update(v.tolist())
+        arr = pa.array(np.concatenate([v, [0]]), mask=np.r_[np.zeros(n, bool), True])
+        c.add(arr)
+        wide = wide or hi - lo > 5_000
+        assert (c.dense is None) == wide and c.hashed == wide
+    assert c.hashed and c.nulls == 6
+    keys, counts = c.result()
+    assert dict(zip(keys.to_pylist(), counts.tolist(), strict=True)) == dict(want)
+    probe = pa.array([105, -7, 10**12, 3])
+    np.testing.assert_array_equal(c.count_of(probe), [want[x] for x in probe.to_pylist()])
+    d = IdCounter(pa.int64())
+    d.add(pa.array([5, 5, 9]))
+    np.testing.assert_array_equal(d.count_of(pa.array([5, 9, 4, 10, 7])), [2, 1, 0, 0, 0])
+    np.testing.assert_array_equal(d.count_of(pa.array([5, None])), [2, 0])
 
 
 def test_cli_risk_writes_table_json_png(hand: Path, tmp_path: Path, capsys):

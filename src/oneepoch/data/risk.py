@@ -55,42 +55,98 @@ BATCH_ROWS = 1 << 20  # rows per streamed batch
 # ----------------------------------------------------------------------------- counting
 
 
-class IdCounter:
-    """Exact occurrence counts of IDs fed batch by batch; memory ~ distinct IDs.
+DENSE_MAX_RANGE = 1 << 24  # integer IDs spanning at most this many values: one count array
 
-    Each batch is reduced by ``pyarrow.compute.value_counts`` (a hash aggregation); the pairs
-    are buffered and merged into the running counts (a ``group_by`` sum) whenever the buffer
-    holds more pairs than the counts, so each merge costs at most twice the distinct IDs and
-    merges get rarer as counts grow.
+
+class IdCounter:
+    """Exact occurrence counts of IDs fed batch by batch (nulls counted apart, in ``nulls``).
+
+    Integer IDs whose values span at most ``dense_max`` numbers (remapped IDs, as most logs
+    have) are counted in one array indexed by ``id - min`` (``np.add.at``, or ``np.bincount``
+    when the range is smaller than the batch): no hashing, memory 8 bytes per number of the
+    range. Otherwise (strings, or IDs spread wider) each batch is reduced by
+    ``pyarrow.compute.value_counts`` (a hash aggregation); the pairs are buffered and merged
+    into the running counts (a ``group_by`` sum) whenever the buffer holds more pairs than the
+    counts, so memory stays ~ distinct IDs and merges get rarer as counts grow.
 
         >>> c = IdCounter(pa.int64())
-        >>> c.add(pa.array([3, 1, 3])); c.add(pa.array([3, 2]))
-        >>> k, n = c.result(); sorted(zip(k.to_pylist(), n.tolist()))
-        [(1, 1), (2, 1), (3, 3)]
+        >>> c.add(pa.array([3, 1, 3])); c.add(pa.array([3, 2, None]))
+        >>> k, n = c.result(); sorted(zip(k.to_pylist(), n.tolist())), c.nulls
+        ([(1, 1), (2, 1), (3, 3)], 1)
     """
 
-    def __init__(self, type_: pa.DataType, drop_null: bool = True, min_merge: int = 1 << 20):
+    def __init__(self, type_: pa.DataType, min_merge: int = 1 << 20,
+                 dense_max: int = DENSE_MAX_RANGE):
         self.type = type_
-        self.drop_null = drop_null
         self.min_merge = min_merge
+        self.dense_max = dense_max
+        self.dense: np.ndarray | None = None  # counts of lo .. lo + len - 1 (dense mode)
+        self.lo = 0
+        self.seen_lo = self.seen_hi = 0  # smallest / largest ID counted densely
+        self.hashed = not pa.types.is_integer(type_)
         self.keys: pa.Array = pa.array([], type=type_)
         self.counts: pa.Array = pa.array([], type=pa.int64())
         self._pending: list[pa.StructArray] = []
         self._pending_len = 0
         self.values_seen = 0
+        self.nulls = 0
+        self._cache: tuple[int, pa.Array, np.ndarray] | None = None
 
     def add(self, values: pa.Array) -> None:
         """Count one batch of IDs (already of the counter's type)."""
-        if self.drop_null and values.null_count:
+        if values.null_count:
+            self.nulls += values.null_count
             values = values.drop_null()
         self.values_seen += len(values)
         if len(values) == 0:
+            return
+        if not self.hashed:
+            self._add_dense(values.to_numpy().astype(np.int64, copy=False))
             return
         vc = pc.value_counts(values)
         self._pending.append(vc)
         self._pending_len += len(vc)
         if self._pending_len > max(self.min_merge, len(self.keys)):
             self._merge()
+
+    def _add_dense(self, v: np.ndarray) -> None:
+        vmin, vmax = int(v.min()), int(v.max())
+        if self.dense is None:
+            lo, hi = vmin, vmax
+        else:
+            lo, hi = min(self.seen_lo, vmin), max(self.seen_hi, vmax)
+        if hi - lo + 1 > self.dense_max:  # too spread out: hash from now on
+            self._to_hashed()
+            self.add(pa.array(v, type=self.type))
+            return
+        if self.dense is None:
+            self.dense, self.lo = np.zeros(hi - lo + 1, dtype=np.int64), lo
+        elif lo < self.lo or hi >= self.lo + len(self.dense):
+            # slack on the growing side(s), so growth is amortised (within the limit)
+            room = max(0, min(len(self.dense), self.dense_max - (hi - lo + 1)))
+            both = lo < self.lo and hi >= self.lo + len(self.dense)
+            new_lo = lo - (room // 2 if both else room) if lo < self.lo else lo
+            new_hi = (hi + (room // 2 if both else room) if hi >= self.lo + len(self.dense)
+                      else hi)
+            grown = np.zeros(new_hi - new_lo + 1, dtype=np.int64)
+            a, b = self.seen_lo - self.lo, self.seen_hi - self.lo + 1  # the part in use
+            grown[self.seen_lo - new_lo:self.seen_hi - new_lo + 1] = self.dense[a:b]
+            self.dense, self.lo = grown, new_lo
+        self.seen_lo, self.seen_hi = lo, hi
+        idx = v - self.lo
+        if vmax - vmin + 1 <= len(v):  # a small range: one bincount over it
+            self.dense[vmin - self.lo:vmax - self.lo + 1] += np.bincount(
+                idx - (vmin - self.lo), minlength=vmax - vmin + 1)
+        else:
+            np.add.at(self.dense, idx, 1)
+
+    def _to_hashed(self) -> None:
+        if self.dense is not None:
+            nz = np.flatnonzero(self.dense)
+            self.keys = pa.array(nz + self.lo, type=self.type)
+            self.counts = pa.array(self.dense[nz])
+            self.dense = None
+        self.hashed = True
 
     def _merge(self) -> None:
         if not self._pending:
@@ -104,9 +160,24 @@ class IdCounter:
         self.counts = g.column("c_sum").combine_chunks()
 
     def result(self) -> tuple[pa.Array, np.ndarray]:
-        """Distinct IDs (arbitrary order) and their counts."""
+        """Distinct non-null IDs (ascending when counted densely) and their counts."""
+        if self.dense is not None:
+            if self._cache is None or self._cache[0] != self.values_seen:
+                nz = np.flatnonzero(self.dense)
+                self._cache = (self.values_seen, pa.array(nz + self.lo, type=self.type),
+                               self.dense[nz])
+            return self._cache[1], self._cache[2]
         self._merge()
         return self.keys, self.counts.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def count_of(self, keys: pa.Array) -> np.ndarray:
+        """Count of each of ``keys`` (0 when absent or null): an index into the dense counts,
+        else one hash join."""
+        if self.dense is not None and pa.types.is_integer(keys.type) and not keys.null_count:
+            k = keys.to_numpy().astype(np.int64, copy=False) - self.lo
+            ok = (k >= 0) & (k < len(self.dense))
+            return np.where(ok, self.dense[np.where(ok, k, 0)], 0)
+        return train_count_of(keys, *self.result())
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -263,13 +334,9 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
             counters[feat.vocab_name].add(ids)
             if feat.name in own:
                 own[feat.name].add(ids)
-    train_counts = {v: c.result() for v, c in counters.items()}
-    own_counts = {n: c.result() for n, c in own.items()}
-    del counters, own
 
     test_io = dict(io)
-    tcounters = {n: IdCounter(key_types[schema.feature(n).vocab_name], drop_null=False)
-                 for n in report}
+    tcounters = {n: IdCounter(key_types[schema.feature(n).vocab_name]) for n in report}
     for f, b in _batches(test_files, report, batch_rows, test_io):
         for n in report:
             tcounters[n].add(_to_key(b.column(n), key_types[schema.feature(n).vocab_name],
@@ -279,21 +346,20 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
     for n in report:
         vname = schema.feature(n).vocab_name
         tkeys, tcount = tcounters[n].result()
-        rkeys, rcount = train_counts[vname]
-        seen = train_count_of(tkeys, rkeys, rcount)
-        rows = int(tcount.sum())
-        fr = FieldRisk(n, vname, len(rkeys), rows, len(tkeys))
+        nulls = tcounters[n].nulls  # null test IDs: unseen (the encoder's row 0)
+        rcount = counters[vname].result()[1]
+        seen = counters[vname].count_of(tkeys)
+        rows = int(tcount.sum()) + nulls
+        fr = FieldRisk(n, vname, len(rcount), rows, len(tkeys) + (nulls > 0))
+        fr.row_share = _row_shares(tcount, seen, nulls, ks)
         for k in ks:
             rare = seen <= k
-            fr.row_share[k] = float(tcount[rare].sum() / rows) if rows else float("nan")
-            fr.test_id_share[k] = float(rare.mean()) if len(rare) else float("nan")
+            fr.test_id_share[k] = (float((rare.sum() + (nulls > 0)) / fr.test_ids)
+                                   if fr.test_ids else float("nan"))
             fr.train_id_share[k] = float((rcount <= k).mean()) if len(rcount) else float("nan")
-        if n in own_counts:
-            okeys, ocount = own_counts[n]
-            oseen = train_count_of(tkeys, okeys, ocount)
-            fr.own_train_ids = len(okeys)
-            fr.own_row_share = {k: float(tcount[oseen <= k].sum() / rows) if rows
-                                else float("nan") for k in ks}
+        if n in own:
+            fr.own_train_ids = len(own[n].result()[1])
+            fr.own_row_share = _row_shares(tcount, own[n].count_of(tkeys), nulls, ks)
         out.append(fr)
     level, line = risk_level(out)
     seconds = time.perf_counter() - t0
@@ -307,6 +373,16 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
                "peak_arrow_mib": max(train_io["peak_arrow_bytes"],
                                      test_io["peak_arrow_bytes"]) / 2**20},
     }
+
+
+def _row_shares(test_counts: np.ndarray, train_counts: np.ndarray, nulls: int,
+                ks: tuple[int, ...]) -> dict[int, float]:
+    """Share of test rows (distinct IDs weighted by their test rows; null IDs unseen) whose
+    training count is at most k, for each k."""
+    rows = int(test_counts.sum()) + nulls
+    if not rows:
+        return {k: float("nan") for k in ks}
+    return {k: float((test_counts[train_counts <= k].sum() + nulls) / rows) for k in ks}
 
 
 def train_count_of(keys: pa.Array, train_keys: pa.Array, train_counts: np.ndarray

@@ -55,15 +55,16 @@ def test_risk_matches_brute_force_and_streams(hand: Path):
     assert [f["field"] for f in big["fields"]] == ["item", "cate"]  # single-ID fields only
     for r in (big, small):
         item = r["fields"][0]
-        # item shares its vocabulary with the history: its entries count too
-        want, counts = _expected(train, test, "item", ["item", "hist"])
+        # the rule's figures: the item column's own counts
+        want, counts = _expected(train, test, "item", ["item"])
         for k, v in want.items():
             assert item["row_share"][k] == pytest.approx(v)
         assert item["train_ids"] == len(counts)
-        own, own_counts = _expected(train, test, "item", ["item"])
-        assert item["own_train_ids"] == len(own_counts)
-        for k, v in own.items():
-            assert item["own_row_share"][k] == pytest.approx(v)
+        # item shares its vocabulary with the history: pooled counts include its entries
+        pooled, pooled_counts = _expected(train, test, "item", ["item", "hist"])
+        assert item["vocab_train_ids"] == len(pooled_counts) > len(counts)
+        for k, v in pooled.items():
+            assert item["vocab_row_share"][k] == pytest.approx(v)
         distinct = set(test.column("item").to_pylist())
         assert item["test_ids"] == len(distinct)
         assert item["test_id_share"][0] == pytest.approx(
@@ -104,12 +105,19 @@ def test_unseen_and_rare_ids_counted(tmp_path: Path):
 def test_counter_merges_exactly():
     rng = np.random.default_rng(0)
     vals = rng.integers(0, 500, 20_000)
-    c = IdCounter(pa.int64(), min_merge=16)  # forces many merges
+    c = IdCounter(pa.int64(), min_merge=16, dense_max=1)  # hashed, with many merges
     for a in range(0, len(vals), 999):
         c.add(pa.array(vals[a:a + 999]))
     keys, counts = c.result()
+    assert c.hashed
     got = dict(zip(keys.to_pylist(), counts.tolist(), strict=True))
     assert got == dict(Counter(vals.tolist()))
+    d = IdCounter(pa.int64())  # dense: the same counts
+    for a in range(0, len(vals), 999):
+        d.add(pa.array(vals[a:a + 999]))
+    keys, counts = d.result()
+    assert not d.hashed and keys.tolist() == sorted(got)
+    assert dict(zip(keys.tolist(), counts.tolist(), strict=True)) == got
 
 
 def test_counter_dense_grows_and_falls_back_to_hashing():
@@ -128,6 +136,7 @@ def test_counter_dense_grows_and_falls_back_to_hashing():
         assert (c.dense is None) == wide and c.hashed == wide
     assert c.hashed and c.nulls == 6
     keys, counts = c.result()
+    np.testing.assert_array_equal(np.sort(c.nonzero_counts()), np.sort(counts))
     assert dict(zip(keys.to_pylist(), counts.tolist(), strict=True)) == dict(want)
     probe = pa.array([105, -7, 10**12, 3])
     np.testing.assert_array_equal(c.count_of(probe), [want[x] for x in probe.to_pylist()])
@@ -161,19 +170,25 @@ def test_cli_bad_input_is_one_line(hand: Path, tmp_path: Path, capsys):
     assert "\n" not in err and "no 'test' split" in err and "schema.yaml" in err
 
 
-def test_frequency_buckets_and_bucket_auc(hand: Path):
+def test_frequency_buckets_and_bucket_auc(tmp_path: Path):
+    reps = {"i0": 1, "i1": 2, "i2": 3, "i3": 10, "i4": 40}  # training counts; i5 unseen
+    tr_items = pa.array([i for i, r in reps.items() for _ in range(r)])
+    te_items = pa.array([f"i{v}" for v in np.random.default_rng(5).integers(0, 6, 90)])
+    hand = write_ctr(tmp_path / "b", {"train": hand_table(56, 1, item=tr_items),
+                                      "test": hand_table(90, 2, item=te_items)}, HAND_SCHEMA)
     data = load_ctr(hand, cache=False)
-    b, names, ranges = frequency_buckets(data, "item", [2, 40])
+    b, names, ranges = frequency_buckets(data, "item", [2, 30])
     assert names == ["unseen", "tail", "torso", "head"]
-    assert ranges == {"unseen": "0", "tail": "1-2", "torso": "3-40", "head": ">40"}
+    assert ranges == {"unseen": "0", "tail": "1-2", "torso": "3-30", "head": ">30"}
     train = pq.read_table(hand / "train.parquet")
     test = pq.read_table(hand / "test.parquet")
-    _, counts = _expected(train, test, "item", ["item", "hist"])
+    _, counts = _expected(train, test, "item", ["item"])  # the column's own counts
     c = np.array([counts[v] for v in test.column("item").to_pylist()])
-    want = np.where(c == 0, 0, np.where(c <= 2, 1, np.where(c <= 40, 2, 3)))
+    want = np.where(c == 0, 0, np.where(c <= 2, 1, np.where(c <= 30, 2, 3)))
     np.testing.assert_array_equal(b, want)
+    assert set(want.tolist()) == {0, 1, 2, 3}  # every bucket occurs in the hand-made data
     # auto = the single-ID field with the largest vocabulary
-    assert frequency_buckets(data, "auto")[0].tolist() == b.tolist()
+    assert frequency_buckets(data, "auto", [2, 30])[0].tolist() == b.tolist()
     with pytest.raises(ValueError, match="'hist' is a sequence field"):
         frequency_buckets(data, "hist")
     with pytest.raises(ValueError, match="'nope' is not an ID field"):

@@ -6,20 +6,25 @@ memorised in epoch 1 and over-fitted from the first step of epoch 2. :func:`data
 per ID field, how much of the test split rests on such IDs, before any training:
 
 * ``row_share[k]``: the share of test rows whose ID occurs at most ``k`` times in the training
-  split (``k = 0`` is "never seen");
+  split's column of that field (``k = 0`` is "never seen");
 * ``test_id_share[k]``: the same over the distinct IDs of the test column;
-* ``train_id_share[k]``: the share of the training vocabulary's IDs seen at most ``k`` times.
+* ``train_id_share[k]``: the share of the training column's distinct IDs seen at most ``k``
+  times.
 
 Counting streams: each split is read batch by batch (``pyarrow.parquet.ParquetFile.
-iter_batches``) and every batch's IDs are reduced to (ID, count) pairs by a hash aggregation;
-pairs are merged into exact per-vocabulary counts whenever the buffer outgrows the counts.
-Memory is bounded by the number of distinct IDs, not by rows. The test split is counted the same
-way and joined with the training counts once at the end.
+iter_batches``); integer IDs are counted in one array indexed by the ID (remapped IDs, the
+common case), other IDs (strings, or integers spread over more than 2^24 values) by a hash
+aggregation per batch merged into exact counts (see :class:`IdCounter`). Memory is bounded by
+the IDs' range or number, not by rows. The test split is counted the same way and looked up
+in the training counts once at the end.
 
-Training counts are per vocabulary, as the model's embedding rows are: a sequence field that
-shares a vocabulary (``his_item_ID`` with ``vocab: item_ID``) adds each of its entries to the
-owner's counts (those entries update the same rows), exactly as the trainer's vocabularies
-count them. Sequence fields get no test-row figures of their own.
+A field that shares its vocabulary with a sequence (``his_item_ID`` with ``vocab: item_ID``)
+is measured on its own column's counts, and additionally (``vocab_row_share``) on the counts
+pooled over every field of the vocabulary, entries of the sequences included: those are what
+its embedding rows see (the trainer's vocabulary counts). The calibration in
+docs/diagnostics.md found the field's own counts the better predictor of the drop (a history
+mention barely trains an item's row), so the rule and the per-bucket AUC use them. Sequence
+fields get no test-row figures of their own.
 
 The rule (:func:`risk_level`) reads the riskiest field's ``row_share[2]``; its thresholds were
 set from the measurements in docs/diagnostics.md.
@@ -47,8 +52,8 @@ from oneepoch.data.schema import SCHEMA_FILE, DataError, Schema, load_schema, sp
 K_VALUES = (0, 1, 2, 5, 10)
 RULE_K = 2  # the rule reads the share of test rows whose ID is seen <= RULE_K times
 # Thresholds on that share (of the riskiest field), from docs/diagnostics.md's calibration.
-HIGH_RISK = 0.20
-MEDIUM_RISK = 0.08
+HIGH_RISK = 0.25
+MEDIUM_RISK = 0.10
 BATCH_ROWS = 1 << 20  # rows per streamed batch
 
 
@@ -71,7 +76,7 @@ class IdCounter:
 
         >>> c = IdCounter(pa.int64())
         >>> c.add(pa.array([3, 1, 3])); c.add(pa.array([3, 2, None]))
-        >>> k, n = c.result(); sorted(zip(k.to_pylist(), n.tolist())), c.nulls
+        >>> k, n = c.result(); sorted(zip(k.tolist(), n.tolist())), c.nulls
         ([(1, 1), (2, 1), (3, 3)], 1)
     """
 
@@ -90,7 +95,6 @@ class IdCounter:
         self._pending_len = 0
         self.values_seen = 0
         self.nulls = 0
-        self._cache: tuple[int, pa.Array, np.ndarray] | None = None
 
     def add(self, values: pa.Array) -> None:
         """Count one batch of IDs (already of the counter's type)."""
@@ -159,25 +163,37 @@ class IdCounter:
         self.keys = g.column("k").combine_chunks()
         self.counts = g.column("c_sum").combine_chunks()
 
-    def result(self) -> tuple[pa.Array, np.ndarray]:
-        """Distinct non-null IDs (ascending when counted densely) and their counts."""
+    def result(self) -> tuple[pa.Array | np.ndarray, np.ndarray]:
+        """Distinct non-null IDs and their counts. Counted densely, the IDs are an ascending
+        int64 NumPy array; otherwise an Arrow array in no particular order."""
         if self.dense is not None:
-            if self._cache is None or self._cache[0] != self.values_seen:
-                nz = np.flatnonzero(self.dense)
-                self._cache = (self.values_seen, pa.array(nz + self.lo, type=self.type),
-                               self.dense[nz])
-            return self._cache[1], self._cache[2]
+            nz = np.flatnonzero(self.dense)
+            return nz + self.lo, self.dense[nz]
         self._merge()
         return self.keys, self.counts.to_numpy(zero_copy_only=False).astype(np.int64)
 
-    def count_of(self, keys: pa.Array) -> np.ndarray:
+    def nonzero_counts(self) -> np.ndarray:
+        """The counts of the distinct IDs (no IDs: cheaper than :meth:`result`)."""
+        if self.dense is not None:
+            return self.dense[self.dense > 0]
+        return self.result()[1]
+
+    def count_of(self, keys: pa.Array | np.ndarray) -> np.ndarray:
         """Count of each of ``keys`` (0 when absent or null): an index into the dense counts,
         else one hash join."""
-        if self.dense is not None and pa.types.is_integer(keys.type) and not keys.null_count:
-            k = keys.to_numpy().astype(np.int64, copy=False) - self.lo
+        if isinstance(keys, np.ndarray):
+            if self.dense is None:
+                keys = pa.array(keys, type=self.type)
+        elif self.dense is not None and pa.types.is_integer(keys.type) and not keys.null_count:
+            keys = keys.to_numpy().astype(np.int64, copy=False)
+        if isinstance(keys, np.ndarray):
+            k = keys.astype(np.int64, copy=False) - self.lo
             ok = (k >= 0) & (k < len(self.dense))
             return np.where(ok, self.dense[np.where(ok, k, 0)], 0)
-        return train_count_of(keys, *self.result())
+        keys_, counts = self.result()
+        if isinstance(keys_, np.ndarray):
+            keys_ = pa.array(keys_, type=self.type)
+        return train_count_of(keys, keys_, counts)
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -224,15 +240,15 @@ class FieldRisk:
 
     field: str
     vocab: str
-    train_ids: int  # distinct IDs of the field's vocabulary in the training split
+    train_ids: int  # distinct IDs of the field's column in the training split
     test_rows: int
     test_ids: int  # distinct IDs of the field in the test split (nulls count as one, unseen)
     row_share: dict[int, float] = field(default_factory=dict)
     test_id_share: dict[int, float] = field(default_factory=dict)
     train_id_share: dict[int, float] = field(default_factory=dict)
-    # when the vocabulary is shared with other fields (a history): counts of this column alone
-    own_train_ids: int = -1
-    own_row_share: dict[int, float] = field(default_factory=dict)
+    # when the vocabulary is shared with other fields (a history): counts pooled over them
+    vocab_train_ids: int = -1
+    vocab_row_share: dict[int, float] = field(default_factory=dict)
 
 
 def _check_split(directory: Path, schema: Schema, split: str, role: str) -> list[Path]:
@@ -256,7 +272,19 @@ def _columns_ok(files: list[Path], columns: list[str]) -> None:
 def _batches(files: list[Path], columns: list[str], batch_rows: int, stats: dict[str, int]):
     for f in files:
         pf = pq.ParquetFile(f)
-        for b in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        for g in range(pf.num_row_groups):
+            # a row group at a time: iter_batches over the whole file keeps more memory
+            # (measured: 552 vs 205 MiB peak over 3 x 10^7 rows); huge groups are streamed
+            if pf.metadata.row_group(g).num_rows <= 4 * batch_rows:
+                parts = pf.read_row_group(g, columns=columns).to_batches(batch_rows)
+            else:
+                parts = pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns)
+            yield from _counted(f, parts, stats)
+
+
+def _counted(f: Path, parts: Any, stats: dict[str, int]):
+    for b in parts:
+        if b.num_rows:
             stats["batches"] += 1
             stats["rows"] += b.num_rows
             stats["peak_arrow_bytes"] = max(stats["peak_arrow_bytes"],
@@ -347,8 +375,9 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
         vname = schema.feature(n).vocab_name
         tkeys, tcount = tcounters[n].result()
         nulls = tcounters[n].nulls  # null test IDs: unseen (the encoder's row 0)
-        rcount = counters[vname].result()[1]
-        seen = counters[vname].count_of(tkeys)
+        fc = own.get(n, counters[vname])  # the field's own column
+        rcount = fc.nonzero_counts()
+        seen = fc.count_of(tkeys)
         rows = int(tcount.sum()) + nulls
         fr = FieldRisk(n, vname, len(rcount), rows, len(tkeys) + (nulls > 0))
         fr.row_share = _row_shares(tcount, seen, nulls, ks)
@@ -357,10 +386,12 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
             fr.test_id_share[k] = (float((rare.sum() + (nulls > 0)) / fr.test_ids)
                                    if fr.test_ids else float("nan"))
             fr.train_id_share[k] = float((rcount <= k).mean()) if len(rcount) else float("nan")
-        if n in own:
-            fr.own_train_ids = len(own[n].result()[1])
-            fr.own_row_share = _row_shares(tcount, own[n].count_of(tkeys), nulls, ks)
+        if n in own:  # shared vocabulary: also what its embedding rows see
+            fr.vocab_train_ids = len(counters[vname].nonzero_counts())
+            fr.vocab_row_share = _row_shares(tcount, counters[vname].count_of(tkeys), nulls, ks)
         out.append(fr)
+        del tkeys, tcount, seen, rcount
+        tcounters.pop(n)
     level, line = risk_level(out)
     seconds = time.perf_counter() - t0
     return {
@@ -493,21 +524,26 @@ def pick_bucket_field(data: Any, field_name: str = "auto") -> str:
 
 
 def frequency_buckets(data: Any, field_name: str = "auto",
-                      bounds: tuple[int, ...] | list[int] = DEFAULT_BOUNDS, split: str = "test"
+                      bounds: tuple[int, ...] | list[int] = DEFAULT_BOUNDS, split: str = "test",
+                      train_split: str = "train"
                       ) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """Bucket each row of ``split`` by the training count of its ID in ``field_name``.
 
-    Counts are the encoded vocabulary's (``CTRData.vocabs``: training occurrences, pooled over
-    fields sharing the vocabulary; row 0, out of vocabulary, counts 0). With bounds ``(a, b)``:
-    ``unseen`` = 0, ``tail`` = 1..a, ``torso`` = a+1..b, ``head`` > b.
+    The count is the number of ``train_split`` rows whose encoded ``field_name`` column holds
+    the same row (so after an ID filter or hash, the count of the row the model sees); row 0,
+    out of vocabulary, counts 0. As in ``data risk``, the field's own column is counted, not
+    the entries of a sequence sharing its vocabulary. With bounds ``(a, b)``: ``unseen`` = 0,
+    ``tail`` = 1..a, ``torso`` = a+1..b, ``head`` > b. One ``bincount`` over the training
+    column and one gather: compute once per run.
 
     Returns:
         (bucket index per row as int8, bucket names, {name: count range as text}).
 
         >>> from types import SimpleNamespace as NS
-        >>> v = NS(size=4, counts=np.array([60, 7, 1]))
-        >>> d = NS(single_fields=["item"], seq_fields=[], vocabs={"item": v},
-        ...        field_vocab=lambda f: f, splits={"test": NS(ids=np.array([[0], [1], [2], [3]]))})
+        >>> tr = NS(ids=np.array([[1]] * 60 + [[2]] * 7 + [[3]]))
+        >>> d = NS(single_fields=["item"], seq_fields=[], vocabs={"item": NS(size=4)},
+        ...        field_vocab=lambda f: f,
+        ...        splits={"train": tr, "test": NS(ids=np.array([[0], [1], [2], [3]]))})
         >>> b, names, _ = frequency_buckets(d, "item", (5, 50)); [names[i] for i in b]
         ['unseen', 'head', 'torso', 'tail']
     """
@@ -516,10 +552,12 @@ def frequency_buckets(data: Any, field_name: str = "auto",
         raise DataError(f"eval.bucket_bounds: need distinct positive counts, got {list(bounds)}")
     name = pick_bucket_field(data, field_name)
     j = data.single_fields.index(name)
-    vocab = data.vocabs[data.field_vocab(name)]
-    per_row = np.zeros(vocab.size, dtype=np.int64)
-    per_row[1:1 + len(vocab.counts)] = vocab.counts
-    counts = per_row[np.asarray(data.splits[split].ids[:, j])]
+    size = data.vocabs[data.field_vocab(name)].size
+    train_ids = np.asarray(data.splits[train_split].ids[:, j])
+    per_row = np.bincount(train_ids, minlength=size).astype(np.int64)
+    per_row[0] = 0
+    test_ids = np.asarray(data.splits[split].ids[:, j])
+    counts = per_row[test_ids]
     idx = np.searchsorted(np.asarray(b), counts, side="left") + 1
     idx[counts == 0] = 0
     names = bucket_names(len(b))

@@ -72,13 +72,63 @@ def make(name: str, out: Path) -> bool:
     return True
 
 
+def bucket_curves(ddir: Path, run: Path, seed: int = 0) -> list[dict]:
+    """Train the base model on ``ddir`` with per-bucket test AUC at every evaluation (a hook
+    predicting the test split once more: this measures, it does not time) and write the run's
+    report, with its per-bucket figure."""
+    import numpy as np
+
+    from oneepoch.config import TrainConfig, load_config
+    from oneepoch.data.batcher import Batcher
+    from oneepoch.data.risk import frequency_buckets
+    from oneepoch.metrics import bucket_metrics
+    from oneepoch.report.run_report import build_report
+    from oneepoch.training.trainer import Hook, predict, train
+
+    class Buckets(Hook):
+        def on_train_start(self, s):  # noqa: ANN001
+            self.b, self.names, _ = frequency_buckets(s.data, s.cfg.eval.bucket_field,
+                                                      s.cfg.eval.bucket_bounds)
+            test = s.data.splits[s.cfg.data.test_split]
+            self.batcher = Batcher(test, s.cfg.eval.batch_size, s.cfg.device)
+            self.y = np.asarray(test.label)
+
+        def on_eval(self, s, row):  # noqa: ANN001
+            p = predict(s.model, self.batcher)
+            row.update(bucket_metrics(self.y, p, self.b, self.names))
+
+    cfg = load_config(TrainConfig, "ctr", [f"data.path={ddir}", "epochs=3", "threads=1",
+                                           "progress=false", f"seed={seed}",
+                                           f"out_dir={run.parent}", f"name={run.name}"])
+    rows = train(cfg, hooks=[Buckets()]).metrics
+    build_report([run])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/oe-risk-calib")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", nargs="*", help="data-set names (default: all)")
+    ap.add_argument("--bucket-curves", metavar="NAME",
+                    help="instead: one run on this data set with per-bucket test AUC")
     args = ap.parse_args()
     work = Path(args.work)
+    if args.bucket_curves:
+        slug = args.bucket_curves.replace(" ", "_").replace("=", "-")
+        make(args.bucket_curves, work / "data" / slug)
+        rows = bucket_curves(work / "data" / slug, work / "buckets" / slug)
+        keep = [r for r in rows if abs(r["epoch"] * 4 - round(r["epoch"] * 4)) < 1e-6 or
+                0.99 < r["epoch"] < 1.2 or 1.99 < r["epoch"] < 2.2]
+        names = [k[9:] for k in rows[0] if k.startswith("test_auc_")]
+        print("| epoch | test AUC | " + " | ".join(f"{n} ({rows[-1]['test_n_' + n]:,})"
+                                                   for n in names) + " |")
+        print("|---:|---:|" + "---:|" * len(names))
+        for r in keep:
+            print(f"| {r['epoch']:.2f} | {r['test_auc']:.4f} | " +
+                  " | ".join(f"{r['test_auc_' + n]:.4f}" for n in names) + " |")
+        print(f"report: {work / 'buckets' / slug / 'report.html'}")
+        return
     rows = []
     for name in args.only or list(SETS):
         slug = name.replace(" ", "_").replace("=", "-")

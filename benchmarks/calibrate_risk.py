@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from oneepoch.data.risk import RULE_K, data_risk, risk_level  # noqa: F401 - RULE_K in docs
+from oneepoch.data.risk import data_risk, rare_seen_share
 from oneepoch.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,9 +136,8 @@ def main() -> None:
         if not make(name, ddir):
             continue
         r = data_risk(ddir)
-        worst = max(r["fields"], key=lambda f: f["row_share"][RULE_K])
-        own = max(r["fields"], key=lambda f: (f["own_row_share"] or f["row_share"])[RULE_K])
-        own_share = own["own_row_share"] or own["row_share"]
+        worst = max(r["fields"], key=rare_seen_share)
+        vocab = worst["vocab_row_share"] or worst["row_share"]
         for seed in args.seeds:
             run = work / "runs" / f"{slug}-s{seed}"
             if not (run / "summary.json").exists():
@@ -151,8 +150,8 @@ def main() -> None:
             rows.append({
                 "data": name, "seed": seed, "level": r["level"], "field": worst["field"],
                 "rows_le": {str(k): worst["row_share"][k] for k in r["ks"]},
-                "own_field": own["field"],
-                "own_rows_le": {str(k): own_share[k] for k in r["ks"]},
+                "rare_seen": rare_seen_share(worst),
+                "vocab_rows_le": {str(k): vocab[k] for k in r["ks"]},
                 "train_ids": worst["train_ids"], "test_rows": worst["test_rows"],
                 "drop_epoch1": b1.get("drop", float("nan")),
                 "change_before": b1.get("change_before", float("nan")),
@@ -171,16 +170,21 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """The calibration table (Markdown)."""
-    lines = ["| data | seed | field | test rows <= 0 / 2 / 5 | field alone <= 0 / 2 / 5 | rule "
-             "| drop after epoch 1 (pt) | verdict | best epoch |",
-             "|---|---:|---|---|---|---|---:|---|---:|"]
+    """The calibration table (Markdown): one line per data set, seeds side by side."""
+    lines = ["| data | field | test rows: unseen / seen 1-2 / seen <= 5 | pooled with history "
+             "<= 2 | rule | drop after epoch 1 (pt, per seed) | best epoch (per seed) |",
+             "|---|---|---|---|---|---|---|"]
+    by: dict[str, list[dict]] = {}
     for x in rows:
-        a = " / ".join(f"{100 * x['rows_le'][k]:.0f}%" for k in ("0", "2", "5"))
-        o = " / ".join(f"{100 * x['own_rows_le'][k]:.0f}%" for k in ("0", "2", "5"))
-        lines.append(f"| {x['data']} | {x['seed']} | {x['field']} | {a} | {o} | {x['level']} | "
-                     f"{100 * x['drop_epoch1']:+.2f} | {'yes' if x['phenomenon'] else 'no'} | "
-                     f"{x['best_epoch']:.2f} |")
+        by.setdefault(x["data"], []).append(x)
+    for name, xs in by.items():
+        x = xs[0]
+        r = x["rows_le"]
+        lines.append(
+            f"| {name} | {x['field']} | {100 * r['0']:.1f}% / {100 * x['rare_seen']:.1f}% / "
+            f"{100 * r['5']:.1f}% | {100 * x['vocab_rows_le']['2']:.1f}% | {x['level']} | "
+            + ", ".join(f"{100 * y['drop_epoch1']:+.2f}" for y in xs) + " | "
+            + ", ".join(f"{y['best_epoch']:.2f}" for y in xs) + " |")
     return "\n".join(lines)
 
 

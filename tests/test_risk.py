@@ -260,3 +260,19 @@ def test_risk_streams_a_file_larger_than_its_memory_cap(tmp_path: Path):
     assert batches == rows // 2**16
     assert unseen == pytest.approx(0.5)  # test items 50,000..99,998 never occur in train
     assert peak - base < cap_kib, f"RSS grew by {(peak - base) / 1024:.0f} MiB"
+
+
+def test_rule_reads_rare_but_seen_ids():
+    from oneepoch.data.risk import HIGH_RISK, MEDIUM_RISK, FieldRisk, risk_level
+
+    def fr(name: str, unseen: float, upto2: float) -> FieldRisk:
+        return FieldRisk(name, name, 10, 100, 10, row_share={0: unseen, 1: upto2, 2: upto2})
+
+    # mostly unseen IDs (a global time split): their row is untrained, nothing to over-fit
+    level, line = risk_level([fr("user_ID", 0.85, 0.85 + MEDIUM_RISK / 2)])
+    assert level == "low" and "85% one never seen" in line
+    level, line = risk_level([fr("cate", 0.0, 0.0), fr("item_ID", 0.2, 0.2 + HIGH_RISK)])
+    assert level == "high"
+    assert line.startswith(f"high risk: {100 * HIGH_RISK:.0f}% of test rows carry an item_ID "
+                           "seen 1-2 times in training")
+    assert risk_level([fr("item", 0.0, (HIGH_RISK + MEDIUM_RISK) / 2)])[0] == "medium"

@@ -163,6 +163,12 @@ def test_cli_bad_input_is_one_line(hand: Path, tmp_path: Path, capsys):
     assert main(["data", "risk", str(hand), "--field", "hist"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'hist' is a sequence field" in err
+    bad = write_ctr(tmp_path / "bad", {"train": hand_table(20, 1),
+                                       "test": hand_table(20, 2, cate=pa.array([0.5] * 20))},
+                    HAND_SCHEMA)
+    assert main(["data", "risk", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "column 'cate': expected int or string IDs, got double" in err
     no_test = write_ctr(tmp_path / "nt", {"train": hand_table(20, 1)},
                         HAND_SCHEMA.replace("  test: test.parquet\n", ""))
     assert main(["data", "risk", str(no_test)]) == 2

@@ -263,12 +263,14 @@ def _check_split(directory: Path, schema: Schema, split: str, role: str) -> list
 def _columns_ok(files: list[Path], columns: list[str]) -> None:
     for f in files:
         try:
-            names = pq.read_schema(f).names
+            sch = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types here
             raise DataError(f"{f}: not a readable Parquet file ({e})") from e
-        missing = [c for c in columns if c not in names]
+        missing = [c for c in columns if c not in sch.names]
         if missing:
             raise DataError(f"{f}: missing column(s) {missing} named in {SCHEMA_FILE}")
+        for c in columns:
+            _id_type(sch.field(c).type, f"{f}: column {c!r}")
 
 
 def _batches(files: list[Path], columns: list[str], batch_rows: int, stats: dict[str, int]):
@@ -335,7 +337,9 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
         report = singles
     if not report:
         raise DataError(f"{directory / SCHEMA_FILE}: no single-ID field to report")
-    ks = tuple(sorted({int(k) for k in ks}))
+    ks = tuple(sorted({int(k) for k in ks} | {0, RULE_K}))  # the rule reads 0 and RULE_K
+    if batch_rows < 1:
+        raise DataError(f"data risk: --batch-rows must be >= 1, got {batch_rows}")
     train_files = _check_split(directory, schema, train_split, "training")
     test_files = _check_split(directory, schema, test_split, "test")
     feats = schema.feature_names
@@ -400,6 +404,7 @@ def data_risk(directory: str | Path, fields: list[str] | None = None, train_spli
         "data": str(directory), "train_split": train_split, "test_split": test_split,
         "ks": list(ks), "fields": [asdict(f) for f in out], "level": level, "expectation": line,
         "rule": rule_text(),
+        "thresholds": {"k": RULE_K, "high": HIGH_RISK, "medium": MEDIUM_RISK},
         "io": {"train_rows": train_io["rows"], "test_rows": test_io["rows"],
                "train_batches": train_io["batches"], "test_batches": test_io["batches"],
                "batch_rows": batch_rows, "seconds": seconds,

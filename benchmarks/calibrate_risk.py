@@ -154,6 +154,8 @@ def main() -> None:
                 "vocab_rows_le": {str(k): vocab[k] for k in r["ks"]},
                 "train_ids": worst["train_ids"], "test_rows": worst["test_rows"],
                 "drop_epoch1": b1.get("drop", float("nan")),
+                "drop_epoch2": (det["boundaries"][1]["drop"] if len(det["boundaries"]) > 1
+                                else float("nan")),
                 "change_before": b1.get("change_before", float("nan")),
                 "phenomenon": det["phenomenon"], "best_epoch": det["best_epoch"],
                 "best_auc": det["best_auc"], "verdict": summ["verdict"],
@@ -172,8 +174,8 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """The calibration table (Markdown): one line per data set, seeds side by side."""
     lines = ["| data | field | test rows: unseen / seen 1-2 / seen <= 5 | pooled with history "
-             "<= 2 | rule | drop after epoch 1 (pt, per seed) | best epoch (per seed) |",
-             "|---|---|---|---|---|---|---|"]
+             "<= 2 | rule | drop after epoch 1 (pt, per seed) | after epoch 2 | best epoch |",
+             "|---|---|---|---|---|---|---|---|"]
     by: dict[str, list[dict]] = {}
     for x in rows:
         by.setdefault(x["data"], []).append(x)
@@ -184,6 +186,7 @@ def table(rows: list[dict]) -> str:
             f"| {name} | {x['field']} | {100 * r['0']:.1f}% / {100 * x['rare_seen']:.1f}% / "
             f"{100 * r['5']:.1f}% | {100 * x['vocab_rows_le']['2']:.1f}% | {x['level']} | "
             + ", ".join(f"{100 * y['drop_epoch1']:+.2f}" for y in xs) + " | "
+            + ", ".join(f"{100 * y['drop_epoch2']:+.2f}" for y in xs) + " | "
             + ", ".join(f"{y['best_epoch']:.2f}" for y in xs) + " |")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def plot_risk(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: st
     ax.set_ylim(0, 100)
     ax.set_xlabel("k (ID seen at most k times in the training split)")
     ax.set_ylabel("% of test rows")
-    ax.set_title(title or "Test rows resting on rare IDs", fontsize=9)
+    ax.set_title(textwrap.fill(title or "Test rows resting on rare IDs", 75), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -282,3 +282,19 @@ def test_rule_reads_rare_but_seen_ids():
     assert line.startswith(f"high risk: {100 * HIGH_RISK:.0f}% of test rows carry an item_ID "
                            "seen 1-2 times in training")
     assert risk_level([fr("item", 0.0, (HIGH_RISK + MEDIUM_RISK) / 2)])[0] == "medium"
+
+
+def test_eval_buckets_follow_the_config(tmp_path: Path):
+    from oneepoch.config import EvalConfig
+    from oneepoch.data.risk import eval_buckets
+
+    d = write_ctr(tmp_path / "e", {"train": hand_table(40, 1), "test": hand_table(10, 2)},
+                  HAND_SCHEMA)
+    data = load_ctr(d, cache=False)
+    assert eval_buckets(data, EvalConfig(bucket_field="")) is None
+    assert eval_buckets(data, EvalConfig(bucket_field="none")) is None
+    b, names, ranges = eval_buckets(data, EvalConfig())
+    assert names == ["unseen", "tail", "torso", "head"] and ranges["tail"] == "1-5"
+    assert len(b) == 10
+    b2, _, _ = eval_buckets(data, EvalConfig(bucket_field="cate", bucket_bounds=[1, 3]))
+    np.testing.assert_array_equal(b2, frequency_buckets(data, "cate", [1, 3])[0])

@@ -582,3 +582,15 @@ def frequency_buckets(data: Any, field_name: str = "auto",
     for i, nm in enumerate(names[1:]):
         ranges[nm] = f"{lo[i]}-{b[i]}" if i < len(b) else f">{b[-1]}"
     return idx.astype(np.int8), names, ranges
+
+
+def eval_buckets(data: Any, eval_cfg: Any, train_split: str = "train", test_split: str = "test"
+                 ) -> tuple[np.ndarray, list[str], dict[str, str]] | None:
+    """The trainer's buckets from an :class:`oneepoch.config.EvalConfig`: None when
+    ``bucket_field`` is off (``""`` / ``none``), else :func:`frequency_buckets` of the test
+    split. Call once per run; then at each evaluation
+    ``row.update(bucket_metrics(labels, probs, *buckets[:2]))``."""
+    name = str(getattr(eval_cfg, "bucket_field", "") or "")
+    if name.lower() in ("", "none", "off"):
+        return None
+    return frequency_buckets(data, name, list(eval_cfg.bucket_bounds), test_split, train_split)

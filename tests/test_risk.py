@@ -134,7 +134,7 @@ def test_counter_dense_grows_and_falls_back_to_hashing():
         c.add(arr)
         wide = wide or hi - lo > 5_000
         assert (c.dense is None) == wide and c.hashed == wide
-    assert c.hashed and c.nulls == 6
+    assert c.hashed and c.nulls == 6 and c.values_seen == sum(want.values())
     keys, counts = c.result()
     np.testing.assert_array_equal(np.sort(c.nonzero_counts()), np.sort(counts))
     assert dict(zip(keys.to_pylist(), counts.tolist(), strict=True)) == dict(want)

@@ -110,6 +110,9 @@ class IdCounter:
         if not self.hashed:
             self._add_dense(values.to_numpy().astype(np.int64, copy=False))
             return
+        self._add_hashed(values)
+
+    def _add_hashed(self, values: pa.Array) -> None:
         g = pa.table({"k": values}).group_by("k", use_threads=False).aggregate([("k", "count")])
         self._pending.append((g.column("k").combine_chunks(),
                               g.column("k_count").combine_chunks().cast(pa.int64())))
@@ -125,7 +128,7 @@ class IdCounter:
             lo, hi = min(self.seen_lo, vmin), max(self.seen_hi, vmax)
         if hi - lo + 1 > self.dense_max:  # too spread out: hash from now on
             self._to_hashed()
-            self.add(pa.array(v, type=self.type))
+            self._add_hashed(pa.array(v, type=self.type))
             return
         if self.dense is None:
             self.dense, self.lo = np.zeros(hi - lo + 1, dtype=np.int64), lo

@@ -117,3 +117,12 @@ def bucket_metrics(labels: ArrayLike, scores: ArrayLike, buckets: ArrayLike, nam
         out[f"{prefix}_auc_{name}"] = a
         out[f"{prefix}_n_{name}"] = n
     return out
+
+
+def bucket_names(n_bounds: int) -> list[str]:
+    """``unseen``, ``tail``, ``torso`` (or ``torso1``..), ``head`` for ``n_bounds`` bounds."""
+    if n_bounds < 1:
+        raise ValueError("bucket bounds: need at least one bound")
+    mid = n_bounds - 1
+    torso = ["torso"] if mid == 1 else [f"torso{i + 1}" for i in range(mid)]
+    return ["unseen", "tail", *torso, "head"]

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from oneepoch.data.schema import SCHEMA_FILE, DataError, Schema, load_schema, split_files
+from oneepoch.metrics import bucket_names
 
 K_VALUES = (0, 1, 2, 5, 10)
 RULE_K = 2  # the rule reads the share of test rows whose ID is seen 1..RULE_K times
@@ -518,15 +519,6 @@ def write_risk(r: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
 
 
 DEFAULT_BOUNDS = (5, 50)
-
-
-def bucket_names(n_bounds: int) -> list[str]:
-    """``unseen``, ``tail``, ``torso`` (or ``torso1``..), ``head`` for ``n_bounds`` bounds."""
-    if n_bounds < 1:
-        raise ValueError("bucket bounds: need at least one bound")
-    mid = n_bounds - 1
-    torso = ["torso"] if mid == 1 else [f"torso{i + 1}" for i in range(mid)]
-    return ["unseen", "tail", *torso, "head"]
 
 
 def pick_bucket_field(data: Any, field_name: str = "auto") -> str:

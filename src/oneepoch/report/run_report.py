@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from oneepoch.analysis import one_epoch_verdict
-from oneepoch.data.risk import bucket_names
+from oneepoch.metrics import bucket_names
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_bucket_curves, plot_curves
 from oneepoch.runfolder import read_metrics

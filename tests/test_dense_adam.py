@@ -270,3 +270,14 @@ def test_fused_step_matches_autograd_in_dense_mode(tiny_synth):
         torch.testing.assert_close(r1.state[k], r2.state[k], rtol=1e-3, atol=1e-7)
     torch.testing.assert_close(m1.embedding.weight, m2.embedding.weight, rtol=1e-4, atol=2e-5)
     np.testing.assert_array_equal(r1.state["last_step"].numpy(), 25)
+
+
+def test_the_lookup_hook_keeps_neither_table_nor_optimizer_alive():
+    import gc
+    import weakref
+
+    mine = _Mine(_init()[0])
+    refs = weakref.ref(mine.emb), weakref.ref(mine.opt)
+    del mine
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None

@@ -161,10 +161,19 @@ def config_hooks(cfg: TrainConfig) -> list[str]:
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident memory so far, in MiB (Linux and macOS)."""
+    """This process's peak resident memory so far, in MiB: ``VmHWM`` of ``/proc/self/status``
+    on Linux (``ru_maxrss`` carries a parent's peak over fork + exec, so a worker process
+    would report its launcher's), else ``ru_maxrss``."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 

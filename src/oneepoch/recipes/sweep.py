@@ -125,6 +125,7 @@ def _seed_from_checkpoint(src: Path, dst: Path) -> None:
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Train one run in this process (``threads=1``, no progress bar); returns its summary."""
     from oneepoch.remedies import hooks_from_config
+    from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import train
 
     cfg = spec_config(spec)
@@ -133,7 +134,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     if spec.continue_from and not resume:
         _seed_from_checkpoint(Path(spec.continue_from), run_dir)
         resume = True
-    hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes)]
+    hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes),
+             *tracking_hooks(cfg)]
     res = train(cfg, run_dir, hooks=hooks, resume=resume)
     return {"run_dir": str(run_dir), "seconds": res.seconds, "verdict": res.verdict.line()}
 
@@ -360,7 +362,13 @@ def run_sweep(config: str | None, grid: dict[str, list[str]], seeds: int = 3,
     out = Path(out)
     points = grid_points(grid)
     base = list(overrides)
-    load_config(TrainConfig, config, base)  # fail early on a bad base setting
+    bcfg = load_config(TrainConfig, config, base)  # fail early on a bad base setting
+    if bcfg.tracking != "none":
+        from oneepoch.tracking import check_backend, default_uri
+
+        check_backend(bcfg.tracking)
+        if not bcfg.tracking_uri:  # every run of the sweep in one store: OUT/mlruns
+            base.append(f"tracking_uri={default_uri(bcfg.tracking, out / 'x')}")
     specs, by_point = [], {}
     for p in points:
         name = point_name(p)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,6 +132,9 @@ class MlflowTracker:
 
         if "://" not in uri and not uri.startswith(("file:", "sqlite:")):
             uri = Path(uri).resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow >= 3.x asks file stores to opt in; a local mlruns/ is what we promise
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         exp = self.client.get_experiment_by_name(experiment)

@@ -3,6 +3,7 @@ folder of ``oneepoch train``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -276,3 +277,112 @@ def test_diverged_loss_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match="step 2"):
         mon.step(float("nan"))
     mon.close()
+
+
+HAVE_LIGHTNING = any(importlib.util.find_spec(m) is not None
+                     for m in ("lightning", "pytorch_lightning"))
+
+
+@pytest.mark.skipif(not HAVE_LIGHTNING, reason="lightning not installed (pip install "
+                    "'oneepoch[lightning]')")
+def test_lightning_callback_matches_a_plain_loop(tmp_path: Path) -> None:
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+    from oneepoch.integrations.lightning import OneEpochCallback
+
+    x, y = _toy(416, seed=1)
+    xt, yt = _toy(200, seed=2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Tiny()
+
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return self.net(b)
+
+        def training_step(self, batch, i):
+            return F.binary_cross_entropy_with_logits(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    torch.manual_seed(0)
+    lit = Lit()
+    init = {k: t.clone() for k, t in lit.state_dict().items()}
+    cb = OneEpochCallback(tmp_path / "lit", [(xt, yt)], per_epoch=4, restore_best=True)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(lit, loader)
+    from oneepoch.training.loop import eval_points
+
+    got = read_metrics(tmp_path / "lit")
+    assert [r["step"] for r in got] == sorted(eval_points(13, 2, 4))
+    assert (tmp_path / "lit" / "report.html").exists()
+    # the same model, data and optimizer in a plain loop give the same rows
+    m = Tiny()
+    m.load_state_dict({k[len("net."):]: v for k, v in init.items()})
+    opt = torch.optim.SGD(m.parameters(), lr=0.3)
+    mon = Monitor(tmp_path / "plain", 13, [(xt, yt)], model=m, epochs=2, per_epoch=4)
+    for _ in range(2):
+        for xb, yb in loader:
+            loss = F.binary_cross_entropy_with_logits(m(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    mon.finish()
+    want = read_metrics(tmp_path / "plain")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(got) == strip(want)
+    # restore_best put the best point's weights back into the module
+    best = mon.best_state_dict()
+    assert all(torch.equal(lit.net.state_dict()[k], best[k]) for k in best)
+
+
+@pytest.mark.skipif(not HAVE_LIGHTNING, reason="lightning not installed")
+def test_lightning_callback_stops_the_trainer(tmp_path: Path) -> None:
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+    from oneepoch.integrations.lightning import OneEpochCallback
+
+    x, y = _toy(320)
+    predict, test = _scripted([0.6, 0.7, 0.65, 0.64, 0.63, 0.62, 0.61])
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Tiny()
+
+        def training_step(self, batch, i):
+            return F.binary_cross_entropy_with_logits(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = OneEpochCallback(tmp_path / "lit", test, predict=predict, per_epoch=5, patience=2)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(Lit(), torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=32))
+    # 10 steps an epoch, evaluations at 0, 2, 4, 6, 8: best at 2, stop after 6 (2 worse)
+    assert cb.monitor.should_stop and trainer.global_step == 6
+    assert read_summary(tmp_path / "lit")["stopped_early"] is True
+
+
+@pytest.mark.slow
+def test_plain_pytorch_example_runs_as_is(tmp_path: Path) -> None:
+    import runpy
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_loop.py"
+    main = runpy.run_path(str(ex))["main"]
+    run = main(["--out", str(tmp_path), "--epochs", "1"])
+    assert read_summary(run)["verdict"].startswith("one-epoch phenomenon:")
+    assert len(read_metrics(run)) == 21 and (run / "report.html").exists()

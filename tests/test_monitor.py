@@ -386,3 +386,28 @@ def test_plain_pytorch_example_runs_as_is(tmp_path: Path) -> None:
     run = main(["--out", str(tmp_path), "--epochs", "1"])
     assert read_summary(run)["verdict"].startswith("one-epoch phenomenon:")
     assert len(read_metrics(run)) == 21 and (run / "report.html").exists()
+
+
+def _torchrec_missing() -> str:
+    try:
+        import fbgemm_gpu  # noqa: F401
+        from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: F401
+    except Exception as e:  # not installed, or its kernels do not load against this torch
+        return f"TorchRec not usable here ({type(e).__name__}: {str(e)[:120]})"
+    return ""
+
+
+@pytest.mark.slow
+def test_torchrec_example_in_docs(tmp_path: Path, monkeypatch) -> None:
+    why = _torchrec_missing()
+    if why:
+        pytest.skip(why + "; install torchrec and fbgemm-gpu-cpu built for this torch")
+    import re
+    import runpy
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "monitor.md").read_text()
+    code = re.search(r"<!-- torchrec-example -->\n```python\n(.*?)```", doc, re.S).group(1)
+    script = tmp_path / "torchrec_example.py"
+    script.write_text(code)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")

@@ -23,7 +23,7 @@ def test_vocab_is_frequency_ordered_with_oov_row_and_shared(tmp_path):
         "hist": pa.array([["a"], ["b", "b"], [], ["c", "a", "b"]]), "y": [0, 1, 1, 0]})
     test = pa.table({"uid": [1], "item": ["z"], "cate": [8], "hist": pa.array([["a", "z"]]),
                      "y": [1]})
-    data = load_ctr(make(tmp_path, train, test))
+    data = load_ctr(make(tmp_path, train, test), single_class="warn")  # a one-row test split
     v = data.vocabs["item"]  # item + hist pooled: b x5, a x3, c x2
     assert v.raw.to_pylist() == ["b", "a", "c"] and v.counts.tolist() == [5, 3, 2]
     assert v.size == 4  # + OOV row 0

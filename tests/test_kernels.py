@@ -107,7 +107,9 @@ def test_embedding_out_of_range_id_is_a_clear_error_and_leaves_no_trace():
     torch.testing.assert_close(emb(batch), good)
 
 
-@pytest.mark.parametrize("over", [dict(), dict(weight_decay=0.1)])
+@pytest.mark.parametrize("over", [dict(embedding_update="lazy"),
+                                  dict(embedding_update="lazy", weight_decay=0.1),
+                                  dict(), dict(weight_decay=0.1)])  # (dense: the default)
 def test_rowwise_adam_matches_reference(over):
     from oneepoch.models.ctr import build_model
 
@@ -132,7 +134,10 @@ def test_rowwise_adam_matches_reference(over):
                 o.step()
         runs.append((m.embedding.weight.detach().clone(), o.sparse["embedding.weight"].state))
     (w1, s1), (w2, s2) = runs
-    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+    # Dense: a row's catch-up amplifies the paths' step-1 difference of an element whose
+    # gradient is below eps (6.7e-8 here: Adam's update is ill-conditioned there) to 1.5e-6.
+    atol = 1e-6 if over.get("embedding_update") == "lazy" else 3e-6
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=atol)
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-7)
 
@@ -370,3 +375,74 @@ def test_scratch_is_per_python_thread():
     assert kernels.scratch(8).data_ptr() == kernels.scratch(4).data_ptr()  # reused in a thread
     for k in range(2):
         assert got[k] == [want[k]] * 30
+
+
+@pytest.fixture
+def fresh_load(tmp_path, monkeypatch):
+    """kernels.lib() loads again, from an empty cache in tmp_path; the session's library is
+    restored afterwards. Returns (the new cache folder, the session's ONEEPOCH_CACHE)."""
+    from oneepoch.kernels import abi
+    session_cache = os.environ.get("ONEEPOCH_CACHE")
+    monkeypatch.setenv("ONEEPOCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(abi, "_h", abi._h)
+    return tmp_path / "native", session_cache
+
+
+def test_library_reports_the_abi_python_mirrors():
+    from oneepoch.kernels import abi
+    got = abi.library_abi(kernels.lib())
+    assert got == abi.expected_abi()
+    assert len(got["CtrStep offsets"]) == len(abi.CtrStep._fields_) > 40
+
+
+def test_struct_mirror_mismatch_is_refused(monkeypatch):
+    from oneepoch.kernels import abi
+
+    class Short(abi.ctypes.Structure):  # a mirror that lost its last field
+        _fields_ = abi.CtrStep._fields_[:-1]
+
+    monkeypatch.setattr(abi, "CtrStep", Short)
+    with pytest.raises(abi.NativeABIError, match=r"sizeof\(CtrStep\): library \d+, Python"):
+        abi.check(kernels.lib(), "the library")
+
+
+def test_abi_mismatch_of_a_fresh_build_is_an_error_at_load(fresh_load, monkeypatch):
+    from oneepoch.kernels import abi
+    folder, _ = fresh_load
+    monkeypatch.setattr(abi, "MAX_SEQS", abi.MAX_SEQS + 1)
+    with pytest.raises(abi.NativeABIError,
+                       match=f"MAX_SEQS: library {abi.MAX_SEQS - 1}, Python {abi.MAX_SEQS}.*"
+                             "freshly compiled"):
+        kernels.lib()
+    assert not list(folder.glob("*"))  # the refused library is not published
+
+
+def test_stale_cached_library_is_rebuilt(fresh_load, monkeypatch):
+    from oneepoch.kernels import abi
+    folder, session_cache = fresh_load
+    with monkeypatch.context() as m:  # this session's library, as a cache would hold it
+        if session_cache is None:
+            m.delenv("ONEEPOCH_CACHE")
+        else:
+            m.setenv("ONEEPOCH_CACHE", session_cache)
+        cached, publish = kernels._build()
+    assert publish is None
+    folder.mkdir(parents=True)
+    stale = folder / cached.name
+    stale.write_bytes(cached.read_bytes())
+    real, calls = abi.library_abi, []
+
+    def first_is_stale(handle):  # the cached file reports an older ABI version
+        got = real(handle)
+        calls.append(1)
+        return {**got, "version": got["version"] - 1} if len(calls) == 1 else got
+
+    monkeypatch.setattr(abi, "library_abi", first_is_stale)
+    with pytest.warns(RuntimeWarning, match="rebuilding the native kernels.*version"):
+        assert kernels.lib() is not None
+    assert len(calls) == 2 and abi._h is kernels._lib
+    assert [p.name for p in folder.iterdir()] == [stale.name]  # replaced, no temp left
+    x = torch.randn(8, 3)
+    torch.testing.assert_close(Dice(3)(x), Dice(3).reference(x), rtol=1e-4, atol=1e-5)

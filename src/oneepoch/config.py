@@ -218,6 +218,9 @@ class OptimConfig:
     beta2: float = num(0.999, ge=0, lt=1)
     eps: float = num(1e-8, gt=0)
     emb_lr_scale: float = num(1.0, ge=0)  # embedding lr = lr x this
+    # Adam on ID tables: dense = TF1 / torch.optim.Adam (every row moves every step, applied
+    # lazily at row-wise cost); lazy = only the batch's rows (SparseAdam / LazyAdam)
+    embedding_update: str = choice("dense", "lazy")
 
 
 @dataclass
@@ -295,6 +298,15 @@ class FreqLrConfig:
 
 
 @dataclass
+class FreezeAfterConfig:
+    """Paper A's lever as a remedy: stop training parameter groups from an epoch on (their
+    learning rate becomes 0, so the fused step keeps running)."""
+
+    epoch: int = num(0, ge=0)  # from the start of this 0-based epoch (1 = after epoch 1); 0 = off
+    groups: list[str] = choice("embedding", "mlp", default=["embedding"])
+
+
+@dataclass
 class TrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
@@ -320,6 +332,7 @@ class TrainConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     meda: MedaConfig = field(default_factory=MedaConfig)
     freq_lr: FreqLrConfig = field(default_factory=FreqLrConfig)
+    freeze_after: FreezeAfterConfig = field(default_factory=FreezeAfterConfig)
 
 
 T = TypeVar("T")

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``metrics.parquet`` atomically (a unique temporary sibling, then a rename)."""
-    run_dir = Path(run_dir)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.parquet.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, run_dir / "metrics.parquet")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from oneepoch.io import atomic_write_parquet
+
+    atomic_write_parquet(Path(run_dir) / "metrics.parquet", pa.Table.from_pylist(rows))
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:

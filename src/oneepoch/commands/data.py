@@ -32,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = dsub.add_parser("validate", help="check a data set and report the first problem",
                         description="Check schema.yaml, columns, types, labels and sequence "
-                        "lengths of every split; exit 2 with a message naming file and column.")
+                        "lengths of every split; exit 2 with a message naming file and column "
+                        "(an evaluation split with a single class is an error, a train split "
+                        "with one a warning). Also prints, per evaluation split and field, the "
+                        "share of IDs unseen in train (out of vocabulary).")
     v.add_argument("dir", help="data-set folder")
     v.set_defaults(func=validate)
 

@@ -6,7 +6,14 @@
 Vocabularies are frequency-ordered over the train split: row 0 is the out-of-vocabulary row,
 row 1 the most frequent ID, and so on (ties broken by the raw value), so "keep the top-k IDs"
 is ``row <= k``. Encoded arrays are cached in ``DIR/.oneepoch-cache/<key>/`` (key = hash of the
-schema and the files' names, sizes and mtimes) and memory-mapped when large.
+schema and, per file, its name, size, mtime, change time, inode and Parquet footer: the footer
+holds the row count, every column chunk's size and statistics, so a file replaced by another of
+the same size and mtime still gets a new key) and memory-mapped when large.
+
+Every problem with the input is a :class:`DataError` naming the file (and column): unreadable or
+corrupt Parquet, missing columns, wrong types, bad labels, an ID column of int IDs in one file
+and string IDs in another that cannot be matched, and an evaluation split with a single class
+(a train split with a single class is a warning).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from oneepoch.data.schema import DataError, Schema, load_schema, split_files
 from oneepoch.io import atomic_dir
 
 CACHE_DIR = ".oneepoch-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MMAP_BYTES = 1 << 30  # splits larger than this are memory-mapped rather than loaded
 
 
@@ -103,6 +110,73 @@ class CTRData:
 # ----------------------------------------------------------------------------- reading
 
 
+_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError)
+
+
+def _read_table(f: Path, columns: list[str]) -> pa.Table:
+    """Read ``columns`` of one Parquet file; a corrupt file is a DataError naming the file and
+    (found by reading them one at a time) the first column that cannot be read."""
+    try:  # page checksums, when the writer stored them, catch corruption that still decodes
+        return pq.read_table(f, columns=columns, page_checksum_verification=True)
+    except _ARROW_ERRORS as e:
+        bad = ""
+        for c in columns:
+            try:
+                pq.read_table(f, columns=[c], page_checksum_verification=True)
+            except _ARROW_ERRORS:
+                bad = f" column {c!r}:"
+                break
+        raise DataError(f"{f}:{bad} corrupt Parquet data ({type(e).__name__}: {e}); "
+                        "write the file again") from e
+
+
+def _id_target(types: list[pa.DataType]) -> pa.DataType:
+    """The common type of one ID column read as ``types`` in different files: strings when any
+    file has strings (as the vocabulary builder does), else int64."""
+    if any(pa.types.is_string(t) or pa.types.is_large_string(t) for t in types):
+        return pa.string()
+    return pa.int64()
+
+
+def _unify(tables: list[pa.Table], files: list[Path], schema: Schema) -> list[pa.Table]:
+    """Cast ID columns whose type differs between the files of one split to a common type
+    (int and string IDs -> strings) and labels to float64; other columns are left to the
+    concatenation."""
+    id_cols = set(schema.feature_names) | {schema.user_key, schema.user, schema.item,
+                                           schema.surface, schema.engagement_type}
+    for c in schema.columns():
+        types = [t.schema.field(c).type for t in tables]
+        if all(t.equals(types[0]) for t in types):
+            continue
+        if schema.format == "ctr" and c == schema.label:  # 0/1 as int, float or bool (checked)
+            tables = [t.set_column(t.schema.get_field_index(c), c, t.column(c).cast(pa.float64()))
+                      for t in tables]
+            continue
+        if c not in id_cols:
+            continue
+        is_list = [pa.types.is_list(t) or pa.types.is_large_list(t) for t in types]
+        values = [_plain(t.value_type) if lst else _plain(t)
+                  for t, lst in zip(types, is_list, strict=True)]
+        target = _id_target(values)
+        for i, (t, f) in enumerate(zip(tables, files, strict=True)):
+            col = t.column(c)
+            try:
+                if is_list[i]:
+                    if pa.types.is_dictionary(col.type.value_type):
+                        col = col.cast(pa.list_(col.type.value_type.value_type))
+                    col = col.cast(pa.list_(target))
+                else:
+                    if pa.types.is_dictionary(col.type):
+                        col = col.cast(col.type.value_type)
+                    col = col.cast(target)
+            except _ARROW_ERRORS as e:
+                other = files[0] if i else files[1]
+                raise DataError(f"{f}: column {c!r}: IDs of type {types[i]} cannot be matched "
+                                f"with the {types[0 if i else 1]} IDs of {other} ({e})") from e
+            tables[i] = t.set_column(t.schema.get_field_index(c), c, col)
+    return tables
+
+
 def _read_split(directory: Path, schema: Schema, split: str) -> tuple[pa.Table, list[Path]]:
     files = split_files(directory, schema, split)
     tables = []
@@ -115,12 +189,27 @@ def _read_split(directory: Path, schema: Schema, split: str) -> tuple[pa.Table, 
         if missing:
             raise DataError(f"{f}: missing column(s) {missing} named in schema.yaml "
                             f"(file has {meta.names})")
-        t = pq.read_table(f, columns=schema.columns())
+        t = _read_table(f, schema.columns())
         if t.num_rows == 0:
             raise DataError(f"{f}: empty file (0 rows)")
         _check_types(t, schema, f)
         tables.append(t)
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    if len(tables) == 1:
+        return tables[0].combine_chunks(), files
+    tables = _unify(tables, files, schema)
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except _ARROW_ERRORS as e:
+        # name the column and two files whose types disagree
+        for c in schema.columns():
+            types = [t.schema.field(c).type for t in tables]
+            j = next((j for j, t in enumerate(types) if not t.equals(types[0])), None)
+            if j is not None:
+                raise DataError(f"{files[j]}: column {c!r} has type {types[j]} but {files[0]} "
+                                f"has {types[0]}; give every file of split {split!r} the same "
+                                "type") from e
+        raise DataError(f"{', '.join(map(str, files))}: split {split!r}: the files cannot be "
+                        f"joined ({e})") from e
     return table.combine_chunks(), files
 
 
@@ -279,14 +368,42 @@ def encode_split(schema: Schema, table: pa.Table, vocabs: dict[str, Vocab], wher
 # ----------------------------------------------------------------------------- cache
 
 
+FOOTER_MAX = 64 << 20  # larger footers (very wide files) are hashed by their last 64 MiB
+
+
+def parquet_footer(f: str | Path) -> bytes:
+    """The raw footer of a Parquet file (its file metadata: schema, row groups, every column
+    chunk's offsets, sizes and statistics) plus the trailing length and magic: a cheap content
+    fingerprint, read from the end of the file without reading the data.
+
+    Raises :class:`DataError` when ``f`` does not end like a Parquet file.
+    """
+    f = Path(f)
+    with open(f, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size < 12:
+            raise DataError(f"{f}: not a Parquet file ({size} bytes)")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n + 12 > size:
+            raise DataError(f"{f}: not a Parquet file (no footer: truncated or another format)")
+        n = min(n, FOOTER_MAX)
+        fh.seek(size - 8 - n)
+        return fh.read(n) + tail
+
+
 def _cache_key(directory: Path, schema: Schema) -> str:
+    """Hash of the schema and each file's name, size, mtime, change time, inode and footer."""
     h = hashlib.sha1()
     h.update(json.dumps(schema.to_dict(), sort_keys=True).encode())
     h.update(str(CACHE_VERSION).encode())
     for split in sorted(schema.splits):
         for f in split_files(directory, schema, split):
             st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f"{split}:{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+                     f"{st.st_ino}:".encode())
+            h.update(hashlib.sha1(parquet_footer(f)).digest())
     return h.hexdigest()[:16]
 
 
@@ -313,7 +430,7 @@ def _load_split(d: Path, name: str, n_seq: int, has_user: bool) -> EncodedSplit:
 
 
 def load_ctr(directory: str | Path, splits: list[str] | None = None,
-             cache: bool = True) -> CTRData:
+             cache: bool = True, single_class: str = "error") -> CTRData:
     """Load (and on first use encode and cache) a CTR data set folder.
 
     Args:
@@ -321,6 +438,8 @@ def load_ctr(directory: str | Path, splits: list[str] | None = None,
         splits: splits to load (default: all in the schema). The vocabulary always comes from
             ``train``.
         cache: reuse / write the encoded cache beside the data.
+        single_class: an evaluation split (not ``train``) whose labels are all one class is a
+            :class:`DataError` (``"error"``) or a warning (``"warn"``); see :func:`check_labels`.
     """
     directory = Path(directory)
     schema = load_schema(directory)
@@ -336,13 +455,19 @@ def load_ctr(directory: str | Path, splits: list[str] | None = None,
     key = _cache_key(directory, schema)
     cdir = directory / CACHE_DIR / key
     if cache and (cdir / "meta.json").exists():
-        vocabs = {}
-        for vname in schema.vocab_names:
-            t = pq.read_table(cdir / f"vocab.{vname}.parquet")
-            vocabs[vname] = Vocab(vname, t.column("raw").combine_chunks(),
-                                  t.column("count").to_numpy())
-        enc = {s: _load_split(cdir, s, len(seqs), bool(schema.user_key)) for s in want}
-        return CTRData(schema, vocabs, enc, singles, seqs, directory)
+        try:
+            vocabs = {}
+            for vname in schema.vocab_names:
+                t = pq.read_table(cdir / f"vocab.{vname}.parquet")
+                vocabs[vname] = Vocab(vname, t.column("raw").combine_chunks(),
+                                      t.column("count").to_numpy())
+            enc = {s: _load_split(cdir, s, len(seqs), bool(schema.user_key)) for s in want}
+        except _ARROW_ERRORS as e:  # a damaged cache: encode again (and replace it)
+            warnings.warn(f"{cdir}: damaged encoded cache ({type(e).__name__}: {e}); "
+                          "encoding the data again", stacklevel=2)
+        else:
+            check_labels(directory, schema, enc, single_class)
+            return CTRData(schema, vocabs, enc, singles, seqs, directory)
 
     train, files = _read_split(directory, schema, "train")
     vocabs = build_vocabs(schema, train)
@@ -364,7 +489,65 @@ def load_ctr(directory: str | Path, splits: list[str] | None = None,
             _write_cache(directory, cdir, schema, vocabs, enc_all)
         except OSError as e:  # read-only data folder: work from memory
             warnings.warn(f"{directory}: could not write the encoded cache ({e})", stacklevel=2)
-    return CTRData(schema, vocabs, {s: enc_all[s] for s in want}, singles, seqs, directory)
+    enc = {s: enc_all[s] for s in want}
+    check_labels(directory, schema, enc, single_class)
+    return CTRData(schema, vocabs, enc, singles, seqs, directory)
+
+
+def check_labels(directory: str | Path, schema: Schema, splits: dict[str, EncodedSplit],
+                 single_class: str = "error") -> None:
+    """Refuse a split with a single class before any training: AUC is undefined on it.
+
+    An evaluation split (any split but ``train``) with one class is a :class:`DataError`
+    naming the split and its file(s) (a warning with ``single_class="warn"``); a ``train``
+    split with one class is a warning (the model can only learn a constant, and train AUC is
+    NaN).
+    """
+    if single_class not in ("error", "warn"):
+        raise ValueError(f"single_class: 'error' or 'warn', got {single_class!r}")
+    for s, e in splits.items():
+        n = len(e.label)
+        if n == 0:
+            continue
+        pos = int(np.count_nonzero(np.asarray(e.label)))
+        if 0 < pos < n:
+            continue
+        files = ", ".join(str(f) for f in split_files(directory, schema, s))
+        cls = "1 (no negatives)" if pos else "0 (no positives)"
+        msg = (f"{files}: split {s!r}: all {n:,} labels in column {schema.label!r} are {cls}")
+        if s == "train":
+            warnings.warn(msg + "; the model can only learn a constant and train AUC is "
+                          "undefined (NaN)", stacklevel=3)
+        elif single_class == "warn":
+            warnings.warn(msg + "; AUC is undefined on it", stacklevel=3)
+        else:
+            raise DataError(msg + "; AUC is undefined on it, so no run could be evaluated: "
+                            "use a split with both classes")
+
+
+def oov_shares(data: CTRData, split: str = "test") -> dict[str, float]:
+    """Per field, the share of ``split``'s IDs that are out of the train vocabulary (row 0).
+
+    Single-ID fields count rows; sequence fields count the items inside the sequences (padding
+    excluded). A null raw ID also encodes to row 0, so it counts here. Computed on the encoded
+    split as loaded (before any transform that maps rare IDs to row 0).
+
+        >>> oov_shares(load_ctr("data/x"))              # doctest: +SKIP
+        {'user_id': 0.031, 'item_id': 0.12, 'hist': 0.08}
+    """
+    e = data.splits[split]
+    out: dict[str, float] = {}
+    ids = np.asarray(e.ids)
+    n = ids.shape[0]
+    for j, name in enumerate(data.single_fields):
+        out[name] = float(np.count_nonzero(ids[:, j] == 0) / n) if n else float("nan")
+    for name, seq, lens in zip(data.seq_fields, e.seqs, e.lens, strict=True):
+        seq, lens = np.asarray(seq), np.asarray(lens)
+        inside = np.arange(seq.shape[1])[None, :] < lens[:, None]
+        total = int(lens.sum())
+        out[name] = (float(np.count_nonzero((seq == 0) & inside) / total) if total
+                     else float("nan"))
+    return out
 
 
 def _write_cache(directory: Path, cdir: Path, schema: Schema, vocabs: dict[str, Vocab],
@@ -403,4 +586,10 @@ def validate(directory: str | Path) -> list[str]:
         lines.append(f"  {s}: {len(e):,} rows, positive rate {float(e.label.mean()):.4f}")
     for vname, v in data.vocabs.items():
         lines.append(f"  vocab {vname}: {v.size - 1:,} IDs")
+    for s in data.splits:
+        if s == "train":
+            continue
+        shares = oov_shares(data, s)
+        lines.append(f"  {s}: out-of-vocabulary IDs (unseen in train) per field: " + ", ".join(
+            f"{f} {100 * v:.1f}%" for f, v in shares.items()))
     return lines

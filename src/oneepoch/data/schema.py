@@ -27,12 +27,13 @@ recent, when histories are in time order) with a warning, unless ``on_long_seque
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from oneepoch.io import atomic_write_text
 
 SCHEMA_FILE = "schema.yaml"
 
@@ -135,10 +136,7 @@ class Schema:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / SCHEMA_FILE
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _TOP_KEYS = {
@@ -161,8 +159,13 @@ def parse_schema(raw: Any, source: str = SCHEMA_FILE) -> Schema:
     splits_raw = raw.get("splits")
     if not isinstance(splits_raw, dict) or not splits_raw:
         raise DataError(f"{source}: 'splits' must map split names (train, test, ...) to files")
-    splits = {str(k): [v] if isinstance(v, str) else [str(x) for x in v]
-              for k, v in splits_raw.items()}
+    splits = {}
+    for k, v in splits_raw.items():
+        files = [v] if isinstance(v, str) else v
+        if not isinstance(files, list) or not files or not all(isinstance(x, str) for x in files):
+            raise DataError(f"{source}: split {k!r}: expected a file name, a glob or a list of "
+                            f"them, got {v!r}")
+        splits[str(k)] = files
     on_long = raw.get("on_long_sequence", "truncate")
     if on_long not in ("truncate", "error"):
         raise DataError(f"{source}: on_long_sequence must be 'truncate' or 'error', "
@@ -197,7 +200,10 @@ def parse_schema(raw: Any, source: str = SCHEMA_FILE) -> Schema:
         ftype = spec.get("type", "id")
         if ftype not in ("id", "sequence"):
             raise DataError(f"{source}: feature {name!r}: type must be 'id' or 'sequence'")
-        max_len = int(spec.get("max_len", 0))
+        max_len = spec.get("max_len", 0)
+        if isinstance(max_len, bool) or not isinstance(max_len, int):
+            raise DataError(f"{source}: feature {name!r}: max_len must be a whole number, "
+                            f"got {max_len!r}")
         if ftype == "sequence" and max_len <= 0:
             raise DataError(f"{source}: feature {name!r}: a sequence needs max_len > 0")
         s.features.append(Feature(str(name), ftype, max_len, str(spec.get("vocab", "") or "")))
@@ -223,7 +229,7 @@ def load_schema(directory: str | Path) -> Schema:
         raise DataError(f"{path}: missing schema file (see docs/data.md for its format)")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid YAML: {e}") from e
     return parse_schema(raw, str(path))
 

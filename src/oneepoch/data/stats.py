@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from oneepoch.data.dataset import CTRData, EncodedSplit
+from oneepoch.io import atomic_write_text
 
 
 def field_counts(data: CTRData, split: str = "train") -> dict[str, np.ndarray]:
@@ -73,9 +73,7 @@ def write_stats(data: CTRData, out_dir: str | Path, split: str = "train") -> dic
     paths = {"json": out / "stats.json", "md": out / "stats.md", "png": out / "id_frequency.png"}
     for key, text in (("json", json.dumps({"split": split, "samples": n, "fields": rows},
                                           indent=1)), ("md", format_stats(rows, n))):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, paths[key])
+        atomic_write_text(paths[key], text + "\n")
     plot_cumulative_frequency({f: c[1:] for f, c in field_counts(data, split).items()},
                               paths["png"])
     return paths

@@ -2,7 +2,8 @@
 
 ``native.c`` (plain C, no torch headers) is compiled on first use with the system C compiler
 (``$CC``, else ``cc``) into ``$ONEEPOCH_CACHE/native/`` (default ``~/.cache/oneepoch``), once
-per source version and CPU, in about a second, and loaded with :mod:`ctypes`. With OpenMP it
+per source version and CPU, in about a second, and loaded with :mod:`ctypes` through
+:mod:`oneepoch.kernels.abi` (which checks the library's ABI and wraps every kernel). With OpenMP it
 runs on PyTorch's own thread pool (``torch.set_num_threads``); results do not depend on the
 number of threads. Each kernel has a PyTorch twin that gives the same numbers within float
 tolerance; the twin is used when
@@ -19,7 +20,6 @@ tolerance; the twin is used when
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import platform
@@ -31,8 +31,39 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from oneepoch.kernels import abi
+from oneepoch.kernels.abi import (  # noqa: F401  (the kernels, re-exported)
+    MAX_LAYERS,
+    MAX_SEQS,
+    AdamCatchUp,
+    NativeABIError,
+    accidental_hits,
+    adam_catch_up_all,
+    adam_catch_up_batch,
+    address,
+    catch_up_struct,
+    coalesce_rows,
+    contrastive_blocks,
+    contrastive_scratch,
+    ctr_forward,
+    ctr_forward_scratch,
+    ctr_step_scratch,
+    ctr_steps,
+    dice_backward,
+    dice_forward,
+    emb_pool_backward,
+    emb_pool_forward,
+    int64_array,
+    ptr,
+    ptr_array,
+    rank_rows,
+    rowwise_adam,
+    softmax_xent_rows,
+)
 
 SOURCE = Path(__file__).with_name("native.c")
 # -std=c11 (ISO mode) turns GCC's FMA contraction off; -ffp-contract=fast turns it back on
@@ -42,30 +73,9 @@ CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", 
 # tried in order: the first set this compiler accepts is used (OpenMP and -march are optional)
 EXTRA_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
-_lib: ctypes.CDLL | None = None
+_lib: Any = None  # the ctypes library (see abi.py)
 _tried = False
 _off = 0  # > 0 inside ``disabled()``
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-_F = ctypes.c_float
-_SIGNATURES = {
-    "dice_forward": (None, [_P, _P, _I, _I, ctypes.c_int, _F, _P, _P, _P, _P, _P]),
-    "dice_backward": (None, [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int, _P, _P, _P]),
-    "emb_pool_forward": (_I, [_P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P]),
-    "emb_pool_backward": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _P]),
-    "rowwise_adam": (_F, [_P, _P, _P, _P, _P, _I, _I, _F, _P, _F, _F, _F, _F, _F, _F]),
-    "softmax_xent_rows": (ctypes.c_double, [_P, _I, _I, _I, ctypes.c_int]),
-    "rank_rows": (None, [_P, _I, _I, _I, _P, _P, _P, _F, _P, _P]),
-    "topk_rows": (ctypes.c_int, [_P, _I, _I, _I, _P]),
-    "set_sgemm": (None, [_P]),
-    "contrastive_scratch": (_I, [_I, _I, _I, _I]),
-    "contrastive_blocks": (ctypes.c_double, [_P, _P, _I, _I, _I, _F, _P, _P, _P, _P, ctypes.c_int,
-                                             _I, ctypes.c_int, _P, _P, _P, _I]),
-    "accidental_hits": (_I, [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I]),
-    "coalesce_rows": (_I, [_P, _P, _I, _I, _P, _P]),
-}
-
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$ONEEPOCH_CACHE/native`` or ``~/.cache/oneepoch``."""
@@ -83,25 +93,8 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, EXTRA_FLAGS)).encode() + cc.encode()
-                         + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
-    name = f"oneepoch-native-{key}.so"
-    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"oneepoch-native-{os.getuid()}"):
-        out = d / name
-        if out.exists():
-            return out
-        try:  # the cache may be read-only (e.g. a locked-down HOME): then a private temp dir
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if os.access(d, os.W_OK):
-                break
-        except OSError:
-            continue
-    else:
-        raise RuntimeError(f"no writable folder for the compiled kernels (tried {cache_dir()})")
+def _compile(cc: str, out: Path) -> Path:
+    """Compile native.c into a fresh temporary file next to ``out``; returns its path."""
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -110,18 +103,69 @@ def _build() -> Path:
             r = subprocess.run([cc, *CFLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
                                capture_output=True, text=True)
             if r.returncode == 0:
+                return Path(tmp)
+        raise RuntimeError(f"{cc} failed on {SOURCE}:\n{r.stderr.strip()}")
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _build(fresh: bool = False) -> tuple[Path, Path | None]:
+    """``(library, None)`` for a library already in the cache, else ``(temporary file, where
+    to publish it)``: the caller loads and checks the new library before publishing it (an
+    atomic rename, so concurrent builders each publish a whole one). ``fresh``: compile even
+    if the cache has one."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, EXTRA_FLAGS)).encode() + cc.encode()
+                         + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
+    name = f"oneepoch-native-{key}.so"
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"oneepoch-native-{os.getuid()}"):
+        out = d / name
+        if out.exists() and not fresh:
+            return out, None
+        try:  # the cache may be read-only (e.g. a locked-down HOME): then a private temp dir
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(d, os.W_OK):
                 break
-        else:
-            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{r.stderr.strip()}")
-        os.replace(tmp, out)  # atomic: concurrent builders each publish a whole library
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable folder for the compiled kernels (tried {cache_dir()})")
+    return _compile(cc, out), out
+
+
+def _load_checked() -> Any:
+    """Load (building if needed) and ABI-check the library. A cached library that does not
+    match (a stale or foreign file under the cache's name) is rebuilt, with a warning; a
+    freshly compiled one that does not match is a bug in oneepoch: :class:`NativeABIError`."""
+    path, publish = _build()
+    if publish is None:
+        try:
+            return abi.bind(str(path), _sgemm_address())
+        except abi.NativeABIError as e:
+            warnings.warn(f"oneepoch: rebuilding the native kernels: {e}", RuntimeWarning,
+                          stacklevel=3)
+            path, publish = _build(fresh=True)
+    try:
+        handle = abi.bind(str(path), _sgemm_address())
+        os.replace(path, publish)  # (the loaded library stays mapped)
+    except abi.NativeABIError as e:
+        raise abi.NativeABIError(f"{e}: a freshly compiled library, so oneepoch's Python "
+                                 "mirror (kernels/abi.py) and native.c disagree (a bug; set "
+                                 "ONEEPOCH_NATIVE=0 to use the PyTorch path meanwhile)"
+                                 ) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        if path.exists() and path.suffix == ".tmp":
+            path.unlink()
+    return handle
 
 
-def lib() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it if needed; ``None`` if disabled or unavailable."""
+def lib() -> Any:
+    """The loaded kernel library (a checked :class:`ctypes.CDLL`), building it if needed;
+    ``None`` if disabled or unavailable (no compiler: a warning says so). A library that does
+    not match this package's ABI even after a rebuild raises :class:`NativeABIError`."""
     global _lib, _tried
     if _tried:
         return _lib
@@ -129,13 +173,9 @@ def lib() -> ctypes.CDLL | None:
     if os.environ.get("ONEEPOCH_NATIVE", "1") == "0" or sys.platform == "win32":
         return None
     try:
-        handle = ctypes.CDLL(str(_build()))
-        for name, (res, args) in _SIGNATURES.items():
-            fn = getattr(handle, name)
-            fn.restype, fn.argtypes = res, args
-        if _sgemm_address() is not None:
-            handle.set_sgemm(_sgemm_address())
-        _lib = handle
+        _lib = _load_checked()
+    except abi.NativeABIError:
+        raise
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"oneepoch: native CPU kernels unavailable, using the PyTorch path "
                       f"(slower): {e}", RuntimeWarning, stacklevel=2)
@@ -157,11 +197,7 @@ def _sgemm_address() -> int | None:
     if _sgemm is False:
         _sgemm = None
         name = {"darwin": "libtorch_cpu.dylib"}.get(sys.platform, "libtorch_cpu.so")
-        try:
-            handle = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
-            _sgemm = ctypes.cast(handle.sgemm_, ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            _sgemm = None
+        _sgemm = abi.sgemm_address(str(Path(torch.__file__).parent / "lib" / name))
     return _sgemm  # type: ignore[return-value]
 
 
@@ -207,16 +243,6 @@ def usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    """The data pointer of a tensor (``None`` for a missing optional array)."""
-    return None if t is None else t.data_ptr()
-
-
-def ptr_array(ts: list[torch.Tensor]) -> ctypes.Array:
-    """A C array of data pointers (for lists of per-field arrays)."""
-    return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
-
-
 def ids32(t: torch.Tensor) -> torch.Tensor:
     """``t`` (IDs, sequence entries or lengths) as the contiguous int32 tensor the native
     kernels read. Values outside int32 become -2^31, which every native lookup and length
@@ -232,11 +258,6 @@ def ids32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
-def int64_array(values: list[int]) -> ctypes.Array:
-    """A C array of int64 values."""
-    return (ctypes.c_int64 * max(1, len(values)))(*values)
-
-
 def topk_indices(s: torch.Tensor, k: int) -> torch.Tensor:
     """Column indices of each row's ``k`` largest values, largest first (``torch.topk``'s
     indices; ties in any order), in one native pass per row on the CPU."""
@@ -244,7 +265,6 @@ def topk_indices(s: torch.Tensor, k: int) -> torch.Tensor:
     if not (s.dim() == 2 and s.dtype == torch.float32 and k > 0 and usable(s)):
         return torch.topk(s, k, dim=1).indices
     idx = torch.empty(s.shape[0], k, dtype=torch.int64)
-    if _lib.topk_rows(s.data_ptr(), s.shape[0], s.shape[1], k,  # type: ignore[union-attr]
-                      idx.data_ptr()):
+    if abi.topk_rows(s, k, idx):
         raise MemoryError(f"topk_indices: no memory for a {k}-element heap")
     return idx

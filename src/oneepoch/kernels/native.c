@@ -11,7 +11,9 @@
  * by columns, samples or rows, never inside one sum, so results do not depend on the thread
  * count.
  */
+#include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -387,17 +389,250 @@ void emb_pool_backward(const float *gout, int64_t B, int64_t S, int64_t K,
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Dense Adam at row-wise cost. torch.optim.Adam on a dense table (and TF1's AdamOptimizer)    */
+/* decays every row's moments at every step and moves every row by lr/bc1 m/(sqrt(v)/sqrt(bc2) */
+/* + eps), gradient or not. Here a row keeps the step it was last brought up to date (last[r]); */
+/* when it is next touched (or at sync) the k zero-gradient steps i = t0+1 .. t0+k it missed    */
+/* are applied at once: m *= b1^k, v *= b2^k, and w -= m0 F(x), x = sqrt(v0), where             */
+/*   F(x) = sum_j w_j / (x + e_j),  w_j = lr (s_i / bc1_i) r^j,  e_j = eps s_i b2^(-j/2),       */
+/*   j = i - t0, s_i = sqrt(1 - b2^i), bc1_i = 1 - b1^i, r = b1 / sqrt(b2).                       */
+/* Closed form: F ~ W / (x + e~), W = sum w_j, e~ = sum w_j e_j / W (the sums are window sums of */
+/* the suffix tables H0, H1, H2 built by kernels/abi.py: sum_{j=1..k} a_{t0+j} q^j =            */
+/* q (H(t0+1) - q^k H(t0+k+1)), H(i) = sum_{i'>=i} a_i' q^(i'-i)). It is exact when eps = 0 and */
+/* its relative error is sum (w_j/W) (e~ - e_j)^2 / ((x + e_j)(x + e~)) <= var / ((x + e_1)(x + */
+/* e~)) (e_j grows with j), var the w-weighted variance of e_j (from H2). An element whose bound */
+/* exceeds tol is summed exactly instead, step by step (exact_catch_up).                        */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    double beta1, beta2, eps, tol;
+    int64_t T;           /* H0, H1, H2, s hold i = 0 .. T + 1; from T + 1 on, bc1 = bc2 = 1 */
+    const double *H0, *H1, *H2, *s;
+    int64_t P;           /* pw holds exponents 0 .. P - 1 of each ratio */
+    const double *pw;    /* [5 P]: b1^k, b2^k, r^k, rho^k, rho2^k (rho = b1/b2, rho2 = b1/b2^1.5) */
+    double log_q[5];     /* their logs, for exponents >= P */
+} AdamCatchUp;
+
+static inline double cu_pow(const AdamCatchUp *a, int q, int64_t k) {
+    return k < a->P ? a->pw[q * a->P + k] : exp((double)k * a->log_q[q]);
+}
+
+static inline double cu_window(const AdamCatchUp *a, const double *H, int q, int64_t t0,
+                               int64_t k) {
+    const int64_t T1 = a->T + 1, i0 = t0 + 1 < T1 ? t0 + 1 : T1, i1 = t0 + k + 1 < T1 ? t0 + k + 1 : T1;
+    return a->pw[q * a->P + 1] * (H[i0] - cu_pow(a, q, k) * H[i1]);
+}
+
+/* F(x) / lr of the comment above, summed step by step (the few elements the closed form's
+ * bound does not cover); stops once the remaining weight is below 1e-12 of S0 = W / lr and adds
+ * that remainder at the last e_j (e_j only grows). */
+static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t k, double S0) {
+    const double b1 = a->beta1, b2 = a->beta2, r = b1 / sqrt(b2), ib2h = 1.0 / sqrt(b2);
+    double acc = 0.0, wp = 0.0, rj = 1.0, bj = 1.0, e = a->eps;
+    double b1i = pow(b1, (double)t0), b2i = pow(b2, (double)t0);
+    for (int64_t j = 1; j <= k; j++) {
+        rj *= r, bj *= ib2h, b1i *= b1, b2i *= b2;
+        const double si = sqrt(1.0 - b2i), wj = si / (1.0 - b1i) * rj;
+        e = a->eps * si * bj;
+        acc += wj / (x + e);
+        wp += wj;
+        if (S0 - wp <= 1e-12 * S0) break;
+    }
+    if (S0 > wp) acc += (S0 - wp) / (x + e);
+    return acc;
+}
+
+/* Brings one row (D elements) from step t0 through the k >= 1 zero-gradient steps after it.
+ * lr: the row's learning rate. By chunks of 64 elements: the closed form for all (vectorised),
+ * then the exact sum for the elements its bound does not cover (if any), then the update. */
+static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
+                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a) {
+    const double S0 = cu_window(a, a->H0, 2, t0, k);
+    const float b1k = (float)cu_pow(a, 0, k), b2k = (float)cu_pow(a, 1, k);
+    float Wf = 0.0f, ebf = 1.0f, e1f = 1.0f, lim = 0.0f;
+    if (S0 > 0.0 && lr != 0.0) {
+        const double S1 = cu_window(a, a->H1, 3, t0, k), S2 = cu_window(a, a->H2, 4, t0, k);
+        const double eb = a->eps * S1 / S0;
+        const double var = fmax(a->eps * a->eps * (S2 / S0) - eb * eb, 0.0);
+        const int64_t T1 = a->T + 1;
+        Wf = (float)(lr * S0);
+        ebf = (float)eb > FLT_MIN ? (float)eb : FLT_MIN;  /* (eps = 0: m = 0 where v = 0) */
+        e1f = (float)(a->eps * a->s[t0 + 1 < T1 ? t0 + 1 : T1] / sqrt(a->beta2));
+        lim = (float)(var / a->tol);  /* exact where (x + e_1)(x + e~) < var / tol */
+    }
+    float mv[64];
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t n = D - d0 < 64 ? D - d0 : 64;
+        float *restrict wc = w + d0, *restrict mc = m + d0, *restrict vc = v + d0;
+        int need = 0;
+        for (int64_t d = 0; d < n; d++) {
+            const float x = sqrtf(vc[d]);
+            mv[d] = mc[d] * Wf / (x + ebf);
+            need |= ((x + e1f) * (x + ebf) < lim) & (mc[d] != 0.0f);
+        }
+        if (need)
+            for (int64_t d = 0; d < n; d++) {
+                const float x = sqrtf(vc[d]);
+                if ((x + e1f) * (x + ebf) < lim && mc[d] != 0.0f)
+                    mv[d] = (float)((double)mc[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
+            }
+        for (int64_t d = 0; d < n; d++) {
+            wc[d] -= mv[d];
+            mc[d] *= b1k;
+            vc[d] *= b2k;
+        }
+    }
+}
+
+/* Brings every row of W, m, v [R, D] with last[r] < t up to step t (Optimizer.sync); row_lr
+ * [R] (or NULL) scales lr per row. Returns the rows moved. */
+int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R, int64_t D,
+                          int64_t t, float lr, const float *row_lr, const AdamCatchUp *a) {
+    int64_t n = 0;
+#pragma omp parallel for schedule(static) reduction(+ : n) if (R * D >= 65536)
+    for (int64_t r = 0; r < R; r++) {
+        if (last[r] >= t) continue;
+        const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
+        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a);
+        last[r] = t;
+        n++;
+    }
+    return n;
+}
+
+/* Dense Adam, before a forward pass: brings the rows the batch looks up (valid lookups only;
+ * pooling reports the others) that thread `who` of T owns (owner_of) from last[r] < t up to step
+ * t, so the forward and the gradient see what torch.optim.Adam's table would hold, and sets
+ * last[r] = mark (t, or t + 1 when the step's update follows for sure). By blocks of samples:
+ * their rows listed with last[r] prefetched, then the stale ones' W, m, v rows prefetched, then
+ * caught up (rows are scattered: misses in flight together instead of one after another). */
+#define CU_BLOCK 16
+static void catch_up_lookups(const Bags *a, float *W, float *m, float *v, int64_t *last,
+                             int64_t t, int64_t mark, float lr, const float *row_lr,
+                             const AdamCatchUp *cu, int64_t who, int64_t T, int64_t *buf) {
+    const int64_t S = a->S, K = a->K, D = a->D;
+    for (int64_t b0 = 0; b0 < a->B; b0 += CU_BLOCK) {
+        const int64_t b1 = b0 + CU_BLOCK < a->B ? b0 + CU_BLOCK : a->B;
+        int64_t n = 0, ns = 0;
+        for (int64_t b = b0; b < b1; b++) {  /* 1. my rows of these samples */
+            const int64_t i = row_of(a->sel, b);
+            for (int64_t f = 0; f < S; f++) {
+                const int64_t id = a->ids[i * S + f];
+                if (id < 0 || id >= a->lim[f]) continue;
+                const int64_t r = a->off[f] + id;
+                if (T == 1 || owner_of(r, T) == who) {
+                    __builtin_prefetch(last + r);
+                    buf[n++] = r;
+                }
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t L = a->L[k], lim = a->lim[S + k], off = a->off[S + k];
+                int64_t len = a->lens[k][i];
+                len = len < 0 ? 0 : (len > L ? L : len);
+                const id32 *q = a->seqs[k] + i * L;
+                for (int64_t j = 0; j < len; j++) {
+                    if (q[j] < 0 || q[j] >= lim) continue;
+                    const int64_t r = off + q[j];
+                    if (T == 1 || owner_of(r, T) == who) {
+                        __builtin_prefetch(last + r);
+                        buf[n++] = r;
+                    }
+                }
+            }
+        }
+        for (int64_t e = 0; e < n; e++)  /* 2. the stale ones (and rows seen first here) */
+            if (last[buf[e]] < mark) buf[ns++] = buf[e];
+        for (int64_t e = 0; e < ns; e++) {  /* 3. caught up (a row listed twice: once) */
+            if (e + PREFETCH < ns) {
+                const int64_t q = buf[e + PREFETCH] * D;
+                PREFETCH_ROW(W + q, D, 1);
+                PREFETCH_ROW(m + q, D, 1);
+                PREFETCH_ROW(v + q, D, 1);
+            }
+            const int64_t r = buf[e], t0 = last[r];
+            if (t0 >= mark) continue;
+            if (t0 < t) {
+                const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu);
+            }
+            last[r] = mark;
+        }
+    }
+}
+
+/* Lookups per sample at most (the block buffer of catch_up_lookups holds CU_BLOCK samples'). */
+static int64_t lookups_per_sample(const Bags *a) {
+    int64_t lps = a->S;
+    for (int64_t k = 0; k < a->K; k++) lps += a->L[k];
+    return lps;
+}
+
+/* 0 if every lookup of samples [b0, b1) is inside its field (and every length inside its
+ * padding), else -1. */
+static int64_t lookups_valid(const Bags *a, int64_t b0, int64_t b1) {
+    const int64_t S = a->S, K = a->K;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t i = row_of(a->sel, b);
+        for (int64_t f = 0; f < S; f++) {
+            const int64_t id = a->ids[i * S + f];
+            if (id < 0 || id >= a->lim[f]) return -1;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t L = a->L[k], lim = a->lim[S + k], n = a->lens[k][i];
+            if (n < 0 || n > L) return -1;
+            const id32 *q = a->seqs[k] + i * L;
+            for (int64_t j = 0; j < n; j++)
+                if (q[j] < 0 || q[j] >= lim) return -1;
+        }
+    }
+    return 0;
+}
+
+/* catch_up_lookups over the whole batch (the autograd path's FieldEmbedding, before pooling),
+ * each thread its own rows. Returns -1 (and changes nothing) if a lookup is outside its field
+ * (pooling then says which). */
+int64_t adam_catch_up_batch(const id32 *ids, int64_t B, int64_t S, const int64_t *off,
+                         const int64_t *lim, int64_t K, const id32 *const *seqs,
+                         const int64_t *L, const id32 *const *lens, float *W, float *m, float *v,
+                         int64_t *last, int64_t R, int64_t D, int64_t t, float lr,
+                         const float *row_lr, const AdamCatchUp *cu) {
+    const Bags a = {ids, off, lim, L, seqs, lens, W, B, S, K, R, D, NULL, NULL, 0, 0, NULL,
+                    NULL, NULL};
+    if (lookups_valid(&a, 0, B)) return -1;
+#pragma omp parallel if (B * (S + K) * D >= 8192)
+    {
+        int64_t who = 0, T = 1;
+#ifdef _OPENMP
+        who = omp_get_thread_num(), T = omp_get_num_threads();
+#endif
+        int64_t *buf = malloc(sizeof(int64_t) * CU_BLOCK * lookups_per_sample(&a));
+        if (buf) catch_up_lookups(&a, W, m, v, last, t, t, lr, row_lr, cu, who, T, buf);
+        free(buf);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Row-wise (lazy) Adam on the rows of a table: W, m, v [R, D]; rows [U]; grad [U, D].         */
 /* The same update as RowWiseOptimizer's torch path; row_lr [U] (or NULL) scales lr per row.   */
-/* Returns the largest |update| applied.                                                      */
+/* Returns the largest |update| applied. Dense (last != NULL): each row is first brought up to */
+/* step t - 1 (catch_up_row), then updated at step t, and last[row] = t.                       */
 /* ---------------------------------------------------------------------------------------- */
 static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
                        const int64_t *restrict rows, const float *restrict grad, int64_t u0,
                        int64_t u1, int64_t D, float lr, const float *restrict row_lr,
                        const float *restrict lr_of_row, float b1, float b2, float eps,
-                       float ib1, float ib2, float wd) {
+                       float ib1, float ib2, float wd, int64_t *restrict last, int64_t t,
+                       const AdamCatchUp *cu) {
     float linf = 0.0f;
     for (int64_t u = u0; u < u1; u++) {
+        if (last) {  /* dense: the steps this row missed, then this one */
+            const int64_t r = rows[u], t0 = last[r];
+            if (t0 < t - 1) {
+                const float a = row_lr ? lr * row_lr[u] : (lr_of_row ? lr * lr_of_row[r] : lr);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu);
+            }
+            last[r] = t;
+        }
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
             PREFETCH_ROW(W + q, D, 1);
@@ -425,14 +660,15 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
 
 float rowwise_adam(float *W, float *m, float *v, const int64_t *rows, const float *grad,
                    int64_t U, int64_t D, float lr, const float *row_lr, float b1, float b2,
-                   float eps, float bc1, float bc2, float wd) {
+                   float eps, float bc1, float bc2, float wd, int64_t *last, int64_t t,
+                   const AdamCatchUp *cu) {
     float linf = 0.0f;
 #pragma omp parallel reduction(max : linf) if (U * D >= 8192)
     {
         int64_t u0, u1;
         share(U, 1, &u0, &u1);  /* rows are distinct: threads never touch the same row */
         linf = adam_rows(W, m, v, rows, grad, u0, u1, D, lr, row_lr, NULL, b1, b2, eps,
-                         1.0f / bc1, 1.0f / bc2, wd);
+                         1.0f / bc1, 1.0f / bc2, wd, last, t, cu);
     }
     return linf;
 }
@@ -774,6 +1010,11 @@ typedef struct {
     int64_t R, D;
     float emb_lr, emb_bc1, emb_bc2;
     const float *emb_row_lr;  /* NULL, or [R]: per-row multipliers of emb_lr */
+    /* dense Adam on the table: emb_last [R] each row's last step (NULL: lazy), emb_t this
+     * step (set by ctr_steps), emb_catch the catch-up tables */
+    int64_t *emb_last;
+    int64_t emb_t;
+    const AdamCatchUp *emb_catch;
     /* the MLP: n_layers linear layers, width[0..n_layers] (width[0] = (S + K) * D, last 1);
      * dense parameters in the order W_0, b_0, alpha_0, W_1, b_1, alpha_1, ..., W_last, b_last,
      * each with its gradient buffer, Adam moments and step counter (float, as torch keeps it) */
@@ -794,10 +1035,45 @@ typedef struct {
     double *prof;  /* NULL, or [PROF_N] seconds per phase, accumulated (benchmarks) */
 } CtrStep;
 
+/* The ABI Python relies on (kernels/abi.py checks it when it loads the library, so a library
+ * built from another version of this file is refused instead of read out of step). Bump
+ * ONEEPOCH_ABI whenever a signature, a struct passed by pointer or a limit changes. */
+#define ONEEPOCH_ABI 2
+#define OFF(f) offsetof(CtrStep, f)
+static const int64_t ctr_step_offsets[] = {  /* every field, in declaration order */
+    OFF(ids), OFF(sel), OFF(seqs), OFF(L), OFF(lens), OFF(label), OFF(B), OFF(S), OFF(K),
+    OFF(W), OFF(Wm), OFF(Wv), OFF(off), OFF(lim), OFF(slot), OFF(R), OFF(D), OFF(emb_lr),
+    OFF(emb_bc1), OFF(emb_bc2), OFF(emb_row_lr), OFF(emb_last), OFF(emb_t), OFF(emb_catch), OFF(n_layers), OFF(width), OFF(p), OFF(g),
+    OFF(m), OFF(v), OFF(step), OFF(run_mean), OFF(run_var), OFF(dice_eps),
+    OFF(dice_momentum), OFF(lr), OFF(beta1), OFF(beta2), OFF(eps), OFF(wd), OFF(scratch),
+    OFF(cap), OFF(threads), OFF(status), OFF(unique_rows), OFF(prof)};
+#undef OFF
+#define OFF(f) offsetof(AdamCatchUp, f)
+static const int64_t catch_up_offsets[] = {
+    OFF(beta1), OFF(beta2), OFF(eps), OFF(tol), OFF(T), OFF(H0), OFF(H1), OFF(H2), OFF(s),
+    OFF(P), OFF(pw), OFF(log_q)};
+#undef OFF
+
+/* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, sizeof(AdamCatchUp), the
+ * numbers of CtrStep and AdamCatchUp fields F and G, then the F and G field offsets in
+ * declaration order; returns how many values there are (call with n = 0 to size out). */
+int64_t oneepoch_abi(int64_t *out, int64_t n) {
+    const int64_t F = (int64_t)(sizeof(ctr_step_offsets) / sizeof(ctr_step_offsets[0]));
+    const int64_t G = (int64_t)(sizeof(catch_up_offsets) / sizeof(catch_up_offsets[0]));
+    const int64_t head[] = {ONEEPOCH_ABI, (int64_t)sizeof(CtrStep), MAX_LAYERS, MAX_SEQS,
+                            (int64_t)sizeof(AdamCatchUp), F, G};
+    const int64_t H = (int64_t)(sizeof(head) / sizeof(head[0]));
+    for (int64_t i = 0; i < n && i < H + F + G; i++)
+        out[i] = i < H ? head[i] : (i < H + F ? ctr_step_offsets[i - H]
+                                              : catch_up_offsets[i - H - F]);
+    return H + F + G;
+}
+
 /* Phases of the profile, as thread 0 sees them (waits at barriers included): pool, forward
  * GEMMs, Dice forward, loss, backward GEMMs, Dice backward, embedding backward + row-wise
- * Adam, weight-gradient sums + dense Adam. */
-#define PROF_N 8
+ * Adam, weight-gradient sums + dense Adam, and (dense Adam on the table) the rows' catch-up
+ * before pooling. */
+#define PROF_N 9
 static inline double now_s(void) {
 #ifdef _OPENMP
     return omp_get_wtime();
@@ -948,10 +1224,11 @@ static void adam_slice(float *restrict p, const float *restrict g, float *restri
 
 /* Samples [b0, b0 + nb) of a batch as a batch of their own (sel NULL, samples 0..nb-1): with a
  * scattered batch (sel) their rows are first gathered into graw (independent loads, in flight
- * together, instead of misses inside the pooling loop), else pointers into the arrays. gseq and
- * glen receive the sequence and length pointers; graw needs nb * (S + sum L + K) int64. */
+ * together, instead of misses inside the pooling loop; gather 0: they already are), else
+ * pointers into the arrays. gseq and glen receive the sequence and length pointers; graw needs
+ * nb * (S + sum L + K) int64. */
 static void chunk_view(const Bags *all, int64_t b0, int64_t nb, id32 *graw,
-                       const id32 **gseq, const id32 **glen, Bags *a) {
+                       const id32 **gseq, const id32 **glen, Bags *a, int gather) {
     const int64_t S = all->S, K = all->K;
     *a = *all;
     if (all->sel) {
@@ -960,7 +1237,7 @@ static void chunk_view(const Bags *all, int64_t b0, int64_t nb, id32 *graw,
             gseq[k] = g, g += nb * all->L[k];
             glen[k] = g, g += nb;
         }
-        for (int64_t b = 0; b < nb; b++) {
+        for (int64_t b = 0; b < nb && gather; b++) {
             if (b + 16 < nb) prefetch_raw(all, b0 + b + 16);
             const int64_t i = all->sel[b0 + b];
             memcpy(graw + b * S, all->ids + i * S, sizeof(id32) * S);
@@ -1016,245 +1293,347 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
             }
         }
     }
+    /* (dense Adam: the rows were caught up, and their last step set, before pooling) */
     adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
-              c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd);
+              c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd,
+              NULL, 0, NULL);
     for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
     return U;
 }
 
+/* What every phase of one ctr_step reads, shared by the threads (set up before the parallel
+ * region), and a thread's own view. */
+typedef struct {
+    CtrStep *c;
+    Layout o;
+    const int64_t *w;
+    int64_t B, NL, D, NC, lps, per_chunk, n_dense;
+    float inv_b;
+    Bags bags;
+    /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
+    float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
+    int64_t err;  /* pooling's error code (a lookup outside its field), else 0 */
+    int gathered; /* the batch's scattered samples are already gathered (step_catch_up) */
+} Step;
+
+typedef struct {
+    int64_t t, nt;  /* this thread, of nt */
+    double tp;      /* thread 0's clock at the last phase mark (profiling) */
+} Thread;
+
+static inline void tick(const Step *s, Thread *th, int k) {
+    if (s->c->prof && th->t == 0) {
+        const double t_ = now_s();
+        s->c->prof[k] += t_ - th->tp;
+        th->tp = t_;
+    }
+}
+
+/* A thread's chunks ch = t, t + nt, ...: samples [CB0, CB1); CHUNK_BUF: chunk ch's rows in
+ * bufA / bufB. */
+#define CHUNKS for (int64_t ch = th->t; ch < s->NC; ch += th->nt)
+#define CB0 (ch * CHUNK_ROWS)
+#define CB1 (CB0 + CHUNK_ROWS < s->B ? CB0 + CHUNK_ROWS : s->B)
+#define CHUNK_BUF(buf) ((buf) + ch * CHUNK_ROWS * s->o.mw)
+
+/* 1. pooled embeddings of my chunks (their lookups listed by owner for step 5) */
+static void step_pool(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t nt = th->nt;
+    CHUNKS {
+        Bags a;  /* the chunk as a batch of its own */
+        const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
+        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a,
+                   !s->gathered);
+        a.out = o->x0 + CB0 * (c->S + c->K) * s->D;
+        const int64_t at = ch * nt * s->per_chunk;
+        a.owners = nt, a.cap_list = s->per_chunk, a.lk_n = o->lk_n + ch * LKN_STRIDE(nt);
+        a.lk = o->lk + at, a.fscale = o->fscale + CB0 * (c->S + c->K);
+        for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
+        const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
+        if (r < 0) {
+#pragma omp atomic write
+            s->err = r;
+        }
+    }
+    tick(s, th, 0);
+}
+
+/* 0. (dense Adam on the table) the rows the batch looks up, brought up to the previous step
+ * before pooling reads them, and marked with this step: each thread gathers and checks its
+ * chunks (a batch with a lookup outside its field changes nothing), then catches up the rows
+ * it owns over all chunks. */
+static void step_catch_up(Step *s, Thread *th) {
+    CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
+    Bags a;
+    CHUNKS {
+        chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen, &a, 1);
+        if (lookups_valid(&a, 0, CB1 - CB0)) {
+#pragma omp atomic write
+            s->err = -1;
+        }
+    }
+    s->gathered = 1;  /* (every thread writes the same) */
+#pragma omp barrier
+    if (!s->err) {
+        int64_t *buf = (int64_t *)o->lk + th->t * s->per_chunk;  /* free until pooling */
+        for (int64_t ch = 0; ch < s->NC; ch++) {
+            chunk_view(&s->bags, CB0, CB1 - CB0, o->graw + CB0 * (s->lps + c->K), gseq, glen,
+                       &a, 0);
+            catch_up_lookups(&a, c->W, c->Wm, c->Wv, c->emb_last, c->emb_t - 1, c->emb_t,
+                             c->emb_lr, c->emb_row_lr, c->emb_catch, th->t, th->nt, buf);
+        }
+    }
+#pragma omp barrier
+    tick(s, th, 8);
+}
+
+/* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit. Returns 0
+ * (in every thread alike) if pooling failed: then nothing may be updated. */
+static int step_forward(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w, NL = s->NL, NC = s->NC, B = s->B, t = th->t;
+    const float *h = o->x0;
+    const int64_t st = 3 * o->max_h;
+    for (int64_t i = 0; i < NL; i++) {
+        const int64_t win = w[i], wout = w[i + 1];
+        const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
+        float *zi = i + 1 < NL ? o->z[i + 1] : o->logit;
+        CHUNKS {
+            for (int64_t b = CB0; b < CB1; b++)
+                memcpy(zi + b * wout, bi, sizeof(float) * wout);
+            gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
+                    zi + CB0 * wout, wout);
+        }
+        tick(s, th, 1);
+        if (i + 1 == NL) break;
+        const int64_t l = i + 1, H = wout;
+        float *part = o->part + l * NC * st;
+        float *mean = o->mean[l] + t * o->hs[l], *var = o->var[l] + t * o->hs[l];
+        float *rstd = o->rstd[l] + t * o->hs[l];
+        CHUNKS {  /* the chunk's mean and squared deviations from it */
+            float *cm = part + ch * st, *m2 = cm + o->max_h;
+            col_sums(zi, CB0, CB1, H, cm);
+            const float inv_n = 1.0f / (float)(CB1 - CB0);
+            for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
+            col_sqdev(zi, CB0, CB1, H, cm, m2);
+        }
+#pragma omp barrier
+        if (s->err) return 0;  /* a lookup was out of range: update nothing */
+        /* batch statistics from the chunks' (Chan et al.), in chunk order */
+        for (int64_t j = 0; j < H; j++) mean[j] = 0.0f, var[j] = 0.0f;
+        for (int64_t ch = 0; ch < NC; ch++) {
+            const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+            for (int64_t j = 0; j < H; j++) mean[j] += n_c * cm[j];
+        }
+        for (int64_t j = 0; j < H; j++) mean[j] *= s->inv_b;
+        for (int64_t ch = 0; ch < NC; ch++) {
+            const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
+            const float *m2 = cm + o->max_h;
+            for (int64_t j = 0; j < H; j++) {
+                const float d = cm[j] - mean[j];
+                var[j] += m2[j] + n_c * d * d;
+            }
+        }
+        for (int64_t j = 0; j < H; j++) {
+            var[j] *= s->inv_b;
+            rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
+        }
+        int64_t h0, h1;  /* the running statistics: a slice per thread */
+        share(H, 16, &h0, &h1);
+        float *rm = c->run_mean[i], *rv = c->run_var[i];
+        const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
+        for (int64_t j = h0; j < h1; j++) {
+            rm[j] += mo * (mean[j] - rm[j]);
+            rv[j] += mo * (var[j] * unb - rv[j]);
+        }
+        CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o->pp[l], o->y[l]);
+        h = o->y[l];
+        tick(s, th, 2);
+    }
+    if (NL == 1) {  /* no statistics barrier above */
+#pragma omp barrier
+        return !s->err;
+    }
+    return 1;
+}
+
+/* 3. the loss and its gradient with respect to the logits, per chunk */
+static void step_loss(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    CHUNKS {
+        double lc = 0.0;
+        for (int64_t b = CB0; b < CB1; b++) {
+            if (c->sel && b + 16 < CB1) __builtin_prefetch(c->label + c->sel[b + 16]);
+            const float zb = o->logit[b], lb = c->label[row_of(c->sel, b)];
+            lc += (double)(fmaxf(zb, 0.0f) - zb * lb + log1pf(expf(-fabsf(zb))));
+            o->glogit[b] = (1.0f / (1.0f + expf(-zb)) - lb) * s->inv_b;
+        }
+        o->lossc[ch] = lc;
+    }
+    tick(s, th, 3);
+}
+
+/* 4. backward, last layer first: weight and bias partials per chunk, dH = G W into the buffer
+ * G is not in, then Dice's backward from there into the other. Returns the gradient of the
+ * pooled embeddings (chunk-major, pooling scales applied). */
+static const float *step_backward(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w, NL = s->NL, NC = s->NC, D = s->D, t = th->t;
+    const int64_t st = 3 * o->max_h;
+    const float *G = o->glogit;
+    float *dH = o->bufA;
+    for (int64_t i = NL - 1; i >= 0; i--) {
+        const int64_t win = w[i], wout = w[i + 1];
+        const float *Hin = i == 0 ? o->x0 : o->y[i];
+        dH = G == o->bufA ? o->bufB : o->bufA;
+        CHUNKS {
+            float *wp = o->wpart + ch * o->n_wb + o->woff[i];
+            const int64_t nb = CB1 - CB0;
+            const float *Gc = G == o->glogit ? G + CB0 * wout : CHUNK_BUF(G);
+            gemm_rm(1, 0, wout, win, nb, 1.0f, Gc, wout, Hin + CB0 * win, win, 0.0f, wp, win);
+            col_sums(Gc, 0, nb, wout, wp + wout * win);
+            gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f, CHUNK_BUF(dH),
+                    win);
+            if (i == 0) {  /* the gradient of each looked-up row: pooling's scale */
+                const int64_t F = c->S + c->K;
+                float *dx = CHUNK_BUF(dH);
+                const float *fs = o->fscale + CB0 * F;
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t f = c->S; f < F; f++) {
+                        const float sc = fs[b * F + f];
+                        float *g = dx + (b * F + f) * D;
+                        if (sc != 1.0f)
+                            for (int64_t d = 0; d < D; d++) g[d] *= sc;
+                    }
+            }
+        }
+        tick(s, th, 4);
+        if (i == 0) break;
+        const int64_t H = win;
+        float *next = dH == o->bufA ? o->bufB : o->bufA;
+        float *part = o->part + (NL + i) * NC * st;
+        const float *alpha = c->p[3 * (i - 1) + 2];
+        const float *mean = o->mean[i] + t * o->hs[i], *rstd = o->rstd[i] + t * o->hs[i];
+        float *sg = o->sg[i] + t * o->hs[i], *sgx = o->sgx[i] + t * o->hs[i];
+        CHUNKS {
+            float *pt = part + ch * st;
+            dice_back_partial(o->z[i] + CB0 * H, o->pp[i] + CB0 * H, CHUNK_BUF(dH), alpha, mean,
+                              rstd, 0, CB1 - CB0, H, pt, pt + o->max_h, pt + 2 * o->max_h);
+        }
+#pragma omp barrier
+        sum_parts(part, NC, st, 0, H, s->inv_b, sg);
+        sum_parts(part + o->max_h, NC, st, 0, H, s->inv_b, sgx);
+        int64_t h0, h1;
+        share(H, 16, &h0, &h1);
+        sum_parts(part + 2 * o->max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
+        CHUNKS dice_back_rows(o->z[i] + CB0 * H, o->pp[i] + CB0 * H, CHUNK_BUF(dH), alpha, mean,
+                              rstd, 0, CB1 - CB0, H, sg, sgx, CHUNK_BUF(next));
+        G = next;
+        tick(s, th, 5);
+    }
+    return dH;
+}
+
+/* 5. (after every thread's backward) the table rows I own: gradient sums in lookup order,
+ * row-wise Adam. Returns how many rows I updated. */
+static int64_t step_table(Step *s, Thread *th, const float *dX) {
+    const Layout *o = &s->o;
+    const int64_t t = th->t, nt = th->nt;
+#pragma omp barrier
+    int64_t at = 0;  /* my region: after the lookups of the threads before me */
+    for (int64_t q = 0; q < t; q++)
+        for (int64_t ch = 0; ch < s->NC; ch++) at += o->lk_n[ch * LKN_STRIDE(nt) + q];
+    const int64_t U = emb_update_owned(s->c, o, dX, t, nt, o->rows + at, o->egrad + at * s->D);
+    tick(s, th, 6);
+    return U;
+}
+
+/* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by slices of
+ * every parameter */
+static void step_dense(Step *s, Thread *th) {
+    const CtrStep *c = s->c;
+    const Layout *o = &s->o;
+    const int64_t *w = s->w;
+    for (int64_t j = 0; j < s->n_dense; j++) {
+        const int64_t layer = j / 3, kind = j % 3;
+        const int64_t n = kind == 0 ? w[layer] * w[layer + 1] : w[layer + 1];
+        int64_t e0, e1;
+        share(n, 16, &e0, &e1);
+        if (kind < 2) {
+            const int64_t at = o->woff[layer] + (kind ? w[layer] * w[layer + 1] : 0);
+            sum_parts(o->wpart + at, s->NC, o->n_wb, e0, e1, 1.0f, c->g[j]);
+        }
+        adam_slice(c->p[j], c->g[j], c->m[j], c->v[j], e0, e1, s->step_size[j], s->bc2_sqrt[j],
+                   c->beta1, c->beta2, c->eps, c->wd);
+    }
+    tick(s, th, 7);
+}
+#undef CHUNK_BUF
+#undef CHUNKS
+#undef CB0
+#undef CB1
+
 /* Returns the batch's mean BCE loss (NaN with status != 0 if a lookup was outside the table:
- * then nothing has been updated). */
+ * then nothing has been updated). A chunk stays with its thread from pooling to its last
+ * gradient, so the only barriers are where batch-wide sums are needed: each hidden layer's
+ * Dice statistics (forward and backward; every thread then adds the chunk partials itself, in
+ * chunk order, into its own copy) and before the updates. */
 double ctr_step(CtrStep *c) {
     const int64_t B = c->B, NL = c->n_layers, D = c->D;
-    const int64_t *w = c->width;
     const int64_t T = c->threads < 1 ? 1 : c->threads;
     if (NL < 1 || NL > MAX_LAYERS || c->K > MAX_SEQS || B < 2 || c->R > INT32_MAX) {
         c->status = -3;  /* outside what the scratch and the fixed arrays allow */
         return NAN;
     }
-    int64_t lps = c->S;  /* lookups per sample, at most */
-    for (int64_t k = 0; k < c->K; k++) lps += c->L[k];
-    Layout o;
-    layout(&o, c->scratch, B, NL, w, c->cap, lps, D, T);
-    const int64_t NC = o.NC, n_dense = 3 * NL - 1;
-    /* dense Adam's bias corrections, once per parameter (counters advance after the step) */
-    float step_size[3 * MAX_LAYERS], bc2_sqrt[3 * MAX_LAYERS];
-    for (int64_t j = 0; j < n_dense; j++) {
+    Step s;
+    s.c = c, s.w = c->width, s.B = B, s.NL = NL, s.D = D, s.err = 0, s.gathered = 0;
+    s.lps = c->S;  /* lookups per sample, at most */
+    for (int64_t k = 0; k < c->K; k++) s.lps += c->L[k];
+    layout(&s.o, c->scratch, B, NL, s.w, c->cap, s.lps, D, T);
+    s.NC = s.o.NC, s.n_dense = 3 * NL - 1;
+    for (int64_t j = 0; j < s.n_dense; j++) {
         const float t = *c->step[j] + 1.0f;
-        step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
-        bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
+        s.step_size[j] = c->lr / (1.0f - powf(c->beta1, t));
+        s.bc2_sqrt[j] = sqrtf(1.0f - powf(c->beta2, t));
     }
     const Bags bags = {c->ids, c->off, c->lim, c->L, c->seqs, c->lens, c->W, B, c->S, c->K,
-                       c->R, D, o.x0, c->sel, 0, 0, NULL, NULL, NULL};
-    const int64_t per_chunk = lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
-    const float inv_b = 1.0f / (float)B;
-    int64_t err = 0, U = 0;
+                       c->R, D, s.o.x0, c->sel, 0, 0, NULL, NULL, NULL};
+    s.bags = bags;
+    s.per_chunk = s.lps * CHUNK_ROWS;  /* lookups of a chunk, at most */
+    s.inv_b = 1.0f / (float)B;
+    int64_t U = 0;
 #pragma omp parallel num_threads(T) reduction(+ : U)
     {
-        int64_t t = 0, nt = 1;
+        Thread th = {0, 1, 0.0};
 #ifdef _OPENMP
-        t = omp_get_thread_num(), nt = omp_get_num_threads();
+        th.t = omp_get_thread_num(), th.nt = omp_get_num_threads();
 #endif
-        double tp = (c->prof && t == 0) ? now_s() : 0.0;
-#define TICK(k) do { if (c->prof && t == 0) { double t_ = now_s(); c->prof[k] += t_ - tp; tp = t_; } } while (0)
-#define CHUNKS for (int64_t ch = t; ch < NC; ch += nt)
-#define CB0 (ch * CHUNK_ROWS)
-#define CB1 (CB0 + CHUNK_ROWS < B ? CB0 + CHUNK_ROWS : B)
-#define CHUNK_BUF(buf) ((buf) + ch * CHUNK_ROWS * o.mw) /* chunk ch's rows in bufA / bufB */
-        /* A chunk stays with its thread from pooling to its last gradient, so the only barriers
-         * are where batch-wide sums are needed: each hidden layer's Dice statistics (forward and
-         * backward; every thread then adds the chunk partials itself, in chunk order, into its
-         * own copy) and before the updates. */
-        int ok = 1;  /* the same in every thread: set from err only after a barrier */
-        /* 1. pooled embeddings of my chunks */
-        CHUNKS {
-            Bags a;  /* the chunk as a batch of its own; its lookups listed by owner (step 5) */
-            const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
-            chunk_view(&bags, CB0, CB1 - CB0, o.graw + CB0 * (lps + c->K), gseq, glen, &a);
-            a.out = o.x0 + CB0 * (c->S + c->K) * D;
-            const int64_t at = ch * nt * per_chunk;
-            a.owners = nt, a.cap_list = per_chunk, a.lk_n = o.lk_n + ch * LKN_STRIDE(nt);
-            a.lk = o.lk + at, a.fscale = o.fscale + CB0 * (c->S + c->K);
-            for (int64_t q = 0; q < nt; q++) a.lk_n[q] = 0;
-            const int64_t r = pool(&a, 0, CB1 - CB0, NULL, NULL, NULL, 1);
-            if (r < 0) {
-#pragma omp atomic write
-                err = r;
-            }
+        th.tp = (c->prof && th.t == 0) ? now_s() : 0.0;
+        if (c->emb_last) step_catch_up(&s, &th);
+        step_pool(&s, &th);
+        if (step_forward(&s, &th)) {
+            step_loss(&s, &th);
+            const float *dX = step_backward(&s, &th);
+            U += step_table(&s, &th, dX);
+            step_dense(&s, &th);
         }
-        TICK(0);
-        /* 2. forward: Linear -> Dice (batch statistics from chunk partials) ... -> logit */
-        const float *h = o.x0;
-        const int64_t st = 3 * o.max_h;
-        for (int64_t i = 0; i < NL; i++) {
-            const int64_t win = w[i], wout = w[i + 1];
-            const float *Wi = c->p[3 * i], *bi = c->p[3 * i + 1];
-            float *zi = i + 1 < NL ? o.z[i + 1] : o.logit;
-            CHUNKS {
-                for (int64_t b = CB0; b < CB1; b++)
-                    memcpy(zi + b * wout, bi, sizeof(float) * wout);
-                gemm_rm(0, 1, CB1 - CB0, wout, win, 1.0f, h + CB0 * win, win, Wi, win, 1.0f,
-                        zi + CB0 * wout, wout);
-            }
-            TICK(1);
-            if (i + 1 == NL) break;
-            const int64_t l = i + 1, H = wout;
-            float *part = o.part + l * NC * st;
-            float *mean = o.mean[l] + t * o.hs[l], *var = o.var[l] + t * o.hs[l];
-            float *rstd = o.rstd[l] + t * o.hs[l];
-            CHUNKS {  /* the chunk's mean and squared deviations from it */
-                float *cm = part + ch * st, *m2 = cm + o.max_h;
-                col_sums(zi, CB0, CB1, H, cm);
-                const float inv_n = 1.0f / (float)(CB1 - CB0);
-                for (int64_t j = 0; j < H; j++) cm[j] *= inv_n;
-                col_sqdev(zi, CB0, CB1, H, cm, m2);
-            }
-#pragma omp barrier
-            if (err) {  /* a lookup was out of range: update nothing */
-                ok = 0;
-                break;
-            }
-            /* batch statistics from the chunks' (Chan et al.), in chunk order */
-            for (int64_t j = 0; j < H; j++) mean[j] = 0.0f, var[j] = 0.0f;
-            for (int64_t ch = 0; ch < NC; ch++) {
-                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
-                for (int64_t j = 0; j < H; j++) mean[j] += n_c * cm[j];
-            }
-            for (int64_t j = 0; j < H; j++) mean[j] *= inv_b;
-            for (int64_t ch = 0; ch < NC; ch++) {
-                const float n_c = (float)(CB1 - CB0), *cm = part + ch * st;
-                const float *m2 = cm + o.max_h;
-                for (int64_t j = 0; j < H; j++) {
-                    const float d = cm[j] - mean[j];
-                    var[j] += m2[j] + n_c * d * d;
-                }
-            }
-            for (int64_t j = 0; j < H; j++) {
-                var[j] *= inv_b;
-                rstd[j] = 1.0f / sqrtf(var[j] + c->dice_eps);
-            }
-            int64_t h0, h1;  /* the running statistics: a slice per thread */
-            share(H, 16, &h0, &h1);
-            float *rm = c->run_mean[i], *rv = c->run_var[i];
-            const float mo = c->dice_momentum, unb = (float)B / (float)(B - 1);
-            for (int64_t j = h0; j < h1; j++) {
-                rm[j] += mo * (mean[j] - rm[j]);
-                rv[j] += mo * (var[j] * unb - rv[j]);
-            }
-            CHUNKS dice_rows(zi, c->p[3 * i + 2], CB0, CB1, H, mean, rstd, o.pp[l], o.y[l]);
-            h = o.y[l];
-            TICK(2);
-        }
-        if (NL == 1) {  /* no statistics barrier above */
-#pragma omp barrier
-            ok = !err;
-        }
-        if (ok) {
-            /* 3. loss and its gradient with respect to the logits, per chunk */
-            CHUNKS {
-                double lc = 0.0;
-                for (int64_t b = CB0; b < CB1; b++) {
-                    if (c->sel && b + 16 < CB1) __builtin_prefetch(c->label + c->sel[b + 16]);
-                    const float zb = o.logit[b], lb = c->label[row_of(c->sel, b)];
-                    lc += (double)(fmaxf(zb, 0.0f) - zb * lb + log1pf(expf(-fabsf(zb))));
-                    o.glogit[b] = (1.0f / (1.0f + expf(-zb)) - lb) * inv_b;
-                }
-                o.lossc[ch] = lc;
-            }
-            TICK(3);
-            /* 4. backward, last layer first: weight and bias partials per chunk, dH = G W into
-             * the buffer G is not in, then Dice's backward from there into the other */
-            const float *G = o.glogit;
-            float *dH = o.bufA;
-            for (int64_t i = NL - 1; i >= 0; i--) {
-                const int64_t win = w[i], wout = w[i + 1];
-                const float *Hin = i == 0 ? o.x0 : o.y[i];
-                dH = G == o.bufA ? o.bufB : o.bufA;
-                CHUNKS {
-                    float *wp = o.wpart + ch * o.n_wb + o.woff[i];
-                    const int64_t nb = CB1 - CB0;
-                    const float *Gc = G == o.glogit ? G + CB0 * wout : CHUNK_BUF(G);
-                    gemm_rm(1, 0, wout, win, nb, 1.0f, Gc, wout, Hin + CB0 * win, win, 0.0f, wp,
-                            win);
-                    col_sums(Gc, 0, nb, wout, wp + wout * win);
-                    gemm_rm(0, 0, nb, win, wout, 1.0f, Gc, wout, c->p[3 * i], win, 0.0f,
-                            CHUNK_BUF(dH), win);
-                    if (i == 0) {  /* the gradient of each looked-up row: pooling's scale */
-                        const int64_t F = c->S + c->K;
-                        float *dx = CHUNK_BUF(dH);
-                        const float *fs = o.fscale + CB0 * F;
-                        for (int64_t b = 0; b < nb; b++)
-                            for (int64_t f = c->S; f < F; f++) {
-                                const float sc = fs[b * F + f];
-                                float *g = dx + (b * F + f) * D;
-                                if (sc != 1.0f)
-                                    for (int64_t d = 0; d < D; d++) g[d] *= sc;
-                            }
-                    }
-                }
-                TICK(4);
-                if (i == 0) break;
-                const int64_t H = win;
-                float *next = dH == o.bufA ? o.bufB : o.bufA;
-                float *part = o.part + (NL + i) * NC * st;
-                const float *alpha = c->p[3 * (i - 1) + 2];
-                const float *mean = o.mean[i] + t * o.hs[i], *rstd = o.rstd[i] + t * o.hs[i];
-                float *sg = o.sg[i] + t * o.hs[i], *sgx = o.sgx[i] + t * o.hs[i];
-                CHUNKS {
-                    float *pt = part + ch * st;
-                    dice_back_partial(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
-                                      mean, rstd, 0, CB1 - CB0, H, pt, pt + o.max_h,
-                                      pt + 2 * o.max_h);
-                }
-#pragma omp barrier
-                sum_parts(part, NC, st, 0, H, inv_b, sg);
-                sum_parts(part + o.max_h, NC, st, 0, H, inv_b, sgx);
-                int64_t h0, h1;
-                share(H, 16, &h0, &h1);
-                sum_parts(part + 2 * o.max_h, NC, st, h0, h1, 1.0f, c->g[3 * (i - 1) + 2]);
-                CHUNKS dice_back_rows(o.z[i] + CB0 * H, o.pp[i] + CB0 * H, CHUNK_BUF(dH), alpha,
-                                      mean, rstd, 0, CB1 - CB0, H, sg, sgx, CHUNK_BUF(next));
-                G = next;
-                TICK(5);
-            }
-#pragma omp barrier
-            /* 5. the table rows I own: gradient sums in lookup order, row-wise Adam */
-            int64_t at = 0;  /* my region: after the lookups of the threads before me */
-            for (int64_t q = 0; q < t; q++)
-                for (int64_t ch = 0; ch < NC; ch++) at += o.lk_n[ch * LKN_STRIDE(nt) + q];
-            U += emb_update_owned(c, &o, dH, t, nt, o.rows + at, o.egrad + at * D);
-            TICK(6);
-            /* 6. weight and bias gradients (chunk partials in chunk order) and dense Adam, by
-             * slices of every parameter */
-            for (int64_t j = 0; j < n_dense; j++) {
-                const int64_t layer = j / 3, kind = j % 3;
-                const int64_t n = kind == 0 ? w[layer] * w[layer + 1] : w[layer + 1];
-                int64_t e0, e1;
-                share(n, 16, &e0, &e1);
-                if (kind < 2) {
-                    const int64_t at = o.woff[layer] + (kind ? w[layer] * w[layer + 1] : 0);
-                    sum_parts(o.wpart + at, NC, o.n_wb, e0, e1, 1.0f, c->g[j]);
-                }
-                adam_slice(c->p[j], c->g[j], c->m[j], c->v[j], e0, e1, step_size[j],
-                           bc2_sqrt[j], c->beta1, c->beta2, c->eps, c->wd);
-            }
-            TICK(7);
-        }
-#undef CHUNK_BUF
-#undef TICK
-#undef CHUNKS
-#undef CB0
-#undef CB1
     }
-    if (err) {
-        c->status = err;
+    if (s.err) {
+        c->status = s.err;
         return NAN;
     }
     c->status = 0;
     c->unique_rows = U;
-    for (int64_t j = 0; j < n_dense; j++) *c->step[j] += 1.0f;
+    for (int64_t j = 0; j < s.n_dense; j++) *c->step[j] += 1.0f;
     double loss = 0.0;
-    for (int64_t ch = 0; ch < NC; ch++) loss += o.lossc[ch];
+    for (int64_t ch = 0; ch < s.NC; ch++) loss += s.o.lossc[ch];
     return loss / (double)B;
 }
 
@@ -1273,6 +1652,7 @@ int64_t ctr_steps(CtrStep *c, const int64_t *rows, int64_t n_rows, int64_t B, do
         const double t = (double)(t0 + k + 1);
         c->emb_bc1 = (float)(1.0 - pow(beta1, t));
         c->emb_bc2 = (float)(1.0 - pow(beta2, t));
+        c->emb_t = t0 + k + 1;
         losses[k] = ctr_step(c);
         if (c->status) return k;
     }
@@ -1422,7 +1802,7 @@ void ctr_forward(CtrStep *c, float *prob) {
             const int64_t b0 = ch * CHUNK_ROWS, nb = b0 + CHUNK_ROWS < B ? CHUNK_ROWS : B - b0;
             Bags a;
             const id32 *gseq[MAX_SEQS], *glen[MAX_SEQS];
-            chunk_view(&bags, b0, nb, graw, gseq, glen, &a);
+            chunk_view(&bags, b0, nb, graw, gseq, glen, &a, 1);
             a.out = x0;
             const int64_t r = pool(&a, 0, nb, NULL, NULL, NULL, 1);
             if (r < 0) { e = r; break; }

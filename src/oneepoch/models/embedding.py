@@ -22,12 +22,28 @@ above gives the same numbers.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from oneepoch import kernels
 from oneepoch.data.batcher import Batch
+
+# Called with each training batch before its rows are read (a dense-Adam optimizer brings them
+# up to date there); kept beside the modules, so copying or saving a module does not copy it.
+_BEFORE_LOOKUP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_before_lookup(module: nn.Module, fn: Callable[[Batch], None] | None) -> None:
+    """Call ``fn(batch)`` at the start of every forward of ``module`` that builds a gradient
+    for its table (``None``: stop)."""
+    if fn is None:
+        _BEFORE_LOOKUP.pop(module, None)
+    else:
+        _BEFORE_LOOKUP[module] = fn
 
 
 class _NativePool(torch.autograd.Function):
@@ -43,9 +59,7 @@ class _NativePool(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         g = g.contiguous()
         grad = g.new_empty(ctx.rows)
-        kernels.lib().emb_pool_backward(g.data_ptr(), g.shape[0], ctx.n_single, len(ctx.lens),
-                                        kernels.ptr_array(ctx.lens), ctx.inv.data_ptr(),
-                                        ctx.rows[0], ctx.rows[1], grad.data_ptr())
+        kernels.emb_pool_backward(g, ctx.n_single, ctx.lens, ctx.inv, grad)
         return grad, None, None, None, None
 
 
@@ -189,12 +203,8 @@ class FieldEmbedding(nn.Module):
             slot = self._slot32
             rows = torch.empty(cap, dtype=torch.int64)
             inv = torch.empty(cap, dtype=torch.int32)
-        n = kernels.lib().emb_pool_forward(
-            ids.data_ptr(), bsz, s, self.field_offsets.data_ptr(), self.field_rows.data_ptr(),
-            len(seqs),
-            kernels.ptr_array(seqs), kernels.int64_array([q.shape[1] for q in seqs]),
-            kernels.ptr_array(lens), w.data_ptr(), self.table_rows, self.dim, out.data_ptr(),
-            kernels.ptr(slot), kernels.ptr(rows), kernels.ptr(inv))
+        n = kernels.emb_pool_forward(ids, self.field_offsets, self.field_rows, seqs, lens, w,
+                                     out, slot, rows, inv)
         if n < 0:
             raise IndexError(self._bad_lookup(batch, n))
         if not train:
@@ -224,6 +234,8 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         needs_grad = self.weight.requires_grad and torch.is_grad_enabled()
+        if needs_grad and self in _BEFORE_LOOKUP:
+            _BEFORE_LOOKUP[self](batch)
         if (self.fused or not needs_grad) and batch.ids.dtype == torch.int64 \
                 and self.weight.dtype == torch.float32 and kernels.usable(self.weight, batch.ids):
             return self._native(batch)

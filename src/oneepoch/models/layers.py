@@ -16,9 +16,7 @@ def _dice_fwd(x: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor, var: tor
     if stats:
         mean, var = x.new_empty(h), x.new_empty(h)
     rstd, p, y = x.new_empty(h), torch.empty_like(x), torch.empty_like(x)
-    kernels.lib().dice_forward(x.data_ptr(), alpha.data_ptr(), b, h, int(stats), eps,
-                               mean.data_ptr(), var.data_ptr(), rstd.data_ptr(), p.data_ptr(),
-                               y.data_ptr())
+    kernels.dice_forward(x, alpha, stats, eps, mean, var, rstd, p, y)
     return y, p, mean, var, rstd
 
 
@@ -29,9 +27,7 @@ def _dice_bwd(x: torch.Tensor, p: torch.Tensor, dy: torch.Tensor, alpha: torch.T
     b, h = x.shape
     dy = dy.contiguous()
     dx, dalpha, acc = torch.empty_like(x), alpha.new_empty(h), x.new_empty(2 * h)
-    kernels.lib().dice_backward(x.data_ptr(), p.data_ptr(), dy.data_ptr(), alpha.data_ptr(),
-                                mean.data_ptr(), rstd.data_ptr(), b, h, int(stats),
-                                dx.data_ptr(), dalpha.data_ptr(), acc.data_ptr())
+    kernels.dice_backward(x, p, dy, alpha, mean, rstd, stats, dx, dalpha, acc)
     return dx, dalpha
 
 

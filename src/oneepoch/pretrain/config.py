@@ -78,5 +78,6 @@ class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-3))
+    optim: OptimConfig = field(  # stage 1 keeps lazy row-wise Adam
+        default_factory=lambda: OptimConfig(lr=5e-3, embedding_update="lazy"))
     eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)

@@ -116,9 +116,7 @@ def ranking_metrics(user_table: torch.Tensor, item_table: torch.Tensor, users: n
         s_pos = (user_table[torch.from_numpy(users[pidx])] * item_table[it]).sum(-1)
         if s.dtype == torch.float32 and kernels.usable(s, s_pos, it, prow):  # a pass per pair
             lse, rank = torch.empty(len(pidx)), torch.empty(len(pidx), dtype=torch.int64)
-            kernels.lib().rank_rows(s.data_ptr(), len(pidx), s.shape[1], 0, prow.data_ptr(),
-                                    it.data_ptr(), s_pos.data_ptr(), 1.0 / tau,
-                                    lse.data_ptr(), rank.data_ptr())
+            kernels.rank_rows(s, len(pidx), prow, it, s_pos, 1.0 / tau, lse, rank)
         else:
             sp = s[prow]
             lse = torch.logsumexp(sp / tau, 1)  # the held-out item is always a candidate

@@ -47,9 +47,7 @@ def accidental_hits(pos_ids: torch.Tensor, cand_ids: torch.Tensor, in_batch: boo
         for _ in range(2):
             hr = torch.empty(cap, dtype=torch.int64)
             hc = torch.empty(cap, dtype=torch.int64)
-            k = kernels.lib().accidental_hits(pos_ids.data_ptr(), n, cand_ids.data_ptr(),
-                                              cand_ids.shape[0], int(in_batch), hr.data_ptr(),
-                                              hc.data_ptr(), cap)
+            k = kernels.accidental_hits(pos_ids, cand_ids, in_batch, hr, hc)
             if 0 <= k <= cap:
                 return hr[:k], hc[:k]
             if k < 0:
@@ -73,16 +71,12 @@ def _native_blocks(u: torch.Tensor, c: torch.Tensor, inv_tau: float, logq: torch
                    chunk: int, gu: torch.Tensor | None, gc: torch.Tensor | None) -> float:
     """The block loop below in one native call (kernels/native.c contrastive_blocks): blocks
     run in parallel, one per thread, with the softmax, masking and logQ fused in one pass."""
-    lib = kernels.lib()
     threads = torch.get_num_threads()
-    (n, d), C = u.shape, c.shape[0]
-    buf = kernels.scratch(lib.contrastive_scratch(chunk, C, d, threads))
+    buf = kernels.scratch(kernels.contrastive_scratch(chunk, c.shape[0], u.shape[1], threads))
     hr, hc = hr.contiguous(), hc.contiguous()
     hit_start = hit_start.to(torch.int64).contiguous()
-    return float(lib.contrastive_blocks(
-        u.data_ptr(), c.data_ptr(), n, C, d, inv_tau, kernels.ptr(logq), hr.data_ptr(),
-        hc.data_ptr(), hit_start.data_ptr(), int(in_batch), chunk, int(gu is not None),
-        kernels.ptr(gu), kernels.ptr(gc), buf.data_ptr(), threads))
+    return kernels.contrastive_blocks(u, c, inv_tau, logq, hr, hc, hit_start, in_batch, chunk,
+                                      gu, gc, buf, threads)
 
 
 class _SampledSoftmax(torch.autograd.Function):
@@ -120,8 +114,7 @@ class _SampledSoftmax(torch.autograd.Function):
                 z[:, :n] = float("-inf")
                 z[r, r + a] = zpos
             if native:  # the same softmax / loss / gradient in one pass per row
-                total += kernels.lib().softmax_xent_rows(z.data_ptr(), b - a, z.shape[1], a,
-                                                         int(want_grad))
+                total += kernels.softmax_xent_rows(z, b - a, a, want_grad)
             else:
                 m = z.amax(1, keepdim=True)
                 z.sub_(m).exp_()

@@ -13,7 +13,6 @@ metrics row also gets ``upd_<group>``: the mean per-step norm since the previous
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch import nn
 
+from oneepoch.io import atomic_write_parquet
 from oneepoch.training.hooks import Hook, State
 
 UPDATES_FILE = "updates.parquet"
@@ -100,9 +100,6 @@ class UpdateNormLogger(Hook):
     def write(self, run_dir: Path) -> Path:
         """Write the buffer to ``run_dir/updates.parquet`` (atomically)."""
         path = Path(run_dir) / UPDATES_FILE
-        tmp = path.with_name(path.name + ".tmp")
         cols = {c: pa.array(v, type=pa.int64() if c == "step" else pa.float32())
                 for c, v in self._cols.items()}
-        pq.write_table(pa.table(cols), tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_parquet(path, pa.table(cols))

@@ -140,10 +140,12 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "seconds": res.seconds, "verdict": res.verdict.line()}
 
 
-def run_specs(specs: Sequence[RunSpec], workers: int = 0, log: bool = True) -> list[dict]:
+def run_specs(specs: Sequence[RunSpec], workers: int = 0, log: bool = True,
+              fresh_processes: bool = False) -> list[dict]:
     """Run the unfinished ``specs``: in this process (``workers=1``) or in a pool of processes
     (``0`` = one per core). Specs with ``continue_from`` wait until their source is finished.
-    Returns one summary per run trained now."""
+    With ``fresh_processes`` each run gets a process of its own (so each run's peak RSS in its
+    ``summary.json`` is its own). Returns one summary per run trained now."""
     todo = [s for s in specs if reuse(s.run_dir, to_dict(spec_config(s))) != "skip"]
     skipped = len(specs) - len(todo)
     if log and skipped:
@@ -152,12 +154,12 @@ def run_specs(specs: Sequence[RunSpec], workers: int = 0, log: bool = True) -> l
     first = [s for s in todo if not s.continue_from]
     second = [s for s in todo if s.continue_from]
     for phase in (first, second):
-        done.extend(_run_phase(phase, workers, log, len(done), len(todo)))
+        done.extend(_run_phase(phase, workers, log, len(done), len(todo), fresh_processes))
     return done
 
 
-def _run_phase(specs: list[RunSpec], workers: int, log: bool, n0: int, total: int
-               ) -> list[dict]:
+def _run_phase(specs: list[RunSpec], workers: int, log: bool, n0: int, total: int,
+               fresh: bool = False) -> list[dict]:
     out: list[dict] = []
     if not specs:
         return out
@@ -170,12 +172,13 @@ def _run_phase(specs: list[RunSpec], workers: int, log: bool, n0: int, total: in
             print(f"[{n0 + len(out)}/{total}] {r['run_dir']}: {r['verdict']} "
                   f"[{r['seconds']:.0f} s, elapsed {time.time() - t0:.0f} s]", flush=True)
 
-    if workers == 1 or len(specs) == 1:
+    if (workers == 1 or len(specs) == 1) and not fresh:
         for s in specs:
             note(execute(s))
         return out
     ctx = mp.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(min(workers, len(specs)), mp_context=ctx) as pool:
+    kw = {"max_tasks_per_child": 1} if fresh else {}
+    with ProcessPoolExecutor(min(workers, len(specs)), mp_context=ctx, **kw) as pool:
         futures = [pool.submit(execute, s) for s in specs]
         for f in as_completed(futures):
             note(f.result())

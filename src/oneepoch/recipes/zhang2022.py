@@ -50,6 +50,7 @@ from oneepoch.recipes.sweep import (
     summarize_point,
     summary_rows,
 )
+from oneepoch.remedies.catalog import fine_fields
 from oneepoch.runfolder import is_finished, read_metrics
 
 # ----------------------------------------------------------------------------- presets
@@ -132,16 +133,6 @@ class Arm:
     overrides: tuple[str, ...] = ()
     probes: tuple[str, ...] = ()
     continue_freeze: str = ""  # "embedding" or "mlp": continue base from epoch 1, frozen
-
-
-def fine_fields(data: CTRData) -> list[str]:
-    """The fine-grained ID fields: ``item_ID`` / ``his_item_ID`` when present, else the fields
-    of the largest vocabulary."""
-    named = [f for f in ("item_ID", "his_item_ID") if f in data.fields]
-    if named:
-        return named
-    big = max(data.vocabs, key=lambda v: data.vocabs[v].size)
-    return [f for f in data.fields if data.field_vocab(f) == big]
 
 
 def _g(v: float) -> str:

@@ -9,6 +9,8 @@ that asks for one without its hook).
 * ``freq_lr.threshold``: per-ID embedding lr by training count
   (:mod:`~oneepoch.remedies.embedding_rules`);
 * ``meda.enabled``: re-initialise the ID tables each epoch (same module);
+* ``freeze_after.epoch``: paper A's freezing of the ID tables or the MLP after an epoch
+  (same module);
 * ``early_stop.metric``: select (and stop) on validation
   (:mod:`~oneepoch.remedies.early_stopping`).
 
@@ -30,7 +32,7 @@ from oneepoch.training.hooks import Hook
 def hooks_from_config(cfg: TrainConfig) -> list[Hook]:
     """The hooks a config asks for (none by default), in the order they must run."""
     from oneepoch.remedies.early_stopping import EarlyStopping
-    from oneepoch.remedies.embedding_rules import FrequencyAdaptiveLr, Meda
+    from oneepoch.remedies.embedding_rules import FreezeAfter, FrequencyAdaptiveLr, Meda
     from oneepoch.remedies.pretrained_init import hooks_for
 
     hooks: list[Hook] = [*hooks_for(cfg)]
@@ -38,6 +40,8 @@ def hooks_from_config(cfg: TrainConfig) -> list[Hook]:
         hooks.append(FrequencyAdaptiveLr(cfg))
     if cfg.meda.enabled:
         hooks.append(Meda(cfg))
+    if cfg.freeze_after.epoch > 0:
+        hooks.append(FreezeAfter(cfg))
     if cfg.early_stop.metric:
         hooks.append(EarlyStopping(cfg))  # last: it sees every key the others add
     return hooks

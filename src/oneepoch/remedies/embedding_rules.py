@@ -133,3 +133,38 @@ class FrequencyAdaptiveLr(Hook):
 
     def summary(self) -> dict[str, Any]:
         return {"freq_lr_share_of_ids_slowed": self.share_slowed}
+
+
+class FreezeAfter(Hook):
+    """From the start of epoch ``freeze_after.epoch`` on, the chosen groups train no more:
+    the ID tables' row-wise optimizer and/or the MLP's optimizer get learning rate 0 (an
+    exact freeze for Adam, SGD, RMSprop and Adagrad; Dice's running statistics still follow
+    the batches, as the layers stay in training mode)."""
+
+    applies = "freeze_after"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.at, self.groups = cfg.freeze_after.epoch, list(cfg.freeze_after.groups)
+        self.frozen_at: int | None = None
+
+    def check(self, s: State) -> None:
+        if "embedding" in self.groups:
+            _row_optimizer(s, "freeze_after.groups=embedding")
+
+    def on_epoch_start(self, s: State) -> None:
+        if s.epoch < self.at:
+            return
+        sync = getattr(s.optimizer, "sync", None)
+        if sync is not None:
+            sync()
+        if "embedding" in self.groups:
+            for ro in s.optimizer.sparse.values():
+                ro.lr = 0.0
+        if "mlp" in self.groups:
+            for g in s.optimizer.dense.param_groups:
+                g["lr"] = 0.0
+        if self.frozen_at is None:
+            self.frozen_at = s.step
+
+    def summary(self) -> dict[str, Any]:
+        return {"frozen": {"groups": self.groups, "from_step": self.frozen_at}}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from oneepoch.io import atomic_write_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;
@@ -73,7 +74,4 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
 
 def write_page(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page(title, sections))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page(title, sections))

@@ -2,22 +2,32 @@
 
 A checkpoint is a folder ``checkpoints/epoch-NNN/`` holding ``tensors.safetensors`` and
 ``state.json``; it is written to a temporary folder and renamed, so a kill never leaves a
-half-written checkpoint.
+half-written checkpoint. A damaged one (truncated, empty or garbage tensors, a ``state.json`` of
+the wrong structure, tensors whose shapes do not fit the model) is a :class:`CheckpointError`
+naming the file and what to do.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from oneepoch.io import atomic_dir
+from oneepoch.io import atomic_dir, write_safetensors
 
 _TENSOR = "__tensor__"
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: the message names the file and says
+    what to do (the command line reports it in one line, exit code 2)."""
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -36,7 +46,7 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
 def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {_TENSOR}:
-            return tensors[obj[_TENSOR]]
+            return tensors[obj[_TENSOR]]  # KeyError: see load_checkpoint
         return {k: _join(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_join(v, tensors) for v in obj]
@@ -51,19 +61,105 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     skeleton = _split(state, "", tensors)
     with atomic_dir(path) as tmp:
         # shared storage (e.g. views) is not allowed by safetensors: store independent copies
-        save_file({k: v.clone() if v.storage_offset() or not v.is_contiguous() else v
-                   for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
+        write_safetensors(tmp / TENSORS_FILE,
+                          {k: v.clone() if v.storage_offset() or not v.is_contiguous() else v
+                           for k, v in tensors.items()})
+        (tmp / STATE_FILE).write_text(json.dumps(skeleton, indent=1))
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint folder written by :func:`save_checkpoint`."""
+_DAMAGED = ("the checkpoint is damaged: use another one (for --resume, delete this folder "
+            "to resume from the epoch before) or start afresh")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    required: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a checkpoint folder written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint folder (``RUN/checkpoints/epoch-NNN``).
+        device: where to put the tensors.
+        required: entries the caller needs, dotted for nested ones (``"optim.sparse"``);
+            a missing one is a :class:`CheckpointError`.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+        CheckpointError: a damaged ``tensors.safetensors`` or ``state.json``, a missing entry.
+    """
     path = Path(path)
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no state.json)")
-    tensors = load_file(str(path / "tensors.safetensors"), device=str(device))
-    return _join(json.loads((path / "state.json").read_text()), tensors)
+    state_file, tensor_file = path / STATE_FILE, path / TENSORS_FILE
+    if not state_file.exists():
+        hint = ""
+        if (path / "checkpoints").is_dir():
+            found = list_checkpoints(path)
+            hint = (f"; this is a run folder: use one of its checkpoints, e.g. {found[-1]}"
+                    if found else "; this run folder has no checkpoint yet")
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE}){hint}")
+    if not tensor_file.exists():
+        raise CheckpointError(f"{tensor_file}: missing; {_DAMAGED}")
+    try:
+        tensors = load_file(str(tensor_file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, RuntimeError (device)
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise CheckpointError(f"{tensor_file}: not a readable safetensors file ({e}); "
+                              f"{_DAMAGED}") from e
+    try:
+        skeleton = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file}: not valid JSON ({e}); {_DAMAGED}") from e
+    if not isinstance(skeleton, dict):
+        raise CheckpointError(f"{state_file}: expected a JSON object at the top level, got "
+                              f"{type(skeleton).__name__}; {_DAMAGED}")
+    try:
+        state = _join(skeleton, tensors)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{state_file}: refers to tensor {e} that {TENSORS_FILE} does not "
+                              f"hold; {_DAMAGED}") from e
+    for key in required:
+        node: Any = state
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise CheckpointError(f"{state_file}: no entry {key!r} (has "
+                                      f"{sorted(state)}); not a checkpoint of this kind of run, "
+                                      f"or {_DAMAGED}")
+            node = node[part]
+    return state
+
+
+def check_state_shapes(expected: Mapping[str, torch.Tensor], loaded: Any, path: str | Path,
+                       what: str = "the model") -> None:
+    """Check that ``loaded`` (a checkpoint's ``"model"`` entry) holds exactly the tensors of
+    ``expected`` (``model.state_dict()``) with the same shapes, before ``load_state_dict``.
+
+    Raises :class:`CheckpointError` naming the checkpoint's tensor file and the first few
+    missing, unexpected or differently shaped tensors.
+    """
+    where = Path(path)
+    if where.is_dir():
+        where = where / TENSORS_FILE
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                  for v in loaded.values()):
+        raise CheckpointError(f"{where}: the model entry is not a set of named tensors; "
+                              f"{_DAMAGED}")
+    problems = []
+    missing = [k for k in expected if k not in loaded]
+    extra = [k for k in loaded if k not in expected]
+    if missing:
+        problems.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if extra:
+        problems.append(f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    for k, v in expected.items():
+        if k in loaded and tuple(loaded[k].shape) != tuple(v.shape):
+            problems.append(f"{k!r} has shape {tuple(loaded[k].shape)}, {what} needs "
+                            f"{tuple(v.shape)}")
+            if len(problems) >= 4:
+                break
+    if problems:
+        raise CheckpointError(
+            f"{where}: does not fit {what}: {'; '.join(problems)} (a checkpoint of other "
+            "data, vocabulary or model settings: use the settings it was trained with, or "
+            "another checkpoint)")
 
 
 def restore_optim_keys(sd: dict[str, Any]) -> dict[str, Any]:

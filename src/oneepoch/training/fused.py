@@ -23,7 +23,6 @@ fast path off.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,31 +37,13 @@ from oneepoch.models.layers import Dice
 from oneepoch.training.hooks import changes_loss
 from oneepoch.training.optim import Optimizer
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-MAX_LAYERS = MAX_SEQS = 64  # as native.c
+MAX_LAYERS, MAX_SEQS = kernels.MAX_LAYERS, kernels.MAX_SEQS  # native.c's (checked at load)
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")  # the order _bind_state lists them in
 
 
-class _CtrStep(ctypes.Structure):
-    """Mirror of native.c's ``CtrStep``."""
-
-    _fields_ = [
-        ("ids", _P), ("sel", _P), ("seqs", _P), ("L", _P), ("lens", _P), ("label", _P),
-        ("B", _I), ("S", _I), ("K", _I),
-        ("W", _P), ("Wm", _P), ("Wv", _P), ("off", _P), ("lim", _P), ("slot", _P), ("R", _I),
-        ("D", _I),
-        ("emb_lr", _F), ("emb_bc1", _F), ("emb_bc2", _F), ("emb_row_lr", _P),
-        ("n_layers", _I), ("width", _P),
-        ("p", _P), ("g", _P), ("m", _P), ("v", _P), ("step", _P),
-        ("run_mean", _P), ("run_var", _P), ("dice_eps", _F), ("dice_momentum", _F),
-        ("lr", _F), ("beta1", _F), ("beta2", _F), ("eps", _F), ("wd", _F),
-        ("scratch", _P), ("cap", _I), ("threads", _I),
-        ("status", _I), ("unique_rows", _I), ("prof", _P),
-    ]
-
-
+# native.c's PROF_N phases (thread 0's view, waits included)
 PHASES = ("pool", "fwd_gemm", "dice_fwd", "loss", "bwd_gemm", "dice_bwd", "emb_bwd_adam",
-          "dense_sum_adam")  # native.c's PROF_N phases (thread 0's view, waits included)
+          "dense_sum_adam", "emb_catch_up")
 
 
 def sgemm_address() -> int | None:
@@ -70,22 +51,9 @@ def sgemm_address() -> int | None:
     return kernels._sgemm_address()
 
 
-def _native_lib() -> Any:
-    if not kernels.has_blas():
-        return None
-    lib = kernels.lib()
-    if not getattr(lib, "_ctr_ready", False):
-        lib.ctr_step_scratch.argtypes = [_I, _I, _P, _I, _I, _I]
-        lib.ctr_step_scratch.restype = _I
-        lib.ctr_steps.argtypes = [ctypes.POINTER(_CtrStep), _P, _I, _I, ctypes.c_double,
-                                  ctypes.c_double, _I, _P]
-        lib.ctr_steps.restype = _I
-        lib._ctr_ready = True
-    return lib
-
-
-def _ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+def _native_ok() -> bool:
+    """Whether the fused native step and forward can run here (kernels and sgemm_)."""
+    return kernels.has_blas()
 
 
 class FusedStep:
@@ -121,7 +89,7 @@ class FusedStep:
         if not kernels.usable(*params, *model.buffers()) or any(
                 p.dtype != torch.float32 for p in params):
             return "not contiguous float32 CPU tensors, or no native kernels"
-        if _native_lib() is None:
+        if not _native_ok():
             return "no native kernels, or PyTorch exports no sgemm_"
         if opt.cfg.name != "adam" or not isinstance(opt.dense, torch.optim.Adam):
             return f"optimizer {opt.cfg.name} (only adam)"
@@ -156,7 +124,6 @@ class FusedStep:
         reason = self.why_not(model, opt)
         if reason:
             raise ValueError(f"FusedStep does not apply: {reason}")
-        self.lib = _native_lib()
         self.model, self.opt, self.batcher = model, opt, batcher
         self.batch_size = batch_size
         emb, mlp = model.embedding, model.mlp
@@ -166,10 +133,10 @@ class FusedStep:
         self.dense: torch.optim.Adam = opt.dense  # type: ignore[assignment]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.widths = [fc.in_features for fc in mlp.fcs] + [1]
-        self.c = c = _CtrStep()
+        self.c = c = kernels.abi.CtrStep()
         self._keep: list[Any] = []  # objects whose memory the struct points into
         self._width = kernels.int64_array(self.widths)
-        c.n_layers, c.width = len(mlp.fcs), ctypes.addressof(self._width)
+        c.n_layers, c.width = len(mlp.fcs), kernels.address(self._width)
         c.S, c.K = emb.n_single, len(seq_lens)
         if c.S + c.K != emb.n_fields:
             raise ValueError(f"FusedStep: {len(seq_lens)} sequence lengths for a model with "
@@ -179,7 +146,7 @@ class FusedStep:
         d0: Dice = mlp.acts[0]  # type: ignore[assignment]
         c.dice_eps, c.dice_momentum = d0.eps, d0.momentum
         self._L = kernels.int64_array(list(seq_lens))
-        c.L = ctypes.addressof(self._L)
+        c.L = kernels.address(self._L)
         self.cap = batch_size * (c.S + sum(seq_lens))
         c.cap = self.cap
         self.scratch = torch.empty(0)
@@ -194,8 +161,8 @@ class FusedStep:
     def _size_scratch(self, threads: int) -> None:
         """Scratch for ``threads`` threads (the chunk lists of lookups grow with it)."""
         c = self.c
-        n = self.lib.ctr_step_scratch(self.batch_size, c.n_layers, c.width, self.cap, c.D,
-                                      threads)
+        n = kernels.ctr_step_scratch(self.batch_size, c.n_layers, self._width, self.cap,
+                                     c.D, threads)
         if n > self.scratch.numel():
             self.scratch = torch.empty(n, dtype=torch.float32)
             c.scratch = self.scratch.data_ptr()
@@ -204,10 +171,10 @@ class FusedStep:
     def _set_arrays(self, ids: torch.Tensor, seqs: list[torch.Tensor],
                     lens: list[torch.Tensor], label: torch.Tensor) -> None:
         c = self.c
-        self._arrays = (ids, seqs, lens, label, _ptrs(seqs), _ptrs(lens))
+        self._arrays = (ids, seqs, lens, label, kernels.ptr_array(seqs), kernels.ptr_array(lens))
         c.ids, c.label = ids.data_ptr(), label.data_ptr()
-        c.seqs = ctypes.addressof(self._arrays[4])
-        c.lens = ctypes.addressof(self._arrays[5])
+        c.seqs = kernels.address(self._arrays[4])
+        c.lens = kernels.address(self._arrays[5])
 
     def _bind_state(self) -> None:
         """Point the struct at the current parameter and optimizer-state tensors (again after
@@ -230,7 +197,8 @@ class FusedStep:
         w, rs = self.emb.weight, self.rowopt.state
         run_stats = [d._buffers[k] for d in self._acts for k in ("running_mean", "running_var")]
         tensors = [w, rs["exp_avg"], rs["exp_avg_sq"], *self.params, *moments, *run_stats]
-        key = tuple(map(torch.Tensor.data_ptr, tensors))
+        last = rs.get("last_step")  # dense Adam on the table: each row's last step
+        key = tuple(map(torch.Tensor.data_ptr, tensors)) + (kernels.ptr(last),)
         if key == self._state_key:
             return
         if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32
@@ -238,13 +206,20 @@ class FusedStep:
             raise RuntimeError("FusedStep: a parameter or optimizer state is not a contiguous "
                                "float32 CPU tensor")
         c = self.c
+        if last is not None and not (last.is_contiguous() and last.device.type == "cpu"
+                                     and last.dtype == torch.int64):
+            raise RuntimeError("FusedStep: the table's last_step is not a contiguous int64 CPU "
+                               "tensor")
         c.W, c.Wm, c.Wv = key[0], key[1], key[2]
-        arrs = [_ptrs(self.params), _ptrs(self.grads),
-                _ptrs(moments[0::3]), _ptrs(moments[1::3]), _ptrs(moments[2::3]),
-                _ptrs(run_stats[0::2]), _ptrs(run_stats[1::2])]
+        c.emb_last = kernels.ptr(last)
+        cu = self.rowopt.catch_up
+        c.emb_catch = None if cu is None else kernels.address(cu.struct)
+        arrs = [kernels.ptr_array(ts) for ts in (
+            self.params, self.grads, moments[0::3], moments[1::3], moments[2::3],
+            run_stats[0::2], run_stats[1::2])]
         for name, a in zip(("p", "g", "m", "v", "step", "run_mean", "run_var"), arrs,
                            strict=True):
-            setattr(c, name, ctypes.addressof(a))
+            setattr(c, name, kernels.address(a))
         self._keep = arrs
         self._state_key = key
 
@@ -252,7 +227,7 @@ class FusedStep:
         """Accumulate each phase's wall time (seconds, in :data:`PHASES` order) from now on
         into the returned array."""
         self.profile = np.zeros(len(PHASES), dtype=np.float64)
-        self.c.prof = self.profile.ctypes.data
+        self.c.prof = kernels.address(self.profile)
         return self.profile
 
     def __call__(self, rows: np.ndarray) -> float:
@@ -264,7 +239,7 @@ class FusedStep:
         if self._arrays is None or self._arrays[0] is not self.batcher._arrays[0]:
             self._set_arrays(*self.batcher._arrays, self.batcher._label_t)
         sel = np.ascontiguousarray(rows, dtype=np.int64)
-        return self._run(len(sel), sel.ctypes.data, lambda: self.batcher.get(rows))
+        return self._run(len(sel), kernels.address(sel), lambda: self.batcher.get(rows))
 
     def step_batch(self, batch: Batch) -> float:
         """Train on one :class:`~oneepoch.data.batcher.Batch` (CPU tensors); returns its loss."""
@@ -298,7 +273,7 @@ class FusedStep:
                              "(needs 2)")
         if self._arrays is None or self._arrays[0] is not self.batcher._arrays[0]:
             self._set_arrays(*self.batcher._arrays, self.batcher._label_t)
-        losses, done = self._native_steps(bs, sel.ctypes.data, len(sel), n)
+        losses, done = self._native_steps(bs, kernels.address(sel), len(sel), n)
         if self.c.status:
             bad = sel[done * bs:(done + 1) * bs]
             self._raise_status(lambda: self.batcher.get(bad))  # type: ignore[union-attr]
@@ -311,8 +286,8 @@ class FusedStep:
         ro = self.rowopt
         self._prepare(b)
         losses = np.empty(n, dtype=np.float64)
-        done = self.lib.ctr_steps(ctypes.byref(self.c), sel, n_rows, b, ro.cfg.beta1,
-                                  ro.cfg.beta2, ro.step_count, losses.ctypes.data)
+        done = kernels.ctr_steps(self.c, sel, n_rows, b, ro.cfg.beta1, ro.cfg.beta2,
+                                 ro.step_count, losses)
         ro.step_count += done
         return losses, done
 
@@ -375,7 +350,7 @@ class FusedForward:
         if not kernels.usable(*tensors) or any(
                 p.dtype != torch.float32 for p in model.parameters()):
             return "not contiguous float32 CPU tensors, or no native kernels"
-        if _native_lib() is None:
+        if not _native_ok():
             return "no native kernels, or PyTorch exports no sgemm_"
         return None
 
@@ -385,19 +360,12 @@ class FusedForward:
         return None if cls.why_not(model) else cls(model)  # type: ignore[arg-type]
 
     def __init__(self, model: EmbeddingMLP) -> None:
-        lib = _native_lib()
-        if not getattr(lib, "_fwd_ready", False):
-            lib.ctr_forward.argtypes = [ctypes.POINTER(_CtrStep), _P]
-            lib.ctr_forward.restype = None
-            lib.ctr_forward_scratch.argtypes = [_I, _P, _I, _I, _I]
-            lib.ctr_forward_scratch.restype = _I
-            lib._fwd_ready = True
-        self.lib, self.model = lib, model
+        self.model = model
         emb, mlp = model.embedding, model.mlp
         self.params = mlp._ordered_params()
-        c = self.c = _CtrStep()
+        c = self.c = kernels.abi.CtrStep()
         self._width = kernels.int64_array([fc.in_features for fc in mlp.fcs] + [1])
-        c.n_layers, c.width = len(mlp.fcs), ctypes.addressof(self._width)
+        c.n_layers, c.width = len(mlp.fcs), kernels.address(self._width)
         c.S, c.R, c.D = emb.n_single, emb.table_rows, emb.dim
         c.off, c.lim = emb.field_offsets.data_ptr(), emb.field_rows.data_ptr()
         c.dice_eps = mlp.acts[0].eps if len(mlp.acts) else 1e-8  # type: ignore[union-attr]
@@ -425,22 +393,22 @@ class FusedForward:
                              f"{emb.n_fields - emb.n_single}")
         ids, seqs, lens = kernels.ids32(ids), [kernels.ids32(q) for q in seqs], \
             [kernels.ids32(n) for n in lens]  # (no copy for the batcher's own int32 arrays)
-        seq_p, len_p = _ptrs(seqs), _ptrs(lens)
+        seq_p, len_p = kernels.ptr_array(seqs), kernels.ptr_array(lens)
         L = kernels.int64_array([q.shape[1] for q in seqs])
         acts = list(mlp.acts)
-        keep = [_ptrs(self.params), _ptrs([d.running_mean for d in acts]),
-                _ptrs([d.running_var for d in acts])]
-        c.p, c.run_mean, c.run_var = (ctypes.addressof(a) for a in keep)
-        c.ids, c.seqs, c.lens, c.L = (ids.data_ptr(), ctypes.addressof(seq_p),
-                                      ctypes.addressof(len_p), ctypes.addressof(L))
+        keep = [kernels.ptr_array(self.params), kernels.ptr_array([d.running_mean for d in acts]),
+                kernels.ptr_array([d.running_var for d in acts])]
+        c.p, c.run_mean, c.run_var = (kernels.address(a) for a in keep)
+        c.ids, c.seqs, c.lens, c.L = (ids.data_ptr(), kernels.address(seq_p),
+                                      kernels.address(len_p), kernels.address(L))
         c.K, c.W = len(seqs), emb.weight.data_ptr()
-        c.B, c.sel = len(out), None if sel is None else sel.ctypes.data
+        c.B, c.sel = len(out), None if sel is None else kernels.address(sel)
         c.threads = torch.get_num_threads()
         lps = c.S + sum(q.shape[1] for q in seqs)
-        buf = kernels.scratch(self.lib.ctr_forward_scratch(c.n_layers, c.width, lps, c.K,
-                                                           c.threads))
+        buf = kernels.scratch(kernels.ctr_forward_scratch(c.n_layers, self._width, lps, c.K,
+                                                          c.threads))
         c.scratch = buf.data_ptr()
-        self.lib.ctr_forward(ctypes.byref(c), out.ctypes.data)
+        kernels.ctr_forward(c, out)
         if c.status == -3:
             raise RuntimeError("FusedForward: layers or sequence fields outside the native "
                                "forward's limits")

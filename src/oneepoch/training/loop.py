@@ -127,6 +127,9 @@ def check_checkpoint(ck: dict[str, Any], path: Path, model: torch.nn.Module,
             "own batch_size")
 
 
+RESUME_KEYS = ("model", "optim.sparse", "optim.dense", "torch_rng", "step", "epoch")
+
+
 def open_run(run_dir: Path, config: dict[str, Any], resume: bool, model: torch.nn.Module,
              steps_per_epoch: int, device: str = "cpu") -> tuple[RunLock, dict[str, Any] | None]:
     """Take the run folder: lock it, check the checkpoint to resume from (if any) or forget an
@@ -138,7 +141,7 @@ def open_run(run_dir: Path, config: dict[str, Any], resume: bool, model: torch.n
         ck = None
         paths = list_checkpoints(run_dir) if resume else []
         if paths:
-            ck = load_checkpoint(paths[-1], device)
+            ck = load_checkpoint(paths[-1], device, required=RESUME_KEYS)
             check_checkpoint(ck, paths[-1], model, steps_per_epoch)
         elif not resume:
             clear_run_state(run_dir)

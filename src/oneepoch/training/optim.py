@@ -1,12 +1,23 @@
-"""Optimizers: row-wise (lazy) updates for embedding tables, torch.optim for the MLP.
+"""Optimizers: row-wise updates for embedding tables, torch.optim for the MLP.
 
 An embedding table's gradient is sparse (the batch's rows only). :class:`RowWiseOptimizer`
 sums duplicate rows and applies Adam / RMSprop / SGD (momentum) / Adagrad to those rows only,
-so a step's cost does not grow with the table. Like ``torch.optim.SparseAdam`` (and TF's
-LazyAdam), the moment estimates of rows absent from a batch are not decayed; weight decay is
-applied to the rows the batch touches. ``RowWiseOptimizer.row_lr`` (a vector over the table's
-rows) multiplies the learning rate per row: remedies set it (pre-trained rows fine-tuned slowly,
-or frozen at 0).
+so a step's cost does not grow with the table. Weight decay is applied to the rows the batch
+touches. ``RowWiseOptimizer.row_lr`` (a vector over the table's rows) multiplies the learning
+rate per row: remedies set it (pre-trained rows fine-tuned slowly, or frozen at 0).
+
+Adam has two semantics (``optim.embedding_update``):
+
+* ``dense`` (default): what TF1's ``AdamOptimizer`` and ``torch.optim.Adam`` on a dense
+  ``nn.Embedding`` do: every row's moments decay at every step and every row moves by
+  ``lr m / (sqrt(v) + eps)``, in the batch or not. At row-wise cost: a row keeps the step it was
+  last brought up to date, and the zero-gradient steps it missed are applied in closed form when
+  it is next touched (:class:`DenseAdamCatchUp`); :meth:`Optimizer.sync` brings every row up to
+  date (before evaluation, checkpoints and exports).
+* ``lazy``: like ``torch.optim.SparseAdam`` (and TF's LazyAdam), rows absent from a batch are
+  neither decayed nor moved.
+
+RMSprop, Adagrad and SGD with momentum are always lazy (as TF1's sparse updates are).
 
     >>> from oneepoch.config import OptimConfig
     >>> opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))   # doctest: +SKIP
@@ -15,15 +26,139 @@ or frozen at 0).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from oneepoch import kernels
 from oneepoch.config import OptimConfig
+from oneepoch.models.embedding import set_before_lookup
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
+EMBEDDING_UPDATES = ("dense", "lazy")
+
+
+def _suffix_sums(a: np.ndarray, q: float, tail: float, block: int = 256) -> np.ndarray:
+    """``H[i] = sum_{i' >= i} a[i'] q^(i' - i)`` for i < len(a), and ``H[len(a)] = tail`` (the
+    sum of the continuation), by blocks (a reversed cumulative sum in each)."""
+    n = len(a)
+    H = np.empty(n + 1)
+    H[n] = tail
+    pw = q ** np.arange(block + 1, dtype=np.float64)
+    for e in range(n, 0, -block):
+        b = max(0, e - block)
+        L = e - b
+        cs = np.cumsum((a[b:e] * pw[:L])[::-1])[::-1]  # sum_{i' >= i} a[i'] q^(i' - b)
+        H[b:e] = cs / pw[:L] + pw[L - np.arange(L)] * H[e]
+    return H
+
+
+class DenseAdamCatchUp:
+    """Dense Adam's catch-up for rows a batch leaves out (the math is in native.c, above
+    ``catch_up_row``; :meth:`apply` is its PyTorch twin).
+
+    A row last brought up to date at step ``t0`` misses the zero-gradient steps
+    ``i = t0 + 1 .. t0 + k``; torch.optim.Adam would decay its moments by ``beta1^k`` and
+    ``beta2^k`` and move it by ``m0 F(sqrt(v0))``, ``F(x) = sum_j w_j / (x + e_j)`` with
+    ``w_j = lr s_i / bc1_i r^j``, ``e_j = eps s_i beta2^(-j/2)``, ``s_i = sqrt(1 - beta2^i)``,
+    ``r = beta1 / sqrt(beta2)``. The closed form ``W / (x + e~)`` (``W = sum w_j``, ``e~`` the
+    w-weighted mean of ``e_j``) reads the window sums from suffix tables; its relative error is at
+    most ``var / ((x + e_1)(x + e~))`` (var: the weighted variance of ``e_j``); elements where
+    that exceeds :attr:`TOL` are summed step by step instead (until the remaining weight is
+    below 1e-12 of W). Needs ``beta1 < beta2^1.5`` (every ratio below 1).
+    """
+
+    TOL = 1e-6  # relative error allowed to the closed form (else the exact sum)
+    P = 4096  # exponents tabulated per ratio (exp() beyond)
+    MAX_T = 1 << 20  # steps with tabulated bias corrections, at most
+
+    def __init__(self, beta1: float, beta2: float, eps: float) -> None:
+        if not (0.0 <= beta1 < 1.0 and 0.0 < beta2 < 1.0 and beta1 < beta2 ** 1.5):
+            raise ValueError(f"optim.embedding_update=dense needs 0 <= beta1 < beta2^1.5 < 1 "
+                             f"(beta1={beta1}, beta2={beta2}); use embedding_update=lazy")
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        lo = math.log(1e-17)  # beyond T, 1 - beta^i is 1 in float64
+        T = int(max(lo / math.log(beta2), lo / math.log(beta1) if beta1 > 0 else 1.0)) + 1
+        T = min(T, self.MAX_T)
+        i = np.arange(T + 1, dtype=np.float64)
+        s = np.sqrt(1.0 - beta2 ** i)
+        bc1 = 1.0 - beta1 ** i
+        bc1[0] = 1.0  # (step 0 never starts a window)
+        self.r, self.rho, self.rho2 = beta1 / beta2 ** 0.5, beta1 / beta2, beta1 / beta2 ** 1.5
+        ratios = (beta1, beta2, self.r, self.rho, self.rho2)
+        self.H = [_suffix_sums(s ** (p + 1) / bc1, q, 1.0 / (1.0 - q))
+                  for p, q in enumerate(ratios[2:])]
+        self.s = np.append(s, 1.0)
+        self.T = T
+        self.log_q = [math.log(q) if q > 0 else -math.inf for q in ratios]
+        self.pw = np.stack([q ** np.arange(self.P, dtype=np.float64) for q in ratios])
+        self.struct = kernels.catch_up_struct(beta1, beta2, eps, self.TOL, *self.H, self.s,
+                                              self.pw, self.log_q)
+        self._t = [torch.from_numpy(a) for a in (*self.H, self.s)]
+
+    def _pow(self, q: int, k: torch.Tensor) -> torch.Tensor:
+        return torch.exp(k.to(torch.float64) * self.log_q[q])
+
+    def _window(self, h: int, q: int, t0: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        H, T1 = self._t[h], self.T + 1
+        qq = (self.r, self.rho, self.rho2)[h]
+        return qq * (H[(t0 + 1).clamp(max=T1)] - self._pow(q, k) * H[(t0 + k + 1).clamp(max=T1)])
+
+    @torch.no_grad()
+    def apply(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t0: torch.Tensor,
+              k: torch.Tensor, lr: torch.Tensor) -> None:
+        """Bring rows (w, m, v [n, D], in place) from steps ``t0`` [n] through ``k`` [n] >= 1
+        zero-gradient steps each; lr [n]: each row's learning rate (float64)."""
+        t0, k = t0.cpu(), k.cpu()
+        S0 = self._window(0, 2, t0, k)
+        S1, S2 = self._window(1, 3, t0, k), self._window(2, 4, t0, k)
+        lr = lr.cpu().to(torch.float64)
+        live = (S0 > 0) & (lr != 0)
+        S0s = torch.where(live, S0, torch.ones_like(S0))
+        eb = self.eps * S1 / S0s
+        var = (self.eps ** 2 * (S2 / S0s) - eb * eb).clamp(min=0)
+        e1 = self.eps * self.s[np.minimum(t0.numpy() + 1, self.T + 1)] / math.sqrt(self.beta2)
+        dev = w.device
+        Wf = torch.where(live, lr * S0, torch.zeros_like(S0)).to(torch.float32).to(dev)
+        ebf, e1f = eb.to(torch.float32).to(dev), torch.from_numpy(e1).to(torch.float32).to(dev)
+        lim = (var / self.TOL).to(torch.float32).to(dev)
+        x = v.sqrt()
+        mv = m * Wf[:, None] / (x + ebf[:, None])
+        exact = ((x + e1f[:, None]) * (x + ebf[:, None]) < lim[:, None]) & (m != 0) \
+            & live.to(dev)[:, None]
+        if bool(exact.any()):
+            ri, di = exact.nonzero(as_tuple=True)
+            f = self._exact(x[ri, di].double().cpu(), t0[ri.cpu()], k[ri.cpu()], S0[ri.cpu()])
+            mv[ri, di] = (m[ri, di].double().cpu() * lr[ri.cpu()] * f).to(mv.dtype).to(dev)
+        w.sub_(mv)
+        m.mul_(self._pow(0, k).to(torch.float32).to(dev)[:, None])
+        v.mul_(self._pow(1, k).to(torch.float32).to(dev)[:, None])
+
+    def _exact(self, x: torch.Tensor, t0: torch.Tensor, k: torch.Tensor,
+               S0: torch.Tensor) -> torch.Tensor:
+        """F(x) / lr summed step by step, vectorised over elements (native.c exact_catch_up)."""
+        b1, b2 = self.beta1, self.beta2
+        acc, wp = torch.zeros_like(x), torch.zeros_like(x)
+        e = torch.full_like(x, self.eps)
+        b1i, b2i = b1 ** t0.double(), b2 ** t0.double()
+        rj = bj = 1.0
+        going = torch.ones_like(x, dtype=torch.bool)
+        for j in range(1, int(k.max()) + 1):
+            rj, bj = rj * self.r, bj / math.sqrt(b2)
+            b1i, b2i = b1i * b1, b2i * b2
+            si = (1.0 - b2i).sqrt()
+            wj = si / (1.0 - b1i) * rj
+            going &= k >= j
+            e = torch.where(going, self.eps * si * bj, e)
+            acc += torch.where(going, wj / (x + e), 0.0)
+            wp += torch.where(going, wj, 0.0)
+            going &= S0 - wp > 1e-12 * S0
+            if not bool(going.any()):
+                break
+        return acc + ((S0 - wp).clamp(min=0) / (x + e))
 
 
 def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +168,7 @@ def coalesce_rows(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, 
             and kernels.usable(idx, vals)):
         rows = torch.empty_like(idx)
         summed = torch.empty_like(vals)
-        u = kernels.lib().coalesce_rows(idx.data_ptr(), vals.data_ptr(), idx.shape[0],
-                                        vals.shape[1], rows.data_ptr(), summed.data_ptr())
+        u = kernels.coalesce_rows(idx, vals, rows, summed)
         if u >= 0:
             return rows[:u], summed[:u]
     rows, inv = torch.unique(idx, return_inverse=True)
@@ -68,22 +202,51 @@ def _row_grads(param: nn.Parameter, module: nn.Module | None
     return coalesce_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
+_CATCH_UPS: dict[tuple[float, float, float], DenseAdamCatchUp] = {}
+
+
+def _catch_up_tables(beta1: float, beta2: float, eps: float) -> DenseAdamCatchUp:
+    """The catch-up tables of these settings (built once per process)."""
+    key = (beta1, beta2, eps)
+    if key not in _CATCH_UPS:
+        _CATCH_UPS[key] = DenseAdamCatchUp(beta1, beta2, eps)
+    return _CATCH_UPS[key]
+
+
 class RowWiseOptimizer:
-    """Row-wise optimizer for one embedding table with sparse gradients."""
+    """Row-wise optimizer for one embedding table with sparse gradients.
+
+    With Adam and ``cfg.embedding_update == "dense"``, ``state["last_step"]`` (int64 per row)
+    holds the step each row was last brought up to date; :meth:`sync` brings them all to
+    ``step_count``.
+    """
 
     def __init__(self, param: nn.Parameter, cfg: OptimConfig, lr: float,
                  module: nn.Module | None = None) -> None:
         if cfg.name not in OPTIMIZERS:
             raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (choose {OPTIMIZERS})")
+        mode = getattr(cfg, "embedding_update", "lazy")
+        if mode not in EMBEDDING_UPDATES:
+            raise ValueError(f"optim.embedding_update: unknown value {mode!r} "
+                             f"(choose {EMBEDDING_UPDATES})")
         self.param, self.cfg, self.lr = param, cfg, lr
+        self.dense_adam = cfg.name == "adam" and mode == "dense"
+        self.catch_up = _catch_up_tables(cfg.beta1, cfg.beta2, cfg.eps) \
+            if self.dense_adam else None
         self.module = module
         if module is not None and hasattr(module, "fused"):
             module.fused = True
+        if self.dense_adam and module is not None and hasattr(module, "bag_inputs"):
+            # the batch's rows are brought up to date before the forward reads them
+            set_before_lookup(module, self.catch_up_batch)
         self.step_count = 0
         self.state: dict[str, torch.Tensor] = {}
         z = lambda: torch.zeros_like(param, memory_format=torch.contiguous_format)  # noqa: E731
         if cfg.name == "adam":
             self.state = {"exp_avg": z(), "exp_avg_sq": z()}
+            if self.dense_adam:
+                self.state["last_step"] = torch.zeros(param.shape[0], dtype=torch.int64,
+                                                      device=param.device)
         elif cfg.name in ("rmsprop", "adagrad"):
             self.state = {"square_avg": z()}
             if cfg.name == "rmsprop" and cfg.momentum > 0:
@@ -108,6 +271,10 @@ class RowWiseOptimizer:
         c, w = self.cfg, self.param
         if c.name == "adam" and self._native_adam(rows, grad):
             return
+        if self.dense_adam:  # the steps these rows missed, then this one
+            last = self.state["last_step"]
+            self._catch_up(rows, last.index_select(0, rows), self.step_count - 1)
+            last.index_fill_(0, rows, self.step_count)
         w_r = w.index_select(0, rows)
         if c.weight_decay:
             grad = grad + c.weight_decay * w_r
@@ -151,30 +318,95 @@ class RowWiseOptimizer:
         if self.track_updates:
             self.last_update_linf = float(delta.abs().max())
 
+    def _catch_up(self, rows: torch.Tensor, t0: torch.Tensor, t: int) -> None:
+        """Dense Adam: bring these distinct rows (last brought up to date at steps ``t0``) to
+        step ``t`` (the PyTorch twin of the native catch-up)."""
+        behind = t0 < t
+        if not bool(behind.any()):
+            return
+        rows, t0 = rows[behind], t0[behind]
+        w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
+        w_r, m_r, v_r = (x.detach().index_select(0, rows) for x in (w, m, v))
+        lr = torch.full((rows.shape[0],), float(self.lr), dtype=torch.float64)
+        if self.row_lr is not None:
+            lr = lr * self.row_lr.index_select(0, rows).double().cpu()
+        self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr)  # type: ignore[union-attr]
+        for x, x_r in ((w, w_r), (m, m_r), (v, v_r)):
+            x.detach().index_copy_(0, rows, x_r)
+
+    @torch.no_grad()
+    def catch_up_batch(self, batch: Any) -> None:
+        """Dense Adam: bring the rows this batch looks up to the previous step, before the
+        forward reads them (so the gradient is taken where torch.optim.Adam's table is)."""
+        w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
+        last, t, mod = self.state["last_step"], self.step_count, self.module
+        scale = None if self.row_lr is None else self.row_lr.to(torch.float32).contiguous()
+        if w.dtype == torch.float32 and kernels.usable(w, m, v, last, batch.ids) and (
+                scale is None or kernels.usable(scale)):
+            kernels.adam_catch_up_batch(
+                kernels.ids32(batch.ids), mod.field_offsets, mod.field_rows,  # type: ignore
+                [kernels.ids32(q) for q in batch.seqs], [kernels.ids32(n) for n in batch.lens],
+                w, m, v, last, t, self.lr, scale, self.catch_up.struct)  # type: ignore[union-attr]
+            return
+        flat, _ = mod.bag_inputs(batch)  # type: ignore[union-attr]
+        rows = torch.unique(flat)
+        t0 = last.index_select(0, rows)
+        self._catch_up(rows, t0, t)
+        last.index_fill_(0, rows[t0 < t], t)
+
+    @torch.no_grad()
+    def sync(self) -> int:
+        """Dense Adam: bring every row to ``step_count`` (the moment decay and movement of
+        the steps each missed), so the table is what torch.optim.Adam would hold. Returns the
+        rows moved (0 for lazy updates and other optimizers)."""
+        if not self.dense_adam:
+            return 0
+        w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
+        last, t = self.state["last_step"], self.step_count
+        scale = None if self.row_lr is None else self.row_lr.to(torch.float32).contiguous()
+        if w.dtype == torch.float32 and kernels.usable(w, m, v, last) and (
+                scale is None or kernels.usable(scale)):
+            return kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
+                                             self.catch_up.struct)  # type: ignore[union-attr]
+        rows = (last < t).nonzero().squeeze(1)
+        for a in range(0, rows.shape[0], 1 << 16):  # bounded memory
+            r = rows[a:a + (1 << 16)]
+            self._catch_up(r, last.index_select(0, r), t)
+        last.fill_(t)
+        return int(rows.shape[0])
+
     def _native_adam(self, rows: torch.Tensor, grad: torch.Tensor) -> bool:
         """The Adam update above in one native pass over the rows; False if not applicable."""
         w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
+        last = self.state.get("last_step")
         if not (w.dtype == grad.dtype == torch.float32 and rows.dtype == torch.int64
-                and kernels.usable(w, m, v, rows, grad)):
+                and kernels.usable(w, m, v, rows, grad)
+                and (last is None or kernels.usable(last))):
             return False
         c = self.cfg
         scale = None
         if self.row_lr is not None:
             scale = self.row_lr.index_select(0, rows).to(torch.float32).contiguous()
-        linf = kernels.lib().rowwise_adam(
-            w.data_ptr(), m.data_ptr(), v.data_ptr(), rows.data_ptr(), grad.data_ptr(),
-            rows.shape[0], w.shape[1], self.lr, kernels.ptr(scale), c.beta1, c.beta2, c.eps,
-            1 - c.beta1 ** self.step_count, 1 - c.beta2 ** self.step_count, c.weight_decay)
+        linf = kernels.rowwise_adam(w, m, v, rows, grad, self.lr, scale, c.beta1, c.beta2,
+                                    c.eps, 1 - c.beta1 ** self.step_count,
+                                    1 - c.beta2 ** self.step_count, c.weight_decay,
+                                    last, self.step_count,
+                                    None if self.catch_up is None else self.catch_up.struct)
         self.last_update_linf = float(linf)
         return True
 
     def state_dict(self) -> dict[str, Any]:
+        """The step count and every state tensor (with dense Adam, each row's last step too,
+        so a resumed run continues bitwise as the uninterrupted one; no sync is implied)."""
         return {"step_count": self.step_count, **self.state}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step_count = int(sd["step_count"])
         for k in self.state:
-            self.state[k].copy_(sd[k])
+            if k == "last_step" and k not in sd:  # saved by lazy Adam: every row current
+                self.state[k].fill_(self.step_count)
+            else:
+                self.state[k].copy_(sd[k])
 
 
 class Optimizer:
@@ -207,6 +439,13 @@ class Optimizer:
     def zero_grad(self) -> None:
         for p in self.model.parameters():
             p.grad = None
+
+    def sync(self) -> None:
+        """Bring every embedding row up to the current step (dense Adam applies the steps a
+        row missed when it is next touched). Call before evaluation, checkpoints and exports;
+        a no-op for lazy updates."""
+        for opt in self.sparse.values():
+            opt.sync()
 
     def step(self) -> None:
         before = None

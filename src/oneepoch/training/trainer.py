@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,13 @@ import torch
 from oneepoch.analysis import Verdict, one_epoch_verdict
 from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
-from oneepoch.data.dataset import CTRData, load_ctr
+from oneepoch.data.dataset import CTRData, load_ctr, oov_shares
 from oneepoch.data.transforms import CARVED, apply_transforms
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.runfolder import read_metrics
-from oneepoch.training.checkpoint import load_checkpoint
+from oneepoch.training.checkpoint import check_state_shapes, load_checkpoint
 from oneepoch.training.fused import FusedForward
 from oneepoch.training.hooks import Hook, State
 from oneepoch.training.loop import Loop, TrainingDiverged, eval_points, open_run
@@ -105,14 +105,17 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None,
     return out
 
 
+def load_data(cfg: TrainConfig) -> CTRData:
+    """Load the splits of ``cfg.data.path`` a run uses (train, test and a validation split)."""
+    if not cfg.data.path:
+        raise ValueError("data.path: no data set given (a folder with schema.yaml)")
+    want = [cfg.data.train_split, cfg.data.test_split]
+    return load_ctr(cfg.data.path, want + [cfg.data.valid_split] * bool(cfg.data.valid_split))
+
+
 def prepare_data(cfg: TrainConfig, data: CTRData | None = None) -> CTRData:
     """Load ``cfg.data.path`` (unless given) and apply the configured transforms."""
-    if data is None:
-        if not cfg.data.path:
-            raise ValueError("data.path: no data set given (a folder with schema.yaml)")
-        want = [cfg.data.train_split, cfg.data.test_split]
-        data = load_ctr(cfg.data.path, want + [cfg.data.valid_split] * bool(cfg.data.valid_split))
-    return apply_transforms(data, cfg.data, cfg.seed)
+    return apply_transforms(load_data(cfg) if data is None else data, cfg.data, cfg.seed)
 
 
 def valid_split_name(cfg: TrainConfig) -> str | None:
@@ -128,7 +131,9 @@ def build(cfg: TrainConfig, data: CTRData) -> tuple[torch.nn.Module, Optimizer]:
     model = build_model(cfg.model, data.vocab_sizes, [data.field_vocab(f) for f in data.fields],
                         len(data.single_fields)).to(cfg.device)
     if cfg.init_from:
-        model.load_state_dict(load_checkpoint(cfg.init_from, cfg.device)["model"])
+        ck = load_checkpoint(cfg.init_from, cfg.device, required=("model",))
+        check_state_shapes(model.state_dict(), ck["model"], cfg.init_from)
+        model.load_state_dict(ck["model"])
     groups = dict(model.param_groups())  # type: ignore[operator]
     for g in cfg.freeze:
         if g not in groups:
@@ -145,7 +150,17 @@ def config_hooks(cfg: TrainConfig) -> list[str]:
                             ("single_stage", cfg.single_stage.weight > 0),
                             ("early_stop", bool(cfg.early_stop.metric)),
                             ("meda", cfg.meda.enabled),
-                            ("freq_lr", cfg.freq_lr.threshold > 0)) if on]
+                            ("freq_lr", cfg.freq_lr.threshold > 0),
+                            ("freeze_after", cfg.freeze_after.epoch > 0)) if on]
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, in MiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
 def stopped_early(hooks: Sequence[Hook]) -> bool:
@@ -153,16 +168,27 @@ def stopped_early(hooks: Sequence[Hook]) -> bool:
     return any(getattr(h, "stopped", False) for h in hooks)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
-          resume: bool = False, data: CTRData | None = None) -> TrainResult:
-    """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
+@dataclass
+class RunSetup:
+    """A CTR run, checked and built, before anything is written (see :func:`setup_run`)."""
 
-    ``hooks`` plug probes and remedies in (build the config's own with
-    :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
-    device, data, model, the checkpoint to resume from) is checked before the run folder is
-    touched; the folder is locked while the run writes it.
-    """
-    t0 = time.time()
+    cfg: TrainConfig
+    run_dir: Path
+    hooks: list[Hook]
+    data: CTRData
+    state: State
+    batcher: Batcher
+    evaluate: Callable[[], dict[str, Any]]
+    batches: Callable[[int], Iterator[np.ndarray]]
+    valid_split: str | None
+    oov: dict[str, float]
+
+
+def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
+              data: CTRData | None = None) -> RunSetup:
+    """Check everything a run needs (device, output folder, data, model, every hook's own
+    requirements) and build it, writing nothing. ``train`` starts with it; ``compare`` calls it
+    for each remedy before training any of them."""
     check_device(cfg.device)
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
@@ -172,7 +198,10 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     if missing:
         raise ValueError(f"{', '.join(missing)}: set, but no hook applies it; pass "
                          "hooks=oneepoch.remedies.hooks_from_config(cfg) to train()")
-    data = prepare_data(cfg, data)
+    if data is None:
+        data = load_data(cfg)
+    oov = oov_shares(data, cfg.data.test_split)  # before a filter / hash would inflate it
+    data = apply_transforms(data, cfg.data, cfg.seed)
     model, opt = build(cfg, data)
     train_split, test_split = data.splits[cfg.data.train_split], data.splits[cfg.data.test_split]
     batcher = Batcher(train_split, cfg.batch_size, cfg.device)
@@ -182,8 +211,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     sub = np.sort(np.random.default_rng([cfg.seed, 99]).choice(len(train_split), n_sub, False))
     sub_users = None if train_split.user is None else np.asarray(train_split.user[sub])
     vname = valid_split_name(cfg)
-    valid_split = data.splits[vname] if vname else None
-    eval_valid = Batcher(valid_split, cfg.eval.batch_size, cfg.device) if valid_split else None
+    valid = data.splits[vname] if vname else None
+    eval_valid = Batcher(valid, cfg.eval.batch_size, cfg.device) if valid is not None else None
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
@@ -191,19 +220,34 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     def evaluate_now() -> dict[str, Any]:
         out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test")
         out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
-        if eval_valid is not None:
-            out.update(evaluate(model, eval_valid, None, valid_split.label, valid_split.user,
-                                "valid"))
+        if eval_valid is not None and valid is not None:
+            out.update(evaluate(model, eval_valid, None, valid.label, valid.user, "valid"))
         return out
 
     def batches(epoch: int) -> Iterator[np.ndarray]:
         return iter(batcher.epoch_rows(epoch_order(len(train_split), epoch, cfg.shuffle,
                                                    cfg.seed)))
 
+    return RunSetup(cfg, run_dir, hooks, data, s, batcher, evaluate_now, batches, vname, oov)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
+          resume: bool = False, data: CTRData | None = None) -> TrainResult:
+    """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
+
+    ``hooks`` plug probes and remedies in (build the config's own with
+    :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
+    device, data, model, the checkpoint to resume from) is checked before the run folder is
+    touched (:func:`setup_run`); the folder is locked while the run writes it.
+    """
+    t0 = time.time()
+    r = setup_run(cfg, run_dir, hooks, data)
+    s, hooks, run_dir, vname = r.state, r.hooks, r.run_dir, r.valid_split
+    model, opt = s.model, s.optimizer
     lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
     try:
-        loop = Loop(s, lambda: build_step(model, opt, batcher, hooks, s), hooks, batches,
-                    evaluate_now, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
+        loop = Loop(s, lambda: build_step(model, opt, r.batcher, hooks, s), hooks, r.batches,
+                    r.evaluate, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
                     cfg.checkpoint_keep,
                     sync=getattr(opt, "sync", lambda: None), progress=cfg.progress,
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
@@ -226,9 +270,10 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         base = {"step_path": loop.step.path, "step_path_reason": loop.step.reason}
         summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
-                   **base, "finished": s.step >= total or stopped_early(hooks)}
+                   **base, "peak_rss_mib": peak_rss_mib(), "oov_test_share": r.oov,
+                   "finished": s.step >= total or stopped_early(hooks)}
         if vname:
-            summary["validation"] = {"split": vname, "rows": len(valid_split),
+            summary["validation"] = {"split": vname, "rows": len(r.data.splits[vname]),
                                      "carved_by": cfg.data.valid_by if vname == CARVED else None}
         for h in hooks:
             summary.update(h.summary())

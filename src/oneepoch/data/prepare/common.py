@@ -543,7 +543,8 @@ def finish(directory: Path, summary: Summary, t0: float) -> dict[str, Any]:
     from oneepoch.data.dataset import load_ctr
     from oneepoch.data.stats import field_stats, format_stats, write_stats
 
-    data = load_ctr(directory)  # also writes the vocabularies + encoded cache for training
+    # also writes the vocabularies + encoded cache for training; a tiny one-class split warns
+    data = load_ctr(directory, single_class="warn")
     rows = field_stats(data, "train")
     stats_md = format_stats(rows, len(data.splits["train"]))
     write_stats(data, directory / "stats", "train")

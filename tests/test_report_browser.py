@@ -133,3 +133,22 @@ def test_hsu2024_report(tmp_path: Path) -> None:
     page = H._table1_report(tmp_path, res, H.Preset(surfaces=None))  # type: ignore[arg-type]
     r = check_in_browser(page)
     assert r["tables"] >= 2
+
+
+def test_compare_report(tmp_path: Path) -> None:
+    from oneepoch.recipes.compare import ArmResult, write_outputs
+    from oneepoch.runfolder import write_metrics
+
+    runs = {}
+    arms = []
+    for k, name in enumerate(("early-stop", "meda")):
+        d = tmp_path / "runs" / name / "seed-0"
+        d.mkdir(parents=True)
+        write_metrics(d, [{"step": s, "epoch": s / 4, "test_auc": 0.6 + 0.01 * s + 0.01 * k}
+                          for s in range(9)])
+        runs[name] = [d]
+        arms.append(ArmResult(name, "what it does", 1, [0.7], [1.0], {1: [0.7], 2: [0.69]},
+                              {1: [0.01]}, [3.0], [100.0], [0.01] if k else []))
+    files = write_outputs(tmp_path, arms, runs, 2, "none does here", "compare: test")
+    r = check_in_browser(files["html"])
+    assert r["images"] == 1 and r["tables"] == 2

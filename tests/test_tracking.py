@@ -167,3 +167,24 @@ def test_sweep_runs_share_one_log_folder(tiny_synth: Path, tmp_path: Path) -> No
                          "eval.per_epoch=1", "eval.train_rows=500", "tracking=tensorboard"])
     logs = tmp_path / "sw" / "tensorboard" / "model.type=lr" / "seed-0"
     assert any(p.name.startswith("events.") for p in logs.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow not installed")
+def test_compare_runs_share_one_mlflow_store(tiny_synth: Path, tmp_path: Path,
+                                             monkeypatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading a file store: opt in
+
+    from oneepoch.recipes.compare import run_compare
+
+    out = tmp_path / "cmp"
+    run_compare(tiny_synth, ["freeze-emb"], epochs=1, seeds=1, out=out, workers=1,
+                overrides=["batch_size=1024", "eval.per_epoch=2", "model.hidden=[16]",
+                           "eval.train_rows=500", "tracking=mlflow"])
+    mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+    df = mlflow.search_runs(experiment_names=["oneepoch"])
+    assert sorted(df["tags.mlflow.runName"]) == ["runs/early-stop/seed-0",
+                                                 "runs/freeze-emb/seed-0"]
+    assert (df["metrics.valid_auc"] > 0).all() and (df["status"] == "FINISHED").all()

@@ -9,8 +9,9 @@ Chosen by the settings ``tracking=tensorboard|mlflow|none`` and ``tracking_uri``
 builds the :class:`TrackingHook` a config asks for. Where the logs go when ``tracking_uri`` is
 empty: TensorBoard event files in ``tensorboard/RUN_NAME/`` beside the run folder (``tensorboard
 --logdir runs/tensorboard``), MLflow a local file store ``mlruns/`` beside the run folder
-(``mlflow ui --backend-store-uri runs/mlruns``). ``tracking_uri`` sets the TensorBoard log
-folder, or the MLflow tracking URI (a folder, ``file:``, ``sqlite:`` or ``http(s):``).
+(``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/mlruns``).
+``tracking_uri`` sets the TensorBoard log folder, or the MLflow tracking URI (a folder,
+``file:``, ``sqlite:`` or ``http(s):``).
 
 Both backends are optional extras: ``pip install "oneepoch[tensorboard]"`` or
 ``"oneepoch[mlflow]"``; a missing one is a :class:`TrackingUnavailable` naming the extra.
@@ -245,6 +246,19 @@ class TrackingHook(Hook):
                 self.tracker.log_artifact(s.run_dir / name)
         self.tracker.close()
         self.tracker = None
+
+
+def shared_store(cfg: Any, out: str | Path) -> list[str]:
+    """For a recipe that trains many runs under ``out`` (sweep, compare): check the backend
+    and, unless ``tracking_uri`` is set, the override that puts every run in one store
+    (``OUT/mlruns`` or ``OUT/tensorboard``); ``[]`` when tracking is off."""
+    kind = getattr(cfg, "tracking", "none") or "none"
+    if kind == "none":
+        return []
+    check_backend(kind)
+    if getattr(cfg, "tracking_uri", ""):
+        return []
+    return [f"tracking_uri={default_uri(kind, Path(out) / 'x')}"]
 
 
 def tracking_hooks(cfg: Any, report: bool = True) -> list[Hook]:

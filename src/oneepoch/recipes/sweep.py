@@ -366,12 +366,9 @@ def run_sweep(config: str | None, grid: dict[str, list[str]], seeds: int = 3,
     points = grid_points(grid)
     base = list(overrides)
     bcfg = load_config(TrainConfig, config, base)  # fail early on a bad base setting
-    if bcfg.tracking != "none":
-        from oneepoch.tracking import check_backend, default_uri
+    from oneepoch.tracking import shared_store
 
-        check_backend(bcfg.tracking)
-        if not bcfg.tracking_uri:  # every run of the sweep in one store: OUT/mlruns
-            base.append(f"tracking_uri={default_uri(bcfg.tracking, out / 'x')}")
+    base += shared_store(bcfg, out)  # tracking: every run of the sweep in OUT/mlruns
     specs, by_point = [], {}
     for p in points:
         name = point_name(p)

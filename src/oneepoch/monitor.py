@@ -9,7 +9,7 @@ weights, early stopping and the one-epoch verdict, without moving the model into
     ...         loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
     ...         if mon.step(loss):          # evaluates on its schedule; True = stop now
     ...             break
-    >>> mon.finish()                        # metrics.parquet, summary.json, report.html
+    >>> mon.finish()      # metrics.parquet, summary.json, report.html   # doctest: +SKIP
 
 An *evaluation set* is anything that can be iterated more than once (a list, a
 ``DataLoader``) yielding ``(inputs, labels)`` or ``(inputs, labels, users)``: ``inputs`` go to

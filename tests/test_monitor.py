@@ -411,3 +411,10 @@ def test_torchrec_example_in_docs(tmp_path: Path, monkeypatch) -> None:
     script.write_text(code)
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(script), run_name="__main__")
+
+
+def test_config_must_be_plain(tmp_path: Path) -> None:
+    with pytest.raises(MonitorError, match="config: must hold plain values"):
+        Monitor(tmp_path / "a", 5, [(torch.zeros(4, 4), torch.arange(4) % 2)],
+                predict=lambda x: torch.rand(4), keep_best="none", config={"opt": object()})
+    assert not (tmp_path / "a" / "config.yaml").exists()

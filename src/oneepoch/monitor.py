@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from oneepoch.analysis import Verdict, one_epoch_verdict
 from oneepoch.io import atomic_write_json, check_writable_dir
@@ -228,6 +229,11 @@ class Monitor:
         full = {**dict(config or {}), "monitor": settings, "min_drop": min_drop}
         if tracking != "none":
             full |= {"tracking": tracking, "tracking_uri": tracking_uri}
+        try:
+            yaml.safe_dump(full)
+        except yaml.YAMLError as e:
+            raise MonitorError(f"config: must hold plain values (numbers, text, lists, "
+                               f"mappings) to be written to config.yaml: {e}") from None
         self.state = State(full, None, model, None, run_dir, self.spe)
         for h in self.hooks:
             h.check(self.state)

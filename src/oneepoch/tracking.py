@@ -91,8 +91,8 @@ class NoTracker:
 
 
 class TensorBoardTracker:
-    """Scalars per evaluation step, the config as hyper-parameters (text and hparams), files
-    copied into the run's log folder (TensorBoard has no artifact store)."""
+    """Scalars per evaluation step, the config as a text summary (``config``), files copied
+    into the run's log folder's ``artifacts/`` (TensorBoard has no artifact store)."""
 
     def __init__(self, logdir: str | Path) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -12,6 +12,11 @@ moment), then one profiled round and the evaluation and AUC timings per thread c
 VM's speed drifts from minute to minute (up to 30% here), so only rounds timed back to back are
 compared: the speed-up is the median of the per-round ratios (pooled over processes), samples/s
 the median of the rounds.
+
+Then the Adam semantics of the ID table (``optim.embedding_update``): the same fused step with
+``dense`` (the default: every row decays and moves every step, caught up in closed form) and
+``lazy`` (only the batch's rows), alternating round by round (``--update-rounds`` rounds per
+thread count); the figure is the median of the per-round dense / lazy ratios.
 """
 
 from __future__ import annotations
@@ -52,12 +57,24 @@ def worker(args: argparse.Namespace) -> dict:
     batcher = Batcher(tr, cfg.batch_size)
     fast = FusedStep.build(model, opt, batcher)  # as train() does; None: autograd
     order = epoch_order(len(tr), 0, "every", 0)
-    need = (20 + (args.rounds + 1) * len(args.threads) * args.steps) * cfg.batch_size
+    need = (20 + (args.rounds + 1 + args.update_rounds) * len(args.threads) * args.steps) \
+        * cfg.batch_size
     it = batcher.epoch_rows(np.concatenate([order] * (need // len(order) + 1)))
     lossf = torch.nn.functional.binary_cross_entropy_with_logits
+    other = "lazy" if cfg.optim.embedding_update == "dense" else "dense"
+    cfg2 = load_config(TrainConfig, "ctr", [f"data.path={args.data}", f"batch_size={args.batch}",
+                                            f"optim.embedding_update={other}"])
+    model2, opt2 = build(cfg2, data)
+    model2.train()
+    fast2 = FusedStep.build(model2, opt2, Batcher(tr, cfg.batch_size))
+    it2 = fast2.batcher.epoch_rows(np.concatenate([order] * (need // len(order) + 1))) \
+        if fast2 is not None else None
 
-    def steps(n: int) -> float:
+    def steps(n: int, second: bool = False) -> float:
         t = time.perf_counter()
+        if second:  # the other embedding_update, same data order
+            fast2.steps(np.concatenate([next(it2) for _ in range(n)]))  # type: ignore
+            return time.perf_counter() - t
         if fast is not None:  # as train() between evaluations: the steps in one native call
             fast.steps(np.concatenate([next(it) for _ in range(n)]))
             return time.perf_counter() - t
@@ -91,9 +108,23 @@ def worker(args: argparse.Namespace) -> dict:
             profile[threads] = {k: float(v) * 1e3 / args.steps
                                 for k, v in zip(PHASES, prof, strict=True)}
         fast.c.prof = None
+    updates: dict[int, dict[str, list[float]]] = {}
+    if fast is not None and fast2 is not None:  # dense vs lazy, alternating round by round
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            steps(10, True)  # warm-up of the second model
+        for _ in range(args.update_rounds):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                u = updates.setdefault(threads, {"dense": [], "lazy": []})
+                for second in (False, True):
+                    mode = other if second else cfg.optim.embedding_update
+                    u[mode].append(args.steps * cfg.batch_size / steps(args.steps, second))
     runs = [{"threads": t, "batch": cfg.batch_size, "train_samples_per_s": float(np.median(r)),
              "train_rounds": r, "gemm_gflops_rounds": gemm[t],
              "step": "fused" if fast is not None else "autograd",
+             "embedding_update": cfg.optim.embedding_update,
+             "update_rounds": updates.get(t, {}),
              "profile_ms": profile.get(t, {})} for t, r in rates.items()]
     te = data.splits["test"]
     ev = Batcher(te, 16384)
@@ -125,6 +156,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9,
                     help="timed rounds per thread count and process")
     ap.add_argument("--repeats", type=int, default=3, help="processes")
+    ap.add_argument("--update-rounds", type=int, default=5,
+                    help="dense vs lazy rounds per thread count and process (0: skip)")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--data", help="data set (default: generate the built-in one)")
@@ -143,6 +176,7 @@ def main() -> None:
     per: dict[int, list[dict]] = {t: [] for t in a.threads}
     ratios: dict[int, list[float]] = {t: [] for t in a.threads}
     gemm_ratios: dict[int, list[float]] = {t: [] for t in a.threads}
+    upd: dict[int, dict[str, list[float]]] = {t: {"dense": [], "lazy": []} for t in a.threads}
     fractions: dict[int, list[float]] = {t: [] for t in a.threads}
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_limit import gemm_flops_per_sample
@@ -150,8 +184,8 @@ def main() -> None:
     flops = gemm_flops_per_sample()
     for rep in range(a.repeats):
         cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--steps", str(a.steps),
-               "--rounds", str(a.rounds), "--batch", str(a.batch), "--threads",
-               *map(str, a.threads)]
+               "--rounds", str(a.rounds), "--batch", str(a.batch), "--update-rounds",
+               str(a.update_rounds), "--threads", *map(str, a.threads)]
         top = str(max(a.threads))
         env = {**os.environ, "OMP_NUM_THREADS": top, "MKL_NUM_THREADS": top}
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
@@ -161,6 +195,8 @@ def main() -> None:
         for run in r["runs"]:
             run["peak_rss_mib"] = r["peak_rss_mib"]
             per[run["threads"]].append(run)
+            for mode, rounds in run.get("update_rounds", {}).items():
+                upd[run["threads"]][mode] += rounds
             ratios[run["threads"]] += [x / y for x, y in zip(run["train_rounds"], base_rounds,
                                                              strict=True)]
             gemm_ratios[run["threads"]] += [
@@ -186,6 +222,15 @@ def main() -> None:
                 run[k] = float(statistics.median(vals))
         run["gemm_gflops"] = float(statistics.median(
             [x for r in rs for x in r["gemm_gflops_rounds"]]))
+        run["embedding_update"] = rs[0].get("embedding_update")
+        u = upd[t]
+        if u["dense"] and u["lazy"]:  # rounds timed back to back: dense first, then lazy
+            run["dense_vs_lazy"] = {
+                "dense_samples_per_s": float(statistics.median(u["dense"])),
+                "lazy_samples_per_s": float(statistics.median(u["lazy"])),
+                "ratio_per_round_median": float(statistics.median(
+                    [x / y for x, y in zip(u["dense"], u["lazy"], strict=True)])),
+                "dense_rounds": u["dense"], "lazy_rounds": u["lazy"]}
         run["fraction_of_gemm_ceiling"] = float(statistics.median(fractions[t]))
         runs.append(run)
     speedup = {t: float(statistics.median(x)) for t, x in ratios.items()}
@@ -209,6 +254,12 @@ def main() -> None:
         if run["profile_ms"]:
             print("  profile of a step (ms, median of processes): " + ", ".join(
                 f"{k} {v:.3f}" for k, v in run["profile_ms"].items()), flush=True)
+        if "dense_vs_lazy" in run:
+            dl = run["dense_vs_lazy"]
+            print(f"  Adam on the ID table: dense {dl['dense_samples_per_s']:,.0f} samples/s, "
+                  f"lazy {dl['lazy_samples_per_s']:,.0f}; dense / lazy (median of "
+                  f"{len(dl['dense_rounds'])} back-to-back rounds) "
+                  f"{100 * dl['ratio_per_round_median']:.0f}%", flush=True)
     for t, x in speedup.items():
         if t != a.threads[0]:
             print(f"{t}-thread speed-up (median of the per-round ratios, rounds back to back): "

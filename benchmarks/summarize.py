@@ -159,6 +159,21 @@ def main() -> None:
                    "evaluation ranks held-out pairs against every item.")
     else:
         out.append("not run")
+    risk = load("risk")
+    out += ["", "## Diagnostics: `data risk` and per-bucket AUC", ""]
+    if risk:
+        r, b = risk.get("risk"), risk["buckets"]
+        if r:
+            out.append(f"`data risk` over {r['rows']:,} training + {r['io']['test_rows']:,} test "
+                       f"rows ({r['file_gib']:.2f} GiB of Parquet, 3 int ID fields): "
+                       f"{r['seconds']:.1f} s ({r['rows_per_s']:,.0f} rows/s), peak RSS "
+                       f"{r['peak_rss_mib']:,.0f} MiB.")
+        out.append(f"\nPer-bucket test AUC: {1e3 * b['bucket_seconds_median']:.1f} ms per "
+                   f"evaluation of {b['test_rows']:,} test rows, "
+                   f"{100 * b['bucket_share_of_eval']:.1f}% of the evaluation it rides on "
+                   f"({1e3 * b['eval_seconds_median']:.0f} ms, one thread).")
+    else:
+        out.append("not run")
     mon = load("monitor")
     out += ["", "## The monitor in a user's own loop (outside evaluation)", ""]
     if mon:

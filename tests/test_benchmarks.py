@@ -23,9 +23,11 @@ def run_worker(script: str, *args: str) -> dict:
 
 def test_core_worker(tiny_synth):
     r = run_worker("bench_core.py", "--worker", "--data", str(tiny_synth), "--threads", "1",
-                   "2", "--steps", "2", "--rounds", "2", "--batch", "256")
+                   "2", "--steps", "2", "--rounds", "2", "--batch", "256", "--update-rounds", "2")
     one, two = r["runs"]
     assert one["train_samples_per_s"] > 0 and two["train_samples_per_s"] > 0
+    assert one["embedding_update"] == "dense"
+    assert [len(two["update_rounds"][k]) for k in ("dense", "lazy")] == [2, 2]
     assert one["eval_rows_per_s"] > 0 and 0 < one["auc_1e7_seconds"] < 60
     assert r["speedup_per_round_median"]["2"] > 0
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from oneepoch.cli import COMMANDS, main
+from oneepoch.runfolder import read_metrics
 
 
 def run(*args):
@@ -48,7 +49,9 @@ def test_synth_stats_validate_train_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "one-epoch phenomenon:" in out
     rd = tmp_path / "runs" / "t"
-    assert (rd / "report.html").read_text().count("data:image/png;base64") == 1
+    # curves + test AUC per ID-frequency bucket, embedded (one file, offline)
+    assert (rd / "report.html").read_text().count("data:image/png;base64") == 2
+    assert "test_auc_tail" in read_metrics(rd)[-1]
     assert (rd / "curves.png").exists()
 
     assert run("train", "--resume", rd, "epochs=3") == 0  # extend a finished run

@@ -230,6 +230,8 @@ class EvalConfig:
     at_start: bool = True  # also evaluate before the first step
     train_rows: int = num(50_000, ge=1)  # fixed train subsample evaluated beside test
     batch_size: int = num(16_384, ge=1)  # rows per forward pass in evaluation
+    bucket_field: str = "auto"  # test AUC per train-count bucket of this field ("auto", "" = off)
+    bucket_bounds: list[int] = num([5, 50], ge=0)  # tail <= 5 < torso <= 50 < head
 
 
 @dataclass

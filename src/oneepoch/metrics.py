@@ -73,3 +73,56 @@ def logloss(labels: ArrayLike, probs: ArrayLike, eps: float = 1e-7) -> float:
     y = np.asarray(labels, dtype=np.float64).ravel()
     p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def bucket_auc(labels: ArrayLike, scores: ArrayLike, buckets: ArrayLike,
+               names: list[str]) -> dict[str, tuple[float, int]]:
+    """AUC and row count of each bucket: ``{names[i]: (auc of rows with bucket == i, rows)}``.
+
+    One :func:`auc` per bucket on that bucket's rows (a handful of buckets: the rows are sorted
+    once in total, split across buckets). NaN when a bucket has one class only or no rows.
+
+        >>> bucket_auc([0, 1, 0, 1], [0.1, 0.9, 0.8, 0.2], [0, 0, 1, 1], ["a", "b"])
+        {'a': (1.0, 2), 'b': (0.0, 2)}
+    """
+    y = np.asarray(labels).ravel()
+    s = np.asarray(scores).ravel()
+    b = np.asarray(buckets).ravel()
+    if not (len(y) == len(s) == len(b)):
+        raise ValueError(f"bucket_auc: labels, scores and buckets differ in length "
+                         f"({len(y)}, {len(s)}, {len(b)})")
+    order = np.argsort(b, kind="stable")
+    sizes = np.bincount(b, minlength=len(names)) if len(b) else np.zeros(len(names), np.int64)
+    if len(sizes) > len(names):
+        raise ValueError(f"bucket_auc: bucket index {len(sizes) - 1} but only {len(names)} names")
+    ends = np.cumsum(sizes)
+    out = {}
+    for i, name in enumerate(names):
+        rows = order[ends[i] - sizes[i]:ends[i]]
+        n = int(sizes[i])
+        out[name] = (auc(y[rows], s[rows]) if n else float("nan"), n)
+    return out
+
+
+def bucket_metrics(labels: ArrayLike, scores: ArrayLike, buckets: ArrayLike, names: list[str],
+                   prefix: str = "test") -> dict[str, float]:
+    """Per-bucket AUC and rows as metrics-row keys: ``<prefix>_auc_<name>``,
+    ``<prefix>_n_<name>`` (see :func:`oneepoch.data.risk.frequency_buckets` for buckets).
+
+        >>> bucket_metrics([0, 1, 0, 1], [0.1, 0.9, 0.8, 0.2], [0, 0, 1, 1], ["tail", "head"])
+        {'test_auc_tail': 1.0, 'test_n_tail': 2, 'test_auc_head': 0.0, 'test_n_head': 2}
+    """
+    out: dict[str, float] = {}
+    for name, (a, n) in bucket_auc(labels, scores, buckets, names).items():
+        out[f"{prefix}_auc_{name}"] = a
+        out[f"{prefix}_n_{name}"] = n
+    return out
+
+
+def bucket_names(n_bounds: int) -> list[str]:
+    """``unseen``, ``tail``, ``torso`` (or ``torso1``..), ``head`` for ``n_bounds`` bounds."""
+    if n_bounds < 1:
+        raise ValueError("bucket bounds: need at least one bound")
+    mid = n_bounds - 1
+    torso = ["torso"] if mid == 1 else [f"torso{i + 1}" for i in range(mid)]
+    return ["unseen", "tail", *torso, "head"]

@@ -1,4 +1,4 @@
-"""``oneepoch data``: synth, stats, validate (and prepare, for public data sets)."""
+"""``oneepoch data``: synth, stats, validate, risk (and prepare, for public data sets)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("dir", help="data-set folder")
     v.set_defaults(func=validate)
 
+    r = dsub.add_parser("risk", help="before training: share of test rows on rare IDs",
+                        description="Per ID field, the share of test rows (and of distinct IDs) "
+                        "whose ID occurs at most k times (k = 0, 1, 2, 5, 10) in the training "
+                        "split, and the rule's expectation of a one-epoch drop (see "
+                        "docs/diagnostics.md). One streaming pass over each split; writes "
+                        "risk.json, risk.md and risk.png.")
+    r.add_argument("dir", help="data-set folder")
+    r.add_argument("--field", action="append", default=[], metavar="NAME",
+                   help="report only this ID field (repeatable; default: every single-ID field)")
+    r.add_argument("--train-split", default="train")
+    r.add_argument("--test-split", default="test")
+    r.add_argument("--batch-rows", type=int, default=1 << 20,
+                   help="rows per streamed batch (memory knob; default 1048576)")
+    r.add_argument("--out", help="where to write the files (default: DIR/risk)")
+    r.set_defaults(func=risk)
+
     register_prepare(dsub)
 
 
@@ -71,6 +87,19 @@ def stats(args: argparse.Namespace) -> int:
     data = load_ctr(args.dir, [args.split] if args.split != "train" else None)
     print(format_stats(field_stats(data, args.split), len(data.splits[args.split])))
     paths = write_stats(data, args.out or Path(args.dir) / "stats", args.split)
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
+def risk(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from oneepoch.data.risk import data_risk, format_risk, write_risk
+
+    r = data_risk(args.dir, args.field or None, args.train_split, args.test_split,
+                  batch_rows=args.batch_rows)
+    print(format_risk(r))
+    paths = write_risk(r, args.out or Path(args.dir) / "risk")
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     return 0
 

@@ -177,8 +177,9 @@ def int64_array(values: list[int]) -> ctypes.Array:
     return (ctypes.c_int64 * max(1, len(values)))(*values)
 
 
-def address(a: ctypes.Array | np.ndarray | None) -> int | None:
-    """The address of a C array made above, or of a numpy array's data (``None`` stays)."""
+def address(a: ctypes.Array | ctypes.Structure | np.ndarray | None) -> int | None:
+    """The address of a C array or struct made here, or of a numpy array's data (``None``
+    stays)."""
     if a is None:
         return None
     if isinstance(a, np.ndarray):

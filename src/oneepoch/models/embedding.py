@@ -39,11 +39,13 @@ _BEFORE_LOOKUP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def set_before_lookup(module: nn.Module, fn: Callable[[Batch], None] | None) -> None:
     """Call ``fn(batch)`` at the start of every forward of ``module`` that builds a gradient
-    for its table (``None``: stop)."""
+    for its table (``None``: stop). A bound method is held weakly (its object, e.g. the
+    optimizer, usually refers to the module: a strong reference would keep both alive)."""
     if fn is None:
         _BEFORE_LOOKUP.pop(module, None)
     else:
-        _BEFORE_LOOKUP[module] = fn
+        _BEFORE_LOOKUP[module] = weakref.WeakMethod(fn) if hasattr(fn, "__self__") \
+            else (lambda: fn)
 
 
 class _NativePool(torch.autograd.Function):
@@ -235,7 +237,9 @@ class FieldEmbedding(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         needs_grad = self.weight.requires_grad and torch.is_grad_enabled()
         if needs_grad and self in _BEFORE_LOOKUP:
-            _BEFORE_LOOKUP[self](batch)
+            fn = _BEFORE_LOOKUP[self]()
+            if fn is not None:
+                fn(batch)
         if (self.fused or not needs_grad) and batch.ids.dtype == torch.int64 \
                 and self.weight.dtype == torch.float32 and kernels.usable(self.weight, batch.ids):
             return self._native(batch)

@@ -38,7 +38,7 @@ from oneepoch.config import TrainConfig, load_config, to_dict
 from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.training.hooks import Hook
 
-PROBES = ("adistance", "updates")
+PROBES = ("adistance", "updates", "collapse")
 
 
 # ----------------------------------------------------------------------------- specs
@@ -65,7 +65,8 @@ class RunSpec:
 
 
 def make_probe(spec: str) -> Hook:
-    """A probe hook from ``name`` or ``name:key=value,...`` (names: ``adistance``, ``updates``).
+    """A probe hook from ``name`` or ``name:key=value,...`` (names: ``adistance``,
+    ``updates``, ``collapse``).
 
     The settings are read like every other config (:func:`oneepoch.config.from_dict` on the
     probe's ``Settings`` dataclass): typed, range-checked, unknown keys with a did-you-mean.
@@ -77,11 +78,13 @@ def make_probe(spec: str) -> Hook:
 
     from oneepoch.config import ConfigError, from_dict, parse_overrides
     from oneepoch.probes.adistance import ADistanceProbe
+    from oneepoch.probes.collapse import CollapseProbe
     from oneepoch.probes.updates import UpdateNormLogger
 
     name, _, args = spec.partition(":")
     name = name.strip()
-    classes: dict[str, Any] = {"adistance": ADistanceProbe, "updates": UpdateNormLogger}
+    classes: dict[str, Any] = {"adistance": ADistanceProbe, "updates": UpdateNormLogger,
+                               "collapse": CollapseProbe}
     if name not in classes:
         near = difflib.get_close_matches(name, PROBES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

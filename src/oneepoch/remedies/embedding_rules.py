@@ -5,7 +5,8 @@ row-wise optimizer's per-row scale (``row_lr``), which the native step reads.
 
 * **MEDA** (Fan et al., arXiv 2407.01607): at the start of every epoch after the first, the
   rows of the chosen fields' vocabularies are drawn afresh from the initial distribution and
-  their optimizer state (moments, per-row counters) is zeroed; the MLP keeps training.
+  their optimizer moments are zeroed (with dense Adam every row is first brought up to date,
+  so no pending movement reaches a fresh row); the MLP keeps training.
 * **Frequency-adaptive lr** (after Qiu et al., arXiv 2505.05605): the row of an ID seen ``c``
   times in the training split trains at ``lr x min(1, (c / threshold) ** power)``; rare IDs,
   which overfit first, move less. The out-of-vocabulary row keeps the full rate.
@@ -82,9 +83,9 @@ class Meda(Hook):
                     w.zero_()
                 else:
                     w.copy_(torch.randn(w.shape, generator=gen) * emb.init_std)
-            for t in ro.state.values():
-                if isinstance(t, torch.Tensor) and t.dim() >= 1 and \
-                        t.shape[0] == emb.table_rows:
+            for t in ro.state.values():  # moments; per-row step counters stay (synced above)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 \
+                        and t.shape[0] == emb.table_rows:
                     for r in rows:
                         t[r] = 0
         self.resets += 1

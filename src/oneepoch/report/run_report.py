@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 
 from oneepoch.analysis import one_epoch_verdict
+from oneepoch.metrics import bucket_names
 from oneepoch.report import html as H
-from oneepoch.report.figures import plot_curves
+from oneepoch.report.figures import plot_bucket_curves, plot_curves
 from oneepoch.runfolder import read_metrics
 
 
@@ -65,6 +66,10 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     sections.append(("Curves", H.img(curves, "AUC curves") +
                      "<p>Solid: test split; dashed: a fixed train subsample. Dotted lines mark "
                      "epoch boundaries.</p>"))
+    buckets = plot_bucket_curves(runs, out / "buckets.png")
+    if buckets is not None:
+        sections.append(("AUC per ID-frequency bucket", H.img(buckets, "AUC per bucket") +
+                         f"<p>{H.esc(_bucket_note(dirs))}</p>"))
     sections.append(("Summary", H.table(
         ["run", "best test AUC", "at epoch", "at step", "final test AUC", "final epoch",
          "largest drop", "seconds", "samples/s (incl. eval)"], verdict_rows)))
@@ -80,6 +85,27 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         for (label, _), d in zip(runs, dirs, strict=True) if (d / "config.yaml").exists())
     sections.append(("Configuration", cfg_html))
     return H.write_page(out / "report.html", title or "oneepoch report", sections)
+
+
+def _bucket_note(dirs: Sequence[Path]) -> str:
+    """How the runs bucketed test rows (from their config.yaml's eval section)."""
+    seen = []
+    for d in dirs:
+        p = d / "config.yaml"
+        ev = (yaml.safe_load(p.read_text()) or {}).get("eval", {}) if p.exists() else {}
+        b = ev.get("bucket_bounds")
+        if b:
+            bounds = sorted(int(x) for x in b)
+            names = bucket_names(len(bounds))
+            lows = [1] + [x + 1 for x in bounds]
+            parts = [f"{n} = {lo}-{hi}" for n, lo, hi in zip(names[1:], lows, bounds, strict=False)]
+            text = (f"field {ev.get('bucket_field', 'auto')}: unseen = 0, {', '.join(parts)}, "
+                    f"head > {bounds[-1]} training occurrences")
+            if text not in seen:
+                seen.append(text)
+    return ("Test rows bucketed by the training count of their ID (auto = the single-ID field "
+            "with the largest vocabulary); the legend gives each bucket's rows. "
+            + "; ".join(seen))
 
 
 def report_json(run_dir: str | Path) -> dict[str, Any]:

@@ -138,25 +138,26 @@ class DenseAdamCatchUp:
         v.mul_(self._pow(1, k).to(torch.float32).to(dev)[:, None])
 
     def _exact(self, x: torch.Tensor, t0: torch.Tensor, k: torch.Tensor,
-               S0: torch.Tensor) -> torch.Tensor:
-        """F(x) / lr summed step by step, vectorised over elements (native.c exact_catch_up)."""
+               S0: torch.Tensor, block: int = 128) -> torch.Tensor:
+        """F(x) / lr summed step by step (native.c exact_catch_up), vectorised over elements
+        and, by blocks of ``block`` steps, over steps; stops once the remaining weight is below
+        1e-12 of S0 and adds it at the last e_j."""
         b1, b2 = self.beta1, self.beta2
         acc, wp = torch.zeros_like(x), torch.zeros_like(x)
         e = torch.full_like(x, self.eps)
-        b1i, b2i = b1 ** t0.double(), b2 ** t0.double()
-        rj = bj = 1.0
-        going = torch.ones_like(x, dtype=torch.bool)
-        for j in range(1, int(k.max()) + 1):
-            rj, bj = rj * self.r, bj / math.sqrt(b2)
-            b1i, b2i = b1i * b1, b2i * b2
-            si = (1.0 - b2i).sqrt()
-            wj = si / (1.0 - b1i) * rj
-            going &= k >= j
-            e = torch.where(going, self.eps * si * bj, e)
-            acc += torch.where(going, wj / (x + e), 0.0)
-            wp += torch.where(going, wj, 0.0)
-            going &= S0 - wp > 1e-12 * S0
-            if not bool(going.any()):
+        t0d = t0.to(torch.float64)[:, None]
+        for j0 in range(1, int(k.max()) + 1, block):
+            j = torch.arange(j0, min(j0 + block, int(k.max()) + 1), dtype=torch.float64)
+            i = t0d + j  # [n, J] absolute steps
+            si = (1.0 - b2 ** i).sqrt()
+            wj = si / (1.0 - b1 ** i) * self.r ** j
+            ej = self.eps * si * b2 ** (-j / 2)
+            live = j[None, :] <= k.to(torch.float64)[:, None]
+            acc += torch.where(live, wj / (x[:, None] + ej), 0.0).sum(1)
+            wp += torch.where(live, wj, 0.0).sum(1)
+            last = (k - j0).clamp(max=len(j) - 1, min=0)
+            e = ej.gather(1, last[:, None]).squeeze(1)
+            if bool(((S0 - wp <= 1e-12 * S0) | (k < j0 + block)).all()):
                 break
         return acc + ((S0 - wp).clamp(min=0) / (x + e))
 
@@ -451,6 +452,11 @@ class Optimizer:
         before = None
         if self.track_updates and self.dense is not None:
             before = [p.detach().clone() for p in self.dense_params]
+        # dense Adam while tracking: every row is brought up to date after each step, so the
+        # norm is of the whole table's change in this step (what TF1 / torch.optim.Adam move;
+        # O(table) per step, for probe runs only)
+        tables = {n: o.param.detach().clone() for n, o in self.sparse.items()
+                  if self.track_updates and o.dense_adam}
         for opt in self.sparse.values():
             opt.track_updates = self.track_updates
             opt.step()
@@ -458,6 +464,9 @@ class Optimizer:
             self.dense.step()
         if self.track_updates:
             out = {n: o.last_update_linf for n, o in self.sparse.items()}
+            for n, b in tables.items():
+                self.sparse[n].sync()
+                out[n] = float((self.sparse[n].param.detach() - b).abs().max())
             if before is not None:
                 for p, b in zip(self.dense_params, before, strict=True):
                     out[self.names[p]] = float((p.detach() - b).abs().max())

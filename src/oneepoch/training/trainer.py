@@ -27,9 +27,10 @@ from oneepoch.analysis import Verdict, one_epoch_verdict
 from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import CTRData, load_ctr, oov_shares
+from oneepoch.data.risk import eval_buckets
 from oneepoch.data.transforms import CARVED, apply_transforms
 from oneepoch.io import atomic_write_json, check_writable_dir
-from oneepoch.metrics import auc, gauc, logloss
+from oneepoch.metrics import auc, bucket_metrics, gauc, logloss
 from oneepoch.models.ctr import build_model
 from oneepoch.runfolder import read_metrics
 from oneepoch.training.checkpoint import check_state_shapes, load_checkpoint
@@ -97,11 +98,16 @@ def predict(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None = 
 
 
 def evaluate(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None,
-             labels: np.ndarray, users: np.ndarray | None, prefix: str) -> dict[str, float]:
+             labels: np.ndarray, users: np.ndarray | None, prefix: str,
+             buckets: tuple[np.ndarray, list[str]] | None = None) -> dict[str, float]:
+    """AUC, logloss, GAUC (with users) and per-bucket AUC and rows (with ``buckets``: each
+    row's bucket index and the bucket names) of the model's predictions on these rows."""
     p = predict(model, batcher, rows)
     out = {f"{prefix}_auc": auc(labels, p), f"{prefix}_logloss": logloss(labels, p)}
     if users is not None:
         out[f"{prefix}_gauc"] = gauc(labels, p, users)
+    if buckets is not None:
+        out.update(bucket_metrics(labels, p, buckets[0], buckets[1], prefix))
     return out
 
 
@@ -213,12 +219,15 @@ def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequen
     vname = valid_split_name(cfg)
     valid = data.splits[vname] if vname else None
     eval_valid = Batcher(valid, cfg.eval.batch_size, cfg.device) if valid is not None else None
+    b = eval_buckets(data, cfg.eval, cfg.data.train_split, cfg.data.test_split)
+    buckets = None if b is None else (b[0], b[1])  # test AUC per ID-frequency bucket
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
 
     def evaluate_now() -> dict[str, Any]:
-        out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test")
+        out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test",
+                       buckets)
         out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
         if eval_valid is not None and valid is not None:
             out.update(evaluate(model, eval_valid, None, valid.label, valid.user, "valid"))

@@ -41,10 +41,12 @@ def _plain_loop(cfg: TrainConfig, run_dir: Path, **monitor_kw):
     opt = build_optimizer(model, cfg.optim)
     split = data.splits[cfg.data.train_split]
     batcher = Batcher(split, cfg.batch_size)
-    sets = folder_eval_sets(cfg.data.path, cfg.eval.batch_size, cfg.eval.train_rows, cfg.seed)
+    sets = folder_eval_sets(cfg.data.path, cfg.eval.batch_size, cfg.eval.train_rows, cfg.seed,
+                            bucket_field=cfg.eval.bucket_field,
+                            bucket_bounds=cfg.eval.bucket_bounds)
     mon = Monitor(run_dir, batcher.steps(), sets, model=model, epochs=cfg.epochs,
-                  per_epoch=cfg.eval.per_epoch, min_drop=cfg.min_drop, config=to_dict(cfg),
-                  batch_size=cfg.batch_size, **monitor_kw)
+                  sync=opt.sync, per_epoch=cfg.eval.per_epoch, min_drop=cfg.min_drop,
+                  config=to_dict(cfg), batch_size=cfg.batch_size, **monitor_kw)
     snaps = {0: {k: t.clone() for k, t in model.state_dict().items()}}
     model.train()
     for epoch in range(cfg.epochs):
@@ -81,6 +83,7 @@ def test_same_metrics_and_verdict_as_train(pair) -> None:
     cfg, ref, mon, _, _, v = pair
     got = read_metrics(mon.run_dir)
     assert len(got) == len(ref.metrics) == 9  # step 0 + 4 per epoch x 2
+    assert "test_auc_head" in got[-1]  # per-bucket AUC, as train() (eval.bucket_field=auto)
     for a, b in zip(got, ref.metrics, strict=True):
         assert {k: a[k] for k in a if k not in TIMING} == \
             {k: b[k] for k in b if k not in TIMING}

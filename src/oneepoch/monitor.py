@@ -29,9 +29,11 @@ folder's lock and files (:func:`~oneepoch.training.loop.open_run`,
 (:func:`oneepoch.report.run_report.build_report`), so ``oneepoch report`` overlays a monitored
 run with any other.
 
-Per-bucket AUC (AUC by ID frequency bucket) is an extension point here: give an evaluation
-set ``extra_metrics=fn`` with ``fn(labels, probs) -> {name: value}`` (numpy arrays of the whole
-set) and each ``name`` is added to the row as ``SET_name``.
+Per-bucket AUC (test AUC by the training count of an ID field, as ``oneepoch train``'s
+``eval.bucket_field``): :func:`folder_eval_sets` adds ``test_auc_<bucket>`` and
+``test_n_<bucket>`` (:func:`oneepoch.metrics.bucket_metrics`). For sets of your own, the
+extension point: ``EvalSet(batches, extra_metrics=fn)`` with ``fn(labels, probs) -> {name:
+value}`` (numpy arrays of the whole set); each ``name`` is added to the row as ``SET_name``.
 """
 
 from __future__ import annotations
@@ -99,20 +101,37 @@ def _numpy(x: Any) -> np.ndarray:
 
 def folder_eval_sets(path: str | Path, batch_size: int = 16_384, train_rows: int = 50_000,
                      seed: int = 0, train_split: str = "train", test_split: str = "test",
-                     valid_split: str = "", device: str = "cpu") -> dict[str, EvalSet]:
+                     valid_split: str = "", device: str = "cpu", bucket_field: str = "auto",
+                     bucket_bounds: Sequence[int] = (5, 50)) -> dict[str, EvalSet]:
     """The evaluation sets ``oneepoch train`` uses, from a data-set folder: ``test`` (the
-    whole test split, in order), ``train`` (a fixed subsample of ``train_rows`` rows drawn
-    with ``seed``, as ``eval.train_rows``) and, with ``valid_split``, ``valid``. Inputs are
-    :class:`oneepoch.data.batcher.Batch` es of ``batch_size`` rows (the models of
-    :mod:`oneepoch.models.ctr` take them; give the monitor an ``adapter`` for your own)."""
+    whole test split, in order, with per-bucket AUC of ``bucket_field`` as
+    ``eval.bucket_field`` / ``eval.bucket_bounds``; ``""`` = off), ``train`` (a fixed
+    subsample of ``train_rows`` rows drawn with ``seed``, as ``eval.train_rows``) and, with
+    ``valid_split``, ``valid``. Inputs are :class:`oneepoch.data.batcher.Batch` es of
+    ``batch_size`` rows (the models of :mod:`oneepoch.models.ctr` take them; give the monitor
+    an ``adapter`` for your own)."""
+    from types import SimpleNamespace
+
     from oneepoch.data.batcher import Batcher
     from oneepoch.data.dataset import load_ctr
+    from oneepoch.data.risk import eval_buckets
+    from oneepoch.metrics import bucket_metrics
 
     want = [train_split, test_split] + ([valid_split] if valid_split else [])
     data = load_ctr(path, want)
+    b = eval_buckets(data, SimpleNamespace(bucket_field=bucket_field,
+                                           bucket_bounds=list(bucket_bounds)),
+                     train_split, test_split)
 
-    def batches(split: Any, rows: np.ndarray | None) -> EvalSet:
-        b = Batcher(split, batch_size, device)
+    def per_bucket(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        assert b is not None
+        out = bucket_metrics(y, p, b[0], b[1], "test")
+        return {k[len("test_"):]: v for k, v in out.items()}
+
+    def batches(split: Any, rows: np.ndarray | None,
+                extra: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None
+                ) -> EvalSet:
+        bt = Batcher(split, batch_size, device)
         labels = split.label if rows is None else split.label[rows]
         users = None if split.user is None else np.asarray(
             split.user if rows is None else split.user[rows])
@@ -121,14 +140,15 @@ def folder_eval_sets(path: str | Path, batch_size: int = 16_384, train_rows: int
         def gen() -> Iterable[tuple[Any, ...]]:
             for a in range(0, len(idx), batch_size):
                 sl = slice(a, a + batch_size)
-                yield (b.get(idx[sl]), labels[sl]) + (() if users is None else (users[sl],))
+                yield (bt.get(idx[sl]), labels[sl]) + (() if users is None else (users[sl],))
 
-        return EvalSet(gen)
+        return EvalSet(gen, extra)
 
     tr = data.splits[train_split]
     n_sub = min(train_rows, len(tr))
     sub = np.sort(np.random.default_rng([seed, 99]).choice(len(tr), n_sub, False))
-    out = {"test": batches(data.splits[test_split], None), "train": batches(tr, sub)}
+    out = {"test": batches(data.splits[test_split], None, per_bucket if b is not None else None),
+           "train": batches(tr, sub)}
     if valid_split:
         out["valid"] = batches(data.splits[valid_split], None)
     return out
@@ -165,6 +185,9 @@ class Monitor:
             and finish (e.g. :class:`oneepoch.tracking.TrackingHook`).
         tracking, tracking_uri: stream each evaluation to ``"tensorboard"`` or ``"mlflow"``
             (see :mod:`oneepoch.tracking`).
+        sync: called before each evaluation and before the best weights are kept: brings
+            lazily updated state up to date (``oneepoch``'s optimizer: ``sync=opt.sync``, as
+            ``oneepoch train`` does; plain torch optimizers need none).
     """
 
     def __init__(self, run_dir: str | Path, steps_per_epoch: int,
@@ -177,7 +200,7 @@ class Monitor:
                  min_delta: float = 0.0, keep_best: str = "memory", min_drop: float = 0.005,
                  config: Mapping[str, Any] | None = None, batch_size: int | None = None,
                  hooks: Sequence[Hook] = (), tracking: str = "none",
-                 tracking_uri: str = "") -> None:
+                 tracking_uri: str = "", sync: Callable[[], Any] | None = None) -> None:
         self.t0 = time.time()
         if int(steps_per_epoch) < 1:
             raise MonitorError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
@@ -202,6 +225,7 @@ class Monitor:
         self.sets = {str(k): v if isinstance(v, EvalSet) else EvalSet(v)
                      for k, v in eval_sets.items()}
         self.model, self.adapter, self.output = model, adapter, output
+        self.sync = sync
         self._predict = predict
         self.spe, self.epochs = int(steps_per_epoch), epochs
         self._sched = dict(per_epoch=per_epoch, every_steps=every_steps, at_start=at_start)
@@ -342,6 +366,8 @@ class Monitor:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate now (the schedule calls this; you may call it too); returns the row."""
         s, m = self.state, self.model
+        if self.sync is not None:
+            self.sync()
         metrics: dict[str, Any] = {}
         was = m.training if m is not None else False
         try:

@@ -174,6 +174,16 @@ def main() -> None:
                    f"({1e3 * b['eval_seconds_median']:.0f} ms, one thread).")
     else:
         out.append("not run")
+    mon = load("monitor")
+    out += ["", "## The monitor in a user's own loop (outside evaluation)", ""]
+    if mon:
+        out.append(f"`Monitor.step(loss)`: {mon['monitor_step_us_tensor']:.2f} us with a tensor "
+                   f"loss, {mon['monitor_step_us_float']:.2f} us with a float, against "
+                   f"{mon['base_step_ms']:.2f} ms for one {mon['step_path']} step of the base "
+                   f"model (batch {mon['batch']}, 1 thread): "
+                   f"{mon['overhead_pct_of_step']:.3f}% of a step (bound {mon['bound_pct']:g}%).")
+    else:
+        out.append("not run")
     for name, title in (("prepare_taobao", "Preparing Taobao UserBehavior"),):
         data = load(name)
         out += ["", f"## {title}", ""]

@@ -71,3 +71,10 @@ def test_summarize_reads_the_committed_results(tmp_path):
     mod.atomic_write_text = lambda path, text: written.append(text)  # leave the file alone
     mod.main()
     assert "## Side by side with peers" in written[0] and "not run" not in written[0]
+
+
+def test_monitor_bench(tiny_synth):
+    r = run_worker("bench_monitor.py", "--data", str(tiny_synth), "--steps", "3", "--calls",
+                   "2000", "--batch", "256", "--no-write")
+    assert r["base_step_ms"] > 0 and r["monitor_step_us_tensor"] > 0
+    assert r["overhead_pct_of_step"] < 100

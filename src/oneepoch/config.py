@@ -323,6 +323,8 @@ class TrainConfig:
     min_drop: float = num(0.005, ge=0, lt=1)  # verdict: AUC drop after a boundary that counts
     init_from: str = ""  # checkpoint folder to take the model's starting weights from
     freeze: list[str] = choice("embedding", "mlp", default=[])  # parameter groups not trained
+    tracking: str = choice("none", "tensorboard", "mlflow")  # stream metrics (oneepoch.tracking)
+    tracking_uri: str = ""  # TensorBoard log folder / MLflow URI ("" = beside the run folder)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

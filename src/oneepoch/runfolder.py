@@ -117,7 +117,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(run_dir: str | Path, config: dict[str, Any],
-                volatile: tuple[str, ...] = ("threads", "progress")) -> list[str] | None:
+                volatile: tuple[str, ...] = ("threads", "progress", "tracking",
+                                           "tracking_uri")) -> list[str] | None:
     """Dotted keys whose value in ``RUN/config.yaml`` differs from ``config`` (``None`` when
     the folder has no config); ``volatile`` keys do not change results and are ignored."""
     import yaml

@@ -25,10 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.config import TrainConfig
     from oneepoch.remedies import hooks_from_config
     from oneepoch.report.run_report import build_report
+    from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import train
 
     cfg, run_dir = config_and_run_dir(args, TrainConfig)
-    res = train(cfg, run_dir, hooks=hooks_from_config(cfg), resume=run_dir is not None)
+    res = train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
+                resume=run_dir is not None)
     report = build_report([res.run_dir])
     print(res.verdict.line())
     print(f"run: {res.run_dir}\nreport: {report}")

@@ -73,6 +73,8 @@ class PretrainConfig:
     progress: bool = True
     export: bool = True  # write RUN/embeddings/ at the end
     checkpoint_keep: int = num(1, ge=0)  # epoch checkpoints kept (0 = all)
+    tracking: str = choice("none", "tensorboard", "mlflow")  # stream metrics (oneepoch.tracking)
+    tracking_uri: str = ""  # TensorBoard log folder / MLflow URI ("" = beside the run folder)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
 from oneepoch.pretrain.losses import bce_loss, contrastive_loss, logq_correction
 from oneepoch.pretrain.model import TwoTower
-from oneepoch.training.hooks import State
+from oneepoch.training.hooks import Hook, State
 from oneepoch.training.loop import Loop, eval_points, open_run
 from oneepoch.training.optim import Optimizer, build_optimizer
 
@@ -140,13 +140,15 @@ class Stage1Stepper:
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
-             data: EngagementData | None = None, resume: bool = False) -> PretrainResult:
+             data: EngagementData | None = None, resume: bool = False,
+             hooks: Sequence[Hook] = ()) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
     loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
-    (:class:`oneepoch.training.loop.Loop`).
+    (:class:`oneepoch.training.loop.Loop`); ``hooks`` plug in as there (e.g. the tracking
+    hook of :func:`oneepoch.tracking.tracking_hooks`).
     """
     from oneepoch.embeddings import export_embeddings
 
@@ -203,9 +205,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
 
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
+    hooks = list(hooks)
+    for h in hooks:
+        h.check(s)
     lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
     try:
-        loop = Loop(s, stepper, [], batches, evaluate_now, cfg.epochs,
+        loop = Loop(s, stepper, hooks, batches, evaluate_now, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
                     cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
                     progress=cfg.progress, headline=f"test_hit@{min(cfg.eval.ks)}",

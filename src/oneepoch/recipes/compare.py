@@ -232,6 +232,9 @@ def run_compare(data: str | Path, remedies: Sequence[str], epochs: int = 4, seed
             f"early_stop.patience={patience}", *validation_overrides(data_dir, valid),
             *overrides]
     cfg0 = load_config(TrainConfig, config, base)  # a bad base setting fails here
+    from oneepoch.tracking import shared_store
+
+    base += shared_store(cfg0, out)  # tracking: every run in OUT/mlruns (or OUT/tensorboard)
     loaded = load_ctr(data_dir, list(dict.fromkeys(
         [cfg0.data.train_split, cfg0.data.test_split, *([cfg0.data.valid_split]
                                                           if cfg0.data.valid_split else [])])))

@@ -128,6 +128,7 @@ def _seed_from_checkpoint(src: Path, dst: Path) -> None:
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Train one run in this process (``threads=1``, no progress bar); returns its summary."""
     from oneepoch.remedies import hooks_from_config
+    from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import train
 
     cfg = spec_config(spec)
@@ -136,7 +137,8 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     if spec.continue_from and not resume:
         _seed_from_checkpoint(Path(spec.continue_from), run_dir)
         resume = True
-    hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes)]
+    hooks = [*hooks_from_config(cfg), *(make_probe(p) for p in spec.probes),
+             *tracking_hooks(cfg)]
     res = train(cfg, run_dir, hooks=hooks, resume=resume)
     return {"run_dir": str(run_dir), "seconds": res.seconds, "verdict": res.verdict.line()}
 
@@ -366,7 +368,10 @@ def run_sweep(config: str | None, grid: dict[str, list[str]], seeds: int = 3,
     out = Path(out)
     points = grid_points(grid)
     base = list(overrides)
-    load_config(TrainConfig, config, base)  # fail early on a bad base setting
+    bcfg = load_config(TrainConfig, config, base)  # fail early on a bad base setting
+    from oneepoch.tracking import shared_store
+
+    base += shared_store(bcfg, out)  # tracking: every run of the sweep in OUT/mlruns
     specs, by_point = [], {}
     for p in points:
         name = point_name(p)

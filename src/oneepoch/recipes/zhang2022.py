@@ -612,7 +612,7 @@ def _write_figure(c: Context, fig: str, res: FigureResult, seconds: float) -> No
 
 def write_report(out: Path) -> Path:
     """``out/report.html`` from every ``fig*/result.json`` present."""
-    from oneepoch.report.html import esc, img, table, write_page
+    from oneepoch.report.html import badge, esc, img, table, write_page
 
     results = []
     for fig in ORDER:
@@ -628,7 +628,7 @@ def write_report(out: Path) -> Path:
                  "reproduced</i> when none does, <i>mixed</i> otherwise.</p>")]
     for r in results:
         checks = "<ul>" + "".join(
-            f"<li>{'✅' if ch['passed'] else '❌'} {esc(ch['text'])}: <b>{esc(ch['numbers'])}</b>"
+            f"<li>{badge(ch['passed'])} {esc(ch['text'])}: <b>{esc(ch['numbers'])}</b>"
             "</li>" for ch in r["checks"]) + "</ul>"
         imgs = "".join(img(p, r["title"]) for p in r["images"] if Path(p).exists())
         t = r.get("table")

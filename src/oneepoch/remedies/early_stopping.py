@@ -27,6 +27,58 @@ from oneepoch.training.hooks import Hook, State
 METRICS = {"auc": +1, "logloss": -1}  # +1: higher is better
 
 
+class Selector:
+    """The selection rule, shared by :class:`EarlyStopping` and :class:`oneepoch.monitor.Monitor`:
+    at each evaluation, a value of ``key`` better than the best so far by more than
+    ``min_delta`` (``sign`` +1: higher is better) makes a new best point; with ``patience > 0``
+    that many evaluations in a row without one fire the stop.
+
+        >>> sel = Selector("valid_auc", +1, patience=2)
+        >>> [sel.update({"step": i, "valid_auc": v}) for i, v in enumerate([.6, .7, .69, .68])]
+        [True, True, False, False]
+        >>> sel.best_row["step"], sel.should_stop
+        (1, True)
+    """
+
+    def __init__(self, key: str, sign: int = +1, patience: int = 0, min_delta: float = 0.0,
+                 ) -> None:
+        if sign not in (+1, -1):
+            raise ValueError(f"Selector: sign must be +1 or -1, got {sign!r}")
+        if patience < 0 or min_delta < 0:
+            raise ValueError("patience and min_delta: must be >= 0")
+        self.key, self.sign = key, sign
+        self.patience, self.min_delta = patience, min_delta
+        self.best = -math.inf  # sign x metric
+        self.best_row: dict[str, Any] | None = None
+        self.bad = 0
+        self.should_stop = False
+
+    def update(self, row: dict[str, Any], where: str = "") -> bool:
+        """Judge one evaluation row; True when it is the new best point. A missing or
+        non-finite ``key`` is a ``ValueError`` (``where`` names the evaluation)."""
+        v = row.get(self.key)
+        if v is None or not math.isfinite(v):
+            raise ValueError(f"no finite {self.key} {where or 'at step ' + str(row.get('step'))}"
+                             f" (got {v!r})")
+        if self.sign * v > self.best + self.min_delta or self.best_row is None:
+            self.best, self.bad = self.sign * v, 0
+            self.best_row = {k: row[k] for k in row if isinstance(row[k], (int, float))}
+            return True
+        self.bad += 1
+        if self.patience and self.bad >= self.patience:
+            self.should_stop = True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "stopped": self.should_stop,
+                "best_row": self.best_row or {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+        self.should_stop = bool(state["stopped"])
+        self.best_row = dict(state["best_row"]) or None
+
+
 class EarlyStopping(Hook):
     """Select the best evaluation on validation; restore its weights at the end."""
 
@@ -43,28 +95,25 @@ class EarlyStopping(Hook):
             raise ValueError("early_stop: needs a validation split: set data.valid_split=NAME "
                              "(a split of the data set) or data.valid_share=0.1 (carved out of "
                              "train); it never selects on the test split")
-        self.key, self.sign = f"valid_{es.metric}", METRICS[es.metric]
-        self.patience, self.min_delta = es.patience, es.min_delta
-        self.best = -math.inf  # sign x metric
-        self.best_row: dict[str, Any] | None = None
+        self.sel = Selector(f"valid_{es.metric}", METRICS[es.metric], es.patience, es.min_delta)
+        self.key = self.sel.key
         self.best_weights: dict[str, torch.Tensor] | None = None
-        self.bad = 0
         self.stopped = False
 
+    @property
+    def best_row(self) -> dict[str, Any] | None:
+        return self.sel.best_row
+
     def on_eval(self, s: State, row: dict[str, Any]) -> None:
-        v = row.get(self.key)
-        if v is None or not math.isfinite(v):
-            raise ValueError(f"early_stop: no finite {self.key} at step {s.step} (is the "
-                             "validation split one class?)")
-        if self.sign * v > self.best + self.min_delta or self.best_row is None:
-            self.best, self.bad = self.sign * v, 0
-            self.best_row = {k: row[k] for k in row if isinstance(row[k], (int, float))}
+        try:
+            better = self.sel.update(row, f"at step {s.step}")
+        except ValueError as e:
+            raise ValueError(f"early_stop: {e} (is the validation split one class?)") from None
+        if better:
             self.best_weights = {k: t.detach().clone() for k, t in s.model.state_dict().items()}
-        else:
-            self.bad += 1
-            if self.patience and self.bad >= self.patience:
-                s.stop = self.stopped = True
-        row["selected_step"] = self.best_row["step"]
+        elif self.sel.should_stop:
+            s.stop = self.stopped = True
+        row["selected_step"] = self.sel.best_row["step"]
 
     def on_train_end(self, s: State) -> None:
         if self.best_weights is None:
@@ -82,11 +131,10 @@ class EarlyStopping(Hook):
                 "stopped_early": self.stopped}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad": self.bad, "stopped": self.stopped,
-                "best_row": self.best_row or {}, "best_weights": self.best_weights or {}}
+        return {**self.sel.state_dict(), "stopped": self.stopped,
+                "best_weights": self.best_weights or {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.bad = float(state["best"]), int(state["bad"])
+        self.sel.load_state_dict(state)
         self.stopped = bool(state["stopped"])
-        self.best_row = dict(state["best_row"]) or None
         self.best_weights = dict(state["best_weights"]) or None

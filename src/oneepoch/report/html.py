@@ -21,6 +21,9 @@ td:first-child,th:first-child{text-align:left}
 .yes{background:#fde2e1}.no{background:#e3f5e1}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
 img{max-width:100%}
+.badge{display:inline-block;min-width:3em;text-align:center;font-weight:bold;font-size:.8em;
+padding:.05em .4em;border-radius:3px;color:#fff;margin-right:.3em}
+.badge.pass{background:#2e7d32}.badge.fail{background:#c62828}
 """
 
 
@@ -46,6 +49,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4)
     body = "".join("<tr>" + "".join(f"<td>{fmt(c, digits)}</td>" for c in r) + "</tr>"
                    for r in rows)
     return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def badge(ok: bool) -> str:
+    """A PASS / FAIL label (plain letters, styled: every font has them, unlike check-mark
+    emoji)."""
+    return f'<span class="badge {"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>'
 
 
 def verdict_box(line: str) -> str:

@@ -23,7 +23,10 @@ def _run_label(run_dir: Path) -> str:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists():
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        mtype = cfg.get("model", {}).get("type", "?")
+        model = cfg.get("model")
+        mtype = model.get("type") if isinstance(model, dict) else None
+        if not mtype:  # e.g. a run of oneepoch.monitor with the user's own settings
+            return run_dir.name
         return run_dir.name if run_dir.name == mtype else f"{run_dir.name} ({mtype})"
     return run_dir.name
 

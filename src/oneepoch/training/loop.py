@@ -87,6 +87,18 @@ def eval_points(steps_per_epoch: int, epochs: int, per_epoch: int, every_steps: 
     return pts
 
 
+def eval_row(step: int, epoch: float, metrics: dict[str, Any], loss_sum: float, n_loss: int,
+             t0: float) -> dict[str, Any]:
+    """One row of ``metrics.parquet``: where (``step``, ``epoch``), the evaluation's metrics,
+    ``train_loss`` (mean over the ``n_loss`` steps since the last evaluation; None if none)
+    and ``elapsed_s`` since ``t0``. Shared by :class:`Loop` and :mod:`oneepoch.monitor`."""
+    row: dict[str, Any] = {"step": step, "epoch": epoch}
+    row.update(metrics)
+    row["train_loss"] = loss_sum / n_loss if n_loss else None
+    row["elapsed_s"] = time.time() - t0
+    return row
+
+
 def checkpoint_steps_per_epoch(ck: dict[str, Any]) -> int | None:
     """Steps per epoch of the run that wrote ``ck`` (older checkpoints lack the key: they are
     written at epoch ends, so step / epoch)."""
@@ -216,10 +228,7 @@ class Loop:
     def _evaluate(self, loss_sum: float, n_loss: int) -> None:
         s = self.state
         self.sync()
-        row: dict[str, Any] = {"step": s.step, "epoch": s.epoch_float}
-        row.update(self.evaluate())
-        row["train_loss"] = loss_sum / n_loss if n_loss else None
-        row["elapsed_s"] = time.time() - self.t0
+        row = eval_row(s.step, s.epoch_float, self.evaluate(), loss_sum, n_loss, self.t0)
         for h in self.hooks:
             h.on_eval(s, row)
         s.rows.append(row)

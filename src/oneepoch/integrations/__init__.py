@@ -1,0 +1,1 @@
+"""Adapters of :mod:`oneepoch.monitor` to training frameworks (optional extras)."""

@@ -238,6 +238,7 @@ def run_compare(data: str | Path, remedies: Sequence[str], epochs: int = 4, seed
     loaded = load_ctr(data_dir, list(dict.fromkeys(
         [cfg0.data.train_split, cfg0.data.test_split, *([cfg0.data.valid_split]
                                                           if cfg0.data.valid_split else [])])))
+    from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import setup_run
 
     arms_ov: dict[str, list[str]] = {}
@@ -245,7 +246,8 @@ def run_compare(data: str | Path, remedies: Sequence[str], epochs: int = 4, seed
         try:
             ov = [*base, *remedy_overrides(n, loaded, export)]
             cfg = load_config(TrainConfig, config, [*ov, "threads=1", "progress=false"])
-            setup_run(cfg, out / "runs" / n / "seed-0", hooks_from_config(cfg), loaded)
+            setup_run(cfg, out / "runs" / n / "seed-0",
+                      [*hooks_from_config(cfg), *tracking_hooks(cfg)], loaded)
         except (ValueError, FileNotFoundError) as e:
             raise RemedyError(f"remedy {n}: {e}") from None
         arms_ov[n] = ov

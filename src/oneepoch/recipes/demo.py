@@ -16,6 +16,7 @@ from oneepoch.config import TrainConfig, load_config
 from oneepoch.data.synthetic import SynthConfig, write_synthetic
 from oneepoch.remedies import hooks_from_config
 from oneepoch.report.run_report import build_report
+from oneepoch.tracking import tracking_hooks
 from oneepoch.training.trainer import train
 
 
@@ -30,7 +31,7 @@ def ensure_synthetic(path: Path, cfg: SynthConfig) -> dict:
 
 
 def _train_summary(cfg: TrainConfig, run_dir: Path) -> tuple[str, float]:
-    res = train(cfg, run_dir, hooks=hooks_from_config(cfg))
+    res = train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)])
     return res.verdict.line(), res.seconds
 
 
@@ -50,7 +51,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (),
     # one core each: the LR run goes on in a second process while the DNN trains here
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         lr_job = pool.submit(_train_summary, lr_cfg, out / "lr")
-        res = train(dnn_cfg, out / "dnn", hooks=hooks_from_config(dnn_cfg))
+        res = train(dnn_cfg, out / "dnn",
+                    hooks=[*hooks_from_config(dnn_cfg), *tracking_hooks(dnn_cfg)])
         lr_line, lr_secs = lr_job.result()
     print(f"dnn: {res.verdict.line()}  [{res.seconds:.0f} s]")
     print(f"lr: {lr_line}  [{lr_secs:.0f} s]")

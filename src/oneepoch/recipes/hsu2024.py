@@ -49,6 +49,7 @@ from oneepoch.remedies import hooks_from_config
 from oneepoch.report import html as H
 from oneepoch.report.figures import plot_mean_std
 from oneepoch.runfolder import read_metrics, reuse
+from oneepoch.tracking import tracking_hooks
 from oneepoch.training.hooks import Hook, State
 from oneepoch.training.trainer import predict, train
 
@@ -211,7 +212,8 @@ def downstream_run(out: Path, data: CTRData, surface: str, method: str, seed: in
     policy = reuse(run_dir, to_dict(cfg))
     if policy != "skip":
         t = time.time()
-        train(cfg, run_dir, hooks=[*hooks_from_config(cfg), SlateMetrics()], data=data,
+        train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg), SlateMetrics()],
+              data=data,
               resume=policy == "resume")
         print(f"  {surface} {method} seed {seed}: {time.time() - t:.0f} s", flush=True)
     return run_dir

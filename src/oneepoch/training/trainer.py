@@ -157,7 +157,8 @@ def config_hooks(cfg: TrainConfig) -> list[str]:
                             ("early_stop", bool(cfg.early_stop.metric)),
                             ("meda", cfg.meda.enabled),
                             ("freq_lr", cfg.freq_lr.threshold > 0),
-                            ("freeze_after", cfg.freeze_after.epoch > 0)) if on]
+                            ("freeze_after", cfg.freeze_after.epoch > 0),
+                            ("tracking", cfg.tracking != "none")) if on]
 
 
 def peak_rss_mib() -> float:
@@ -212,7 +213,8 @@ def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequen
     missing = [k for k in config_hooks(cfg) if k not in {getattr(h, "applies", "") for h in hooks}]
     if missing:
         raise ValueError(f"{', '.join(missing)}: set, but no hook applies it; pass "
-                         "hooks=oneepoch.remedies.hooks_from_config(cfg) to train()")
+                         "hooks=oneepoch.remedies.hooks_from_config(cfg) (remedies) and "
+                         "oneepoch.tracking.tracking_hooks(cfg) (tracking) to train()")
     if data is None:
         data = load_data(cfg)
     oov = oov_shares(data, cfg.data.test_split)  # before a filter / hash would inflate it

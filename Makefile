@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/summarize.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

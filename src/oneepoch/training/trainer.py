@@ -28,6 +28,7 @@ from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.transforms import CARVED, apply_transforms
+from oneepoch.distributed import DataParallelRun
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
@@ -97,8 +98,9 @@ def predict(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None = 
 
 
 def evaluate(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None,
-             labels: np.ndarray, users: np.ndarray | None, prefix: str) -> dict[str, float]:
-    p = predict(model, batcher, rows)
+             labels: np.ndarray, users: np.ndarray | None, prefix: str,
+             predict_fn: Any = predict) -> dict[str, float]:
+    p = predict_fn(model, batcher, rows)
     out = {f"{prefix}_auc": auc(labels, p), f"{prefix}_logloss": logloss(labels, p)}
     if users is not None:
         out[f"{prefix}_gauc"] = gauc(labels, p, users)
@@ -166,6 +168,24 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     check_device(cfg.device)
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    # one rank of several (torchrun): see oneepoch.distributed; None on one process
+    dp = DataParallelRun.from_env(cfg.device, cfg.threads)
+    if dp is None:
+        return _train(cfg, run_dir, hooks, resume, data, t0, None)
+    try:
+        return _train(cfg, run_dir, hooks, resume, data, t0, dp)
+    except BaseException as e:
+        dp.fail(e)
+        raise
+    finally:
+        dp.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
+           data: CTRData | None, t0: float, dp: DataParallelRun | None) -> TrainResult:
+    out_dir = run_dir
+    if dp is not None:  # rank 0 writes run_dir, the others a scratch folder
+        run_dir = dp.run_dir(run_dir)
     check_writable_dir(run_dir)
     hooks = list(hooks)
     missing = [k for k in config_hooks(cfg) if k not in {getattr(h, "applies", "") for h in hooks}]
@@ -187,25 +207,36 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
+    pred = predict if dp is None else dp.predict(predict)  # each rank a slice, then gathered
+    if dp is not None:
+        dp.check(hooks)
 
     def evaluate_now() -> dict[str, Any]:
-        out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test")
-        out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
+        out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test", pred)
+        out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train",
+                            pred))
         if eval_valid is not None:
             out.update(evaluate(model, eval_valid, None, valid_split.label, valid_split.user,
-                                "valid"))
+                                "valid", pred))
         return out
 
     def batches(epoch: int) -> Iterator[np.ndarray]:
         return iter(batcher.epoch_rows(epoch_order(len(train_split), epoch, cfg.shuffle,
                                                    cfg.seed)))
 
-    lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
+    if dp is None:
+        lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
+        make_step = lambda: build_step(model, opt, batcher, hooks, s)  # noqa: E731
+    else:  # batches stay global: the step trains this rank's slice of each
+        lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model,
+                               s.steps_per_epoch, cfg.device)
+        make_step = lambda: dp.build_step(model, opt, batcher, hooks, s)  # noqa: E731
     try:
-        loop = Loop(s, lambda: build_step(model, opt, batcher, hooks, s), hooks, batches,
+        loop = Loop(s, make_step, hooks, batches,
                     evaluate_now, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
                     cfg.checkpoint_keep,
-                    sync=getattr(opt, "sync", lambda: None), progress=cfg.progress,
+                    sync=getattr(opt, "sync", lambda: None),
+                    progress=cfg.progress and (dp is None or dp.is_writer),
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:
             loop.restore(ck)
@@ -227,6 +258,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         summary = {"verdict": v.line(), "verdict_detail": v.to_dict(), "seconds": secs,
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
                    **base, "finished": s.step >= total or stopped_early(hooks)}
+        if dp is not None:
+            summary["world_size"] = dp.ctx.world_size
         if vname:
             summary["validation"] = {"split": vname, "rows": len(valid_split),
                                      "carved_by": cfg.data.valid_by if vname == CARVED else None}
@@ -235,7 +268,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
-    return TrainResult(run_dir, s.rows, v, secs)
+    return TrainResult(out_dir, s.rows, v, secs)
 
 
 __all__ = ["Hook", "State", "TrainResult", "build", "epoch_order", "eval_steps", "predict",

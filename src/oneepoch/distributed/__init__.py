@@ -1,0 +1,115 @@
+"""Training across processes and machines on ``torch.distributed`` (launched by ``torchrun``).
+
+``oneepoch train`` under ``torchrun`` (or ``oneepoch train --nproc N``) finds the launcher's
+environment (:func:`from_env`) and trains data-parallel: every rank holds the whole model,
+trains a contiguous slice of each global batch, and the gradients are summed across ranks
+before the optimizer's update (:mod:`oneepoch.distributed.parallel`). Rank 0 writes the run
+folder; the other ranks keep a private scratch folder, deleted at the end.
+
+The trainer hooks in at one place, :class:`DataParallelRun`:
+
+    >>> dp = DataParallelRun.from_env(cfg.device, cfg.threads)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from oneepoch.distributed.env import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    DistributedError,
+    env_rank,
+    from_env,
+    launched,
+)
+from oneepoch.distributed.parallel import (
+    DataParallelStep,
+    check_hooks,
+    rank_bounds,
+    rank_slice,
+    sharded_predict,
+)
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+class DataParallelRun:
+    """What a training function swaps in when it runs as one rank of several."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.scratch: Path | None = None
+
+    @classmethod
+    def from_env(cls, device: str = "cpu", threads: int = 0) -> DataParallelRun | None:
+        ctx = from_env(device, threads)
+        return None if ctx is None else cls(ctx)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.ctx.is_writer
+
+    def run_dir(self, run_dir: Path) -> Path:
+        """Rank 0 writes ``run_dir``; the others a private scratch folder."""
+        if self.ctx.is_writer:
+            return run_dir
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"oneepoch-rank{self.ctx.rank}-"))
+        out = self.scratch / run_dir.name
+        out.mkdir()
+        return out
+
+    def check(self, hooks: Sequence[Any]) -> None:
+        check_hooks(self.ctx, hooks)
+
+    def open_run(self, open_run: Callable[..., Any], run_dir: Path, config: dict[str, Any],
+                 resume: bool, model: torch.nn.Module, steps_per_epoch: int,
+                 device: str = "cpu") -> tuple[Any, dict[str, Any] | None]:
+        """Rank 0 takes the run folder (``open_run``); every rank gets its checkpoint to resume
+        from (sent by rank 0, so no shared file system is needed), or all fail with rank 0's
+        error."""
+        lock, ck, err = _NoLock(), None, None
+        if self.ctx.is_writer:
+            try:
+                lock, ck = open_run(run_dir, config, resume, model, steps_per_epoch, device)
+            except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised
+                err = e
+        msg = [None if err is None else f"{type(err).__name__}: {err}", ck]
+        with self.ctx.collective("sending the checkpoint to resume from"):
+            dist.broadcast_object_list(msg, src=0)
+        if err is not None:
+            raise err
+        if msg[0] is not None:
+            raise DistributedError(f"rank 0 could not open the run folder: {msg[0]}")
+        return lock, msg[1]
+
+    def build_step(self, model: torch.nn.Module, opt: Any, batcher: Any, hooks: Sequence[Any],
+                   state: Any) -> DataParallelStep:
+        return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
+
+    def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        return sharded_predict(self.ctx, predict)
+
+    def fail(self, err: BaseException) -> None:
+        """Post this rank's error for the others (they name it when they stop)."""
+        self.ctx.post_error(err)
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.ctx.close()
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "DataParallelRun", "DataParallelStep", "DistContext",
+           "DistributedError", "env_rank", "from_env", "launched", "rank_bounds", "rank_slice"]

@@ -1,0 +1,163 @@
+"""Training across processes (gloo, 2 ranks on this machine, tiny data).
+
+Tolerances: with SGD and ReLU (no batch statistics), two ranks compute the one-process
+numbers up to float summation order: weights within 1e-5, losses within 1e-5, AUC within
+1e-4 (a near-tie between two predictions can flip at float precision; GAUC, an average over
+small per-user groups, within 2e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oneepoch.config import TrainConfig, load_config
+from oneepoch.distributed import rank_bounds, rank_slice
+from oneepoch.runfolder import read_metrics
+from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
+from oneepoch.training.trainer import epoch_order, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT_S = 20  # ONEEPOCH_DIST_TIMEOUT in these tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp: Path, specs: list[dict], worlds: list[int] | None = None,
+           wait_s: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start one worker per spec as ranks 0..n-1 of one run; their results."""
+    port, procs = free_port(), []
+    for r, spec in enumerate(specs):
+        f = tmp / f"spec{r}.json"
+        f.write_text(json.dumps(spec))
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(worlds[r] if worlds else len(specs)),
+               "LOCAL_WORLD_SIZE": str(len(specs)), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S),
+               "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(f)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    return out
+
+
+def overrides(data: Path, out: Path, name: str, epochs: int = 2) -> list[str]:
+    return [f"data.path={data}", f"out_dir={out}", f"name={name}", "progress=false",
+            "threads=1", "batch_size=256", "eval.batch_size=1000", "eval.per_epoch=2",
+            f"epochs={epochs}", "model.activation=relu", "optim.name=sgd", "optim.lr=0.5",
+            "checkpoint_keep=0"]
+
+
+def ok(res: list[subprocess.CompletedProcess]) -> None:
+    for r in res:
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n,world", [(256, 2), (7, 2), (1, 2), (0, 3), (10, 3), (1000, 7)])
+def test_rank_slices_partition_the_global_batch(n, world):
+    rows = np.random.default_rng(0).permutation(n + 5)[:n]
+    parts = [rank_slice(rows, r, world) for r in range(world)]
+    assert np.array_equal(np.concatenate(parts), rows)  # in rank order: the global batch
+    sizes = np.diff(rank_bounds(n, world))
+    assert sizes.sum() == n and sizes.max() - sizes.min() <= (1 if n else 0)
+
+
+def compare_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for k in ("test_auc", "train_auc"):
+            assert abs(x[k] - y[k]) < 1e-4, (k, x, y)
+        for k in ("test_gauc", "train_gauc"):
+            assert abs(x[k] - y[k]) < 2e-3, (k, x, y)
+        for k in ("test_logloss", "train_logloss", "train_loss"):
+            if x[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-5, (k, x, y)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_synth, tmp_path_factory):
+    """The reference: the same settings on one process, uninterrupted."""
+    out = tmp_path_factory.mktemp("ws1")
+    cfg = load_config(TrainConfig, None, overrides(tiny_synth, out, "ws1"))
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_and_use_every_row_once(tiny_synth, tmp_path, one_process):
+    cfg1, res1 = one_process
+    log = tmp_path / "rows"
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "ws2"), "log_rows": str(log)}
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / "ws2"
+    compare_rows(read_metrics(run), res1.metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step_path"] == "distributed"
+    w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
+    w2 = load_checkpoint(list_checkpoints(run)[-1])["model"]
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), atol=1e-5, err_msg=k)
+    # every training row once per epoch, split between the ranks
+    seen = [np.load(f"{log}.rank{r}.npy") for r in range(2)]
+    n = len(seen[0]) + len(seen[1])
+    n_train, epochs = 6000, 2
+    assert n == n_train * epochs and len(seen[0]) == len(seen[1])
+    per_rank_epoch = [s.reshape(epochs, -1) for s in seen]
+    for e in range(epochs):
+        both = np.concatenate([p[e] for p in per_rank_epoch])
+        assert np.array_equal(np.sort(both), np.arange(n_train))
+        order = epoch_order(n_train, e, cfg1.shuffle, cfg1.seed)
+        assert set(per_rank_epoch[0][e]) == set(np.concatenate(
+            [rank_slice(order[a:a + 256], 0, 2) for a in range(0, n_train, 256)]))
+
+
+@pytest.mark.slow
+def test_killed_on_two_resumes_on_one(tiny_synth, tmp_path, one_process):
+    _, res1 = one_process
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "killed"), "die": {"epoch": 1}}
+    res = launch(tmp_path, [spec, spec])
+    assert all(r.returncode == 9 for r in res), [r.stderr[-2000:] for r in res]
+    run = tmp_path / "killed"
+    assert [p.name for p in list_checkpoints(run)] == ["epoch-001"]
+    cfg = load_config(TrainConfig, run / "config.yaml", [])
+    resumed = train(cfg, run, resume=True)  # one process now
+    compare_rows(resumed.metrics, res1.metrics)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_other_with_an_error_naming_it(tiny_synth, tmp_path):
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "dies", epochs=1),
+            "die": {"rank": 1, "step": 5}}
+    t = time.time()
+    r0, r1 = launch(tmp_path, [spec, spec])
+    assert r1.returncode == 3
+    assert r0.returncode != 0 and time.time() - t < 60 + TIMEOUT_S
+    assert "rank 1" in r0.stderr and "has exited" in r0.stderr, r0.stderr[-2000:]
+
+
+def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "mismatch", epochs=1)}
+    res = launch(tmp_path, [spec, spec], worlds=[2, 3], wait_s=120)
+    for r in res:
+        assert r.returncode != 0
+        assert "WORLD_SIZE mismatch" in r.stderr, r.stderr[-2000:]

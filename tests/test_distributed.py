@@ -161,3 +161,54 @@ def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
     for r in res:
         assert r.returncode != 0
         assert "WORLD_SIZE mismatch" in r.stderr, r.stderr[-2000:]
+
+
+def torchrec_loads() -> bool:
+    try:
+        from oneepoch.distributed.plan import require_torchrec
+        require_torchrec()
+        return True
+    except ValueError:
+        return False
+
+
+needs_torchrec = pytest.mark.skipif(not torchrec_loads(), reason="the distributed extra "
+                                    "(torchrec + fbgemm-gpu-cpu) is not installed")
+
+
+def test_plan_tables_parse_and_refuse_bad_specs():
+    from oneepoch.distributed.plan import parse_tables
+    assert parse_tables("item=1e9:64, user=100:8") == [("item", 10**9, 64), ("user", 100, 8)]
+    for bad in ("item=1e9", "item=1.5:8", "item=10:0", "a=1:1,a=2:2", "", "9x=1:1"):
+        with pytest.raises(ValueError, match="--tables"):
+            parse_tables(bad)
+
+
+@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
+def test_plan_without_the_extra_says_what_to_install(capsys):
+    from oneepoch.cli import main
+    assert main(["plan", "--tables", "item=1e6:8", "--world-size", "2"]) == 2
+    assert 'pip install "oneepoch[distributed]"' in capsys.readouterr().err
+
+
+@needs_torchrec
+def test_plan_for_64_gpus_without_a_gpu(tmp_path, capsys):
+    from oneepoch.cli import main
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", "item=1e9:64,user=1e8:64", "--world-size", "64",
+                 "--device", "cuda", "--hbm-gib", "80", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "item" in text and "sharding type" in text
+    plan = json.loads(out.read_text())
+    rows = {t["name"]: sum(s["sizes"][0] for s in t["shards"] if s["offsets"][1] == 0)
+            for t in plan["tables"]}
+    assert rows == {"item": 10**9, "user": 10**8}  # every row placed exactly once
+    assert max(plan["rank_bytes"]) <= 80 * 2**30
+    assert sum(plan["rank_bytes"]) == (10**9 + 10**8) * 64 * 4
+
+
+@needs_torchrec
+def test_plan_that_cannot_fit_is_a_clear_error():
+    from oneepoch.distributed.plan import plan_tables
+    with pytest.raises(ValueError, match="no plan"):
+        plan_tables([("item", 10**10, 64)], 2, "cuda", hbm_gib=80)

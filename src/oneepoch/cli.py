@@ -14,7 +14,7 @@ import warnings
 from oneepoch.config import ConfigError
 from oneepoch.data.schema import DataError
 
-COMMANDS = ("demo", "train", "data", "report", "reproduce", "sweep", "pretrain")
+COMMANDS = ("demo", "train", "data", "report", "reproduce", "sweep", "pretrain", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """One rank of a distributed test run (started by tests/test_distributed.py with RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
-SPEC: {"overrides": [...], "log_rows": path or null (each training batch's rows, per rank),
-"die": {"rank": r, "step": k} or {"epoch": e} (every rank) or null, "train_batch": n}.
+SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "log_rows": path or null
+(each training batch's rows, per rank), "die": {"rank": r, "step": k} or {"epoch": e} (every
+rank) or null}.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Die(Hook):
 
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
+    if spec.get("pretrain"):
+        from oneepoch.pretrain import PretrainConfig, pretrain
+        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]))
+        print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir)}))
+        return
     cfg = load_config(TrainConfig, None, spec["overrides"])
     if spec.get("log_rows"):
         get, bs, log = Batcher.get, cfg.batch_size, []

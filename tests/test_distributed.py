@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from oneepoch.config import TrainConfig, load_config
+from oneepoch.data.synthetic import SynthConfig
 from oneepoch.distributed import rank_bounds, rank_slice
 from oneepoch.runfolder import read_metrics
 from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
@@ -161,6 +162,36 @@ def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
     for r in res:
         assert r.returncode != 0
         assert "WORLD_SIZE mismatch" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path):
+    from oneepoch.data.synthetic import SurfacesConfig, write_multisurface
+    from oneepoch.embeddings import load_embeddings
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    world = tmp_path / "world"
+    write_multisurface(world, SurfacesConfig(world=SynthConfig(n_users=300, n_items=600, seed=1),
+                                             n_train=1_500, n_valid=500, n_test=500,
+                                             engagement_ratio=5.0, n_heldout=500))
+    over = [f"data.path={world / 'engagements'}", "epochs=2", "batch_size=128",
+            "loss.n_uniform=64", "model.dim=8", "threads=1", "progress=false",
+            "eval.max_pairs=300", "eval.train_pairs=300", "eval.per_epoch=2",
+            f"out_dir={tmp_path}", "optim.name=sgd", "optim.lr=0.5"]
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"]}
+    ok(launch(tmp_path, [spec, spec]))
+    two = read_metrics(tmp_path / "p2")
+    assert [r["step"] for r in two] == [r["step"] for r in one.metrics]
+    for x, y in zip(two, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3", "test_recall@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])
+    a, b = load_embeddings(one.export_dir), load_embeddings(tmp_path / "p2" / "embeddings")
+    for kind in ("user", "item"):
+        np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
+                                   getattr(a, kind).weight.numpy(), atol=1e-5)
+    assert json.loads((tmp_path / "p2" / "summary.json").read_text())["world_size"] == 2
 
 
 def torchrec_loads() -> bool:

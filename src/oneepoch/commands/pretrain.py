@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,16 +22,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed run from its last epoch checkpoint (settings from "
                    "RUN_DIR/config.yaml; overrides such as epochs=N apply on top)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="pre-train data-parallel on N local processes (as torchrun "
+                   "--nproc_per_node N); see docs/distributed.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=20")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
+    from oneepoch.distributed import DistributedError, env_rank
+    from oneepoch.distributed.launch import launch_local
     from oneepoch.pretrain import PretrainConfig, pretrain
 
+    if args.nproc:
+        return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
+            ["--resume", args.resume] if args.resume else []), *args.overrides])
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
-    res = pretrain(cfg, run_dir, resume=run_dir is not None)
+    try:
+        res = pretrain(cfg, run_dir, resume=run_dir is not None)
+    except DistributedError as e:  # a rank stopped, or the ranks could not meet
+        print(f"oneepoch pretrain: error: {e}", file=sys.stderr)
+        return 1
+    if env_rank() != 0:  # rank 0 reports for a distributed run
+        return 0
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

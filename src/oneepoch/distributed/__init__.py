@@ -98,6 +98,11 @@ class DataParallelRun:
                    state: Any) -> DataParallelStep:
         return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
 
+    def stage1_step(self, stepper: Any) -> Any:
+        """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``)."""
+        from oneepoch.distributed.stage1 import DataParallelStage1
+        return DataParallelStage1(self.ctx, stepper)
+
     def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         return sharded_predict(self.ctx, predict)
 

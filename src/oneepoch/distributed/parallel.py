@@ -116,7 +116,8 @@ class GradientSync:
                 leaf.grad = g
                 o.module.pending = [(r, leaf)]
             else:
-                o.param.grad = torch.sparse_coo_tensor(r.unsqueeze(0), g, o.param.shape)
+                o.param.grad = torch.sparse_coo_tensor(r.unsqueeze(0), g, o.param.shape,
+                                                       check_invariants=False)
         # dense layers, the loss and the running statistics in one all_reduce
         flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
                 for p in self.dense]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from oneepoch.config import to_dict
+from oneepoch.distributed import DataParallelRun
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.data import EngagementData, load_engagements
@@ -148,14 +149,32 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
     (:class:`oneepoch.training.loop.Loop`).
     """
-    from oneepoch.embeddings import export_embeddings
-
     t0 = time.time()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs / batch_size: must be >= 1 (got {cfg.epochs}, "
                          f"{cfg.batch_size})")
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    # one rank of several (torchrun): see oneepoch.distributed; None on one process
+    dp = DataParallelRun.from_env("cpu", cfg.threads)
+    if dp is None:
+        return _pretrain(cfg, run_dir, data, resume, t0, None)
+    try:
+        return _pretrain(cfg, run_dir, data, resume, t0, dp)
+    except BaseException as e:
+        dp.fail(e)
+        raise
+    finally:
+        dp.close()
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, resume: bool,
+              t0: float, dp: DataParallelRun | None) -> PretrainResult:
+    from oneepoch.embeddings import export_embeddings
+
+    out_dir = run_dir
+    if dp is not None:  # rank 0 writes run_dir, the others a scratch folder
+        run_dir = dp.run_dir(run_dir)
     check_writable_dir(run_dir)
     if data is None:
         if not cfg.data.path:
@@ -203,12 +222,18 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
 
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
-    lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
+    step: Any = stepper
+    if dp is None:
+        lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
+    else:  # batches stay global: the step trains this rank's slice of each
+        lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model, steps_per_epoch)
+        step = dp.stage1_step(stepper)
     try:
-        loop = Loop(s, stepper, [], batches, evaluate_now, cfg.epochs,
+        loop = Loop(s, step, [], batches, evaluate_now, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
                     cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
-                    progress=cfg.progress, headline=f"test_hit@{min(cfg.eval.ks)}",
+                    progress=cfg.progress and (dp is None or dp.is_writer),
+                    headline=f"test_hit@{min(cfg.eval.ks)}",
                     unit="pair", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:
             loop.restore(ck)
@@ -235,9 +260,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                    "heldout_pairs": len(data.test_user),
                    "heldout_unknown": data.heldout_unknown, "users": data.n_users - 1,
                    "items": data.n_items - 1, "export": str(export_dir) if export_dir else None,
-                   "step_path": stepper.path, "step_path_reason": stepper.reason,
+                   "step_path": step.path, "step_path_reason": step.reason,
                    "finished": True, "last": rows[-1]}
+        if dp is not None:
+            summary["world_size"] = dp.ctx.world_size
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
-    return PretrainResult(run_dir, rows, export_dir, secs, pps)
+    if dp is not None and not dp.is_writer:  # rank 0 wrote the export
+        export_dir = out_dir / "embeddings" if export_dir else None
+    return PretrainResult(out_dir, rows, export_dir, secs, pps)

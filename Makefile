@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_limit.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_pretrain.py
+	$(BIN)/python benchmarks/bench_dist.py
 	$(BIN)/python benchmarks/bench_peers.py
 	$(BIN)/python benchmarks/summarize.py
 

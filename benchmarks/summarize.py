@@ -159,6 +159,22 @@ def main() -> None:
                    "evaluation ranks held-out pairs against every item.")
     else:
         out.append("not run")
+    dist = load("dist")
+    out += ["", "## Across processes (gloo, one thread per process)", ""]
+    if dist:
+        out += ["| model | one process | distributed x1 | distributed x2 | x2 / x1 "
+                "| x1 / one process |", "|---|---:|---:|---:|---:|---:|"]
+        for key, name in (("ctr", "base model (samples/s)"), ("stage1", "stage 1 (pairs/s)")):
+            d = dist.get(key)
+            if d:
+                m = d["median"]
+                out.append(f"| {name} | {m['singlex1']:,.0f} | {m['distx1']:,.0f} "
+                           f"| {m['distx2']:,.0f} | {d['speedup_2_over_1_dist']:.2f}x "
+                           f"| {d['dist1_over_single']:.2f} |")
+        out += ["", f"Sharding plan: {dist.get('sharding_plan')}; load average during the "
+                f"runs: {dist.get('loadavg')}."]
+    else:
+        out.append("not run")
     for name, title in (("prepare_taobao", "Preparing Taobao UserBehavior"),):
         data = load(name)
         out += ["", f"## {title}", ""]

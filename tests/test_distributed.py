@@ -243,3 +243,24 @@ def test_plan_that_cannot_fit_is_a_clear_error():
     from oneepoch.distributed.plan import plan_tables
     with pytest.raises(ValueError, match="no plan"):
         plan_tables([("item", 10**10, 64)], 2, "cuda", hbm_gib=80)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["ctr", "stage1"])
+def test_bench_dist_worker_runs(tiny_synth, tmp_path, what):
+    """The benchmark's worker at tiny sizes on its 2-rank distributed path."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dist.py"), "--worker", what,
+           "--path", "dist", "--data", str(tiny_synth), "--steps", "3", "--stage1-rows",
+           "2000", "--stage1-batch", "128", "--stage1-steps", "2"]
+    port, procs = free_port(), []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT / "src"),
+               "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                                      cwd=tmp_path))
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    r = json.loads(outs[0].strip().splitlines()[-1])
+    assert r["world_size"] == 2 and r["step"] == "distributed"
+    assert r["samples_per_s" if what == "ctr" else "pairs_per_s"] > 0

@@ -114,6 +114,9 @@ def test_two_ranks_match_one_and_use_every_row_once(tiny_synth, tmp_path, one_pr
     compare_rows(read_metrics(run), res1.metrics)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step_path"] == "distributed"
+    plan = json.loads((run / "sharding_plan.json").read_text())
+    assert plan["world_size"] == 2
+    assert {t["sharding"] for t in plan["tables"].values()} == {"data_parallel"}
     w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
     w2 = load_checkpoint(list_checkpoints(run)[-1])["model"]
     for k in w1:
@@ -264,3 +267,15 @@ def test_bench_dist_worker_runs(tiny_synth, tmp_path, what):
     r = json.loads(outs[0].strip().splitlines()[-1])
     assert r["world_size"] == 2 and r["step"] == "distributed"
     assert r["samples_per_s" if what == "ctr" else "pairs_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cli_nproc_runs_torchrun_and_reports_once(tiny_synth, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ONEEPOCH_DIST_TIMEOUT": "60"}
+    r = subprocess.run([sys.executable, "-m", "oneepoch.cli", "train", "--nproc", "2",
+                        *overrides(tiny_synth, tmp_path, "cli", epochs=1)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("report: ") == 1  # rank 0 reports; rank 1 stays quiet
+    assert "sharding plan: embedding.weight" in r.stdout
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["world_size"] == 2

@@ -38,6 +38,7 @@ from oneepoch.distributed.parallel import (
     rank_slice,
     sharded_predict,
 )
+from oneepoch.io import atomic_write_json
 
 
 class _NoLock:
@@ -92,7 +93,27 @@ class DataParallelRun:
             raise err
         if msg[0] is not None:
             raise DistributedError(f"rank 0 could not open the run folder: {msg[0]}")
+        if self.ctx.is_writer:
+            self.write_plan(run_dir, model)
         return lock, msg[1]
+
+    def write_plan(self, run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
+        """Print and write ``RUN/sharding_plan.json``: where each ID table lives (here:
+        replicated on every rank, data-parallel)."""
+        groups = dict(model.param_groups()) if hasattr(model, "param_groups") else {}
+        names = {id(p): n for n, p in model.named_parameters()}
+        tables = {names[id(p)]: {"rows": int(p.shape[0]), "dim": int(p.shape[1]),
+                                 "sharding": "data_parallel",
+                                 "ranks": list(range(self.ctx.world_size))}
+                  for p in groups.get("embedding", []) if p.dim() == 2}
+        plan = {"world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                "tables": tables, "how": "every table replicated on every rank; row "
+                "gradients all-gathered and summed each step (docs/distributed.md)"}
+        atomic_write_json(run_dir / "sharding_plan.json", plan)
+        print(f"{self.ctx.world_size} processes ({self.ctx.backend}); sharding plan: "
+              + ", ".join(f"{n} {t['rows']:,}x{t['dim']} data_parallel" for n, t in
+                          tables.items()), flush=True)
+        return plan
 
     def build_step(self, model: torch.nn.Module, opt: Any, batcher: Any, hooks: Sequence[Any],
                    state: Any) -> DataParallelStep:

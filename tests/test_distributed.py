@@ -279,3 +279,40 @@ def test_cli_nproc_runs_torchrun_and_reports_once(tiny_synth, tmp_path):
     assert r.stdout.count("report: ") == 1  # rank 0 reports; rank 1 stays quiet
     assert "sharding plan: embedding.weight" in r.stdout
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_sharded_tables_refuse_adam_saying_why():
+    from oneepoch.distributed.sharded import ShardedTables
+    with pytest.raises(ValueError, match="not Adam"):
+        ShardedTables(None, [("item", 10, 4)], "adam", 0.1)  # type: ignore[arg-type]
+
+
+@needs_torchrec
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_torchrec_sharded_sgd_step_and_dcp_checkpoint_resharded_to_one(tmp_path, sharding):
+    """2 ranks, tables sharded by TorchRec: one SGD step fused into FBGEMM's backward gives the
+    one-replica update of the global batch; the DCP checkpoint written on 2 ranks loads whole
+    in one process."""
+    from safetensors.torch import load_file
+
+    from oneepoch.distributed.sharded import load_tables
+    port, procs = free_port(), []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": str(ROOT / "src"), "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER.with_name(
+            "dist_sharded_worker.py")), sharding, str(tmp_path)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in res]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {v["sharding"] for v in plan.values()} == {sharding}
+    t = load_file(str(tmp_path / "tables.st"))
+    for n in ("user", "item"):
+        np.testing.assert_allclose(t[f"got.{n}"].numpy(), t[f"expected.{n}"].numpy(),
+                                   atol=1e-6, err_msg=n)
+    whole = load_tables(tmp_path / "ck", [("user", 50, 4), ("item", 80, 4)])
+    for n in ("user", "item"):
+        np.testing.assert_array_equal(whole[n].numpy(), t[f"got.{n}"].numpy())

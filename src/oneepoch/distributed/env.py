@@ -125,6 +125,11 @@ class DistContext:
         except DistributedError:
             raise
         except Exception as e:  # gloo / nccl raise RuntimeError subclasses
+            text = str(e)
+            if not (isinstance(e, dist.DistError) or any(
+                    k in text for k in ("gloo", "Connection", "onnection reset", "imed out",
+                                        "NCCL", "Socket"))):
+                raise  # not a communication failure: this rank's own error
             time.sleep(0.2)  # let a dying peer's process disappear before we look
             dead = self.dead_ranks()
             who = "; ".join(dead) if dead else (

@@ -9,16 +9,17 @@ skipped; a rank whose slice is empty (a last batch shorter than ``W``) still joi
 
 Gradients. Each rank's loss is its rows' summed BCE divided by the *global* batch size, so the
 sum of the ranks' gradients is the gradient of the global batch's mean loss, the number one
-process computes. Per step (and per table):
+process computes. Per step, two collectives (none on one process):
 
 * dense layers: one ``all_reduce`` (sum) of one flat buffer holding every dense gradient, the
-  loss and the float buffers (Dice's running statistics, weighted by the rank's share of the
-  batch) -- what DistributedDataParallel does in buckets; one buffer keeps the uneven last
-  batch exact (DDP divides by ``W`` whatever the slice sizes) and the loss in the same message;
-* ID tables: an ``all_gather`` of each rank's (unique rows, summed row gradients), padded to
-  the largest rank's count (one ``all_gather`` of the counts first), then summed per row on
-  every rank. Cost per step: ``W x max unique rows x (dim + 2) x 4`` bytes, independent of the
-  table's size (a dense all-reduce of the table would move ``rows x dim x 4`` bytes per step).
+  loss, the float buffers (Dice's running statistics, weighted by the rank's share of the
+  batch) and each rank's count of table rows -- what DistributedDataParallel does in buckets;
+  one buffer keeps the uneven last batch exact (DDP divides by ``W`` whatever the slice
+  sizes) and the loss and counts in the same message;
+* ID tables: per table, one ``all_gather`` of each rank's (unique rows, summed row
+  gradients), padded to the largest rank's count, then summed per row on every rank. Cost
+  per step: ``W x max unique rows x (dim + 2) x 4`` bytes, independent of the table's size
+  (a dense all-reduce of the table would move ``rows x dim x 4`` bytes per step).
 
 The optimizer then steps once per global step on every rank with the same global (rows,
 gradient) pairs, so whatever the row-wise optimizer does -- Adam, the remedies' per-row
@@ -89,24 +90,60 @@ class GradientSync:
     def __call__(self, loss_sum: float, share: float) -> float:
         """Synchronise after this rank's backward; returns the global batch's mean loss.
         ``loss_sum``: this rank's loss (already divided by the global batch size);
-        ``share``: this rank's fraction of the global batch's rows."""
-        ctx, moved = self.ctx, 0
-        # ID tables: (rows, gradient) pairs of every rank, summed per row
-        for o in self.opt.sparse.values():
-            if not o.param.requires_grad:
-                continue
+        ``share``: this rank's fraction of the global batch's rows.
+
+        Two collectives per step: one ``all_reduce`` of the dense gradients, the loss, the
+        running statistics and every rank's count of table rows; then, per table, one
+        ``all_gather`` of the (row, gradient) pairs padded to the largest count."""
+        ctx, w = self.ctx, self.ctx.world_size
+        if w == 1:  # this rank's gradients are the global batch's
+            self.bytes_last = 0
+            return loss_sum
+        tables = [o for o in self.opt.sparse.values() if o.param.requires_grad]
+        packed = []
+        for o in tables:
             got = _row_grads(o.param, o.module)
             o.param.grad = None
-            dim = o.param.shape[1]
             if got is None:
                 rows = torch.zeros(0, dtype=torch.int64)
-                grads = torch.zeros(0, dim, dtype=torch.float32)
+                grads = torch.zeros(0, o.param.shape[1], dtype=torch.float32)
             else:
                 rows, grads = got
-            packed = torch.cat([rows.contiguous().view(torch.float32).view(-1, 2),
-                                grads.to(torch.float32)], 1)  # row ids travel as raw bits
-            parts = torch.cat(gather_rows(ctx, packed))
-            moved += parts.numel() * 4
+            packed.append(torch.cat([rows.contiguous().view(torch.float32).view(-1, 2),
+                                     grads.to(torch.float32)], 1))  # row ids as raw bits
+        counts = torch.zeros(len(tables) * w, dtype=torch.float32)
+        for t, pk in enumerate(packed):
+            counts[t * w + ctx.rank] = pk.shape[0]
+        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+                for p in self.dense]
+        flat += [b.reshape(-1) * share for b in self.buffers]
+        flat += [torch.tensor([loss_sum], dtype=torch.float32), counts]
+        buf = torch.cat([t.to(torch.float32) for t in flat])
+        with ctx.collective("all_reduce of the dense gradients"):
+            dist.all_reduce(buf)
+        moved = buf.numel() * 4
+        a = 0
+        for p in self.dense:
+            k = p.numel()
+            p.grad = buf[a:a + k].view_as(p).to(p.dtype)
+            a += k
+        with torch.no_grad():
+            for b in self.buffers:
+                k = b.numel()
+                b.copy_(buf[a:a + k].view_as(b))
+                a += k
+        loss = float(buf[a])
+        sizes = buf[a + 1:].round().to(torch.int64).view(len(tables), w) if tables else None
+        # ID tables: (rows, gradient) pairs of every rank, summed per row
+        for t, (o, pk) in enumerate(zip(tables, packed, strict=True)):
+            n = [int(x) for x in sizes[t]]
+            pad = pk.new_zeros((max(n), pk.shape[1]))
+            pad[:pk.shape[0]] = pk
+            out = [torch.empty_like(pad) for _ in range(w)]
+            with ctx.collective("all_gather of the table rows"):
+                dist.all_gather(out, pad)
+            parts = torch.cat([x[:k] for x, k in zip(out, n, strict=True)])
+            moved += pad.numel() * 4 * w
             if parts.shape[0] == 0:
                 continue
             all_rows = parts[:, :2].contiguous().view(torch.int64).view(-1)
@@ -118,27 +155,8 @@ class GradientSync:
             else:
                 o.param.grad = torch.sparse_coo_tensor(r.unsqueeze(0), g, o.param.shape,
                                                        check_invariants=False)
-        # dense layers, the loss and the running statistics in one all_reduce
-        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
-                for p in self.dense]
-        flat += [b.reshape(-1) * share for b in self.buffers]
-        flat.append(torch.tensor([loss_sum], dtype=torch.float32))
-        buf = torch.cat([t.to(torch.float32) for t in flat])
-        with ctx.collective("all_reduce of the dense gradients"):
-            dist.all_reduce(buf)
-        moved += buf.numel() * 4
-        a = 0
-        for p in self.dense:
-            k = p.numel()
-            p.grad = buf[a:a + k].view_as(p).to(p.dtype)
-            a += k
-        with torch.no_grad():
-            for b in self.buffers:
-                k = b.numel()
-                b.copy_(buf[a:a + k].view_as(b))
-                a += k
         self.bytes_last = moved
-        return float(buf[a])
+        return loss
 
 
 class DataParallelStep:

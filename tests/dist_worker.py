@@ -16,6 +16,7 @@ import numpy as np
 
 from oneepoch.config import TrainConfig, load_config
 from oneepoch.data.batcher import Batcher
+from oneepoch.distributed import DataParallelRun
 from oneepoch.training.hooks import Hook
 from oneepoch.training.trainer import train
 
@@ -40,7 +41,9 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     if spec.get("pretrain"):
         from oneepoch.pretrain import PretrainConfig, pretrain
-        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]))
+        par = DataParallelRun.from_env("cpu")
+        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par)
+        par.close()
         print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir)}))
         return
     cfg = load_config(TrainConfig, None, spec["overrides"])
@@ -54,7 +57,11 @@ def main() -> None:
 
         Batcher.get = logged
     hooks = [Die(spec["die"])] if spec.get("die") else []
-    res = train(cfg, hooks=hooks)
+    par = DataParallelRun.from_env(cfg.device)
+    try:
+        res = train(cfg, hooks=hooks, parallel=par)
+    finally:
+        par.close()
     if spec.get("log_rows"):
         np.save(f"{spec['log_rows']}.rank{os.environ['RANK']}.npy",
                 np.concatenate(log) if log else np.zeros(0, np.int64))

@@ -260,11 +260,11 @@ def test_bench_dist_worker_runs(tiny_synth, tmp_path, what):
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT / "src"),
                "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
-                                      cwd=tmp_path))
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    r = json.loads(outs[0].strip().splitlines()[-1])
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    r = json.loads(outs[0][0].strip().splitlines()[-1])
     assert r["world_size"] == 2 and r["step"] == "distributed"
     assert r["samples_per_s" if what == "ctr" else "pairs_per_s"] > 0
 

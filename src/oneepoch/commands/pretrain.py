@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
-    from oneepoch.distributed import DistributedError, env_rank
+    from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
     from oneepoch.distributed.launch import launch_local
     from oneepoch.pretrain import PretrainConfig, pretrain
 
@@ -39,11 +39,16 @@ def run(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
             ["--resume", args.resume] if args.resume else []), *args.overrides])
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
-    try:
-        res = pretrain(cfg, run_dir, resume=run_dir is not None)
+    par = None
+    try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
+        par = DataParallelRun.from_env("cpu", cfg.threads)
+        res = pretrain(cfg, run_dir, resume=run_dir is not None, parallel=par)
     except DistributedError as e:  # a rank stopped, or the ranks could not meet
         print(f"oneepoch pretrain: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if par is not None:
+            par.close()
     if env_rank() != 0:  # rank 0 reports for a distributed run
         return 0
     last = res.metrics[-1]

@@ -6,13 +6,16 @@ trains a contiguous slice of each global batch, and the gradients are summed acr
 before the optimizer's update (:mod:`oneepoch.distributed.parallel`). Rank 0 writes the run
 folder; the other ranks keep a private scratch folder, deleted at the end.
 
-The trainer hooks in at one place, :class:`DataParallelRun`:
+The trainer hooks in at one place, :class:`DataParallelRun`, handed to it by the caller (the
+``train`` / ``pretrain`` commands build it from torchrun's environment):
 
-    >>> dp = DataParallelRun.from_env(cfg.device, cfg.threads)  # doctest: +SKIP
+    >>> dp = DataParallelRun.from_env(cfg.device)   # None when not launched  # doctest: +SKIP
+    >>> train(cfg, parallel=dp); dp.close()                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -61,6 +64,11 @@ class DataParallelRun:
     @property
     def is_writer(self) -> bool:
         return self.ctx.is_writer
+
+    def set_threads(self, threads: int) -> None:
+        """``threads=0`` (all cores): this machine's cores shared among its local ranks."""
+        if threads == 0:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
 
     def run_dir(self, run_dir: Path) -> Path:
         """Rank 0 writes ``run_dir``; the others a private scratch folder."""

@@ -189,8 +189,8 @@ def _handshake(store: dist.Store, rank: int, world: int, timeout: float) -> None
 
 def from_env(device: str = "cpu", threads: int = 0) -> DistContext | None:
     """Join the process group described by the environment, or ``None`` when this process
-    was not launched as a rank (no ``RANK``/``WORLD_SIZE``). ``threads=0`` shares the
-    machine's cores among its local ranks."""
+    was not launched as a rank (no ``RANK``/``WORLD_SIZE``). ``threads`` is not used (kept
+    for callers; see ``DataParallelRun.set_threads``)."""
     if not launched():
         return None
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
@@ -202,8 +202,6 @@ def from_env(device: str = "cpu", threads: int = 0) -> DistContext | None:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)
-    if threads == 0:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     t = timeout_s()
     owns = not dist.is_initialized()
     if not owns:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from oneepoch.config import to_dict
-from oneepoch.distributed import DataParallelRun
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.data import EngagementData, load_engagements
@@ -141,8 +140,12 @@ class Stage1Stepper:
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
-             data: EngagementData | None = None, resume: bool = False) -> PretrainResult:
+             data: EngagementData | None = None, resume: bool = False, parallel: Any = None
+             ) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
+
+    ``parallel``: as for :func:`oneepoch.training.trainer.train` (a
+    ``oneepoch.distributed.DataParallelRun``, or ``None`` on one process).
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
@@ -155,21 +158,18 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         raise ValueError(f"epochs / batch_size: must be >= 1 (got {cfg.epochs}, "
                          f"{cfg.batch_size})")
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
-    # one rank of several (torchrun): see oneepoch.distributed; None on one process
-    dp = DataParallelRun.from_env("cpu", cfg.threads)
-    if dp is None:
+    if parallel is None:
         return _pretrain(cfg, run_dir, data, resume, t0, None)
+    parallel.set_threads(cfg.threads)
     try:
-        return _pretrain(cfg, run_dir, data, resume, t0, dp)
+        return _pretrain(cfg, run_dir, data, resume, t0, parallel)
     except BaseException as e:
-        dp.fail(e)
+        parallel.fail(e)  # the other ranks name this one when they stop
         raise
-    finally:
-        dp.close()
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, resume: bool,
-              t0: float, dp: DataParallelRun | None) -> PretrainResult:
+              t0: float, dp: Any) -> PretrainResult:
     from oneepoch.embeddings import export_embeddings
 
     out_dir = run_dir

@@ -28,7 +28,6 @@ from oneepoch.config import TrainConfig, check_device, to_dict
 from oneepoch.data.batcher import Batcher
 from oneepoch.data.dataset import CTRData, load_ctr
 from oneepoch.data.transforms import CARVED, apply_transforms
-from oneepoch.distributed import DataParallelRun
 from oneepoch.io import atomic_write_json, check_writable_dir
 from oneepoch.metrics import auc, gauc, logloss
 from oneepoch.models.ctr import build_model
@@ -156,33 +155,36 @@ def stopped_early(hooks: Sequence[Hook]) -> bool:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
-          resume: bool = False, data: CTRData | None = None) -> TrainResult:
+          resume: bool = False, data: CTRData | None = None, parallel: Any = None
+          ) -> TrainResult:
     """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
 
     ``hooks`` plug probes and remedies in (build the config's own with
     :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
     device, data, model, the checkpoint to resume from) is checked before the run folder is
     touched; the folder is locked while the run writes it.
+
+    ``parallel``: this process's place in a run across processes (torchrun), e.g.
+    ``oneepoch.distributed.DataParallelRun.from_env(cfg.device, cfg.threads)`` (``None`` on one
+    process); then each rank trains its slice of every global batch (docs/distributed.md).
+    The caller closes it.
     """
     t0 = time.time()
     check_device(cfg.device)
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
-    # one rank of several (torchrun): see oneepoch.distributed; None on one process
-    dp = DataParallelRun.from_env(cfg.device, cfg.threads)
-    if dp is None:
+    if parallel is None:
         return _train(cfg, run_dir, hooks, resume, data, t0, None)
+    parallel.set_threads(cfg.threads)
     try:
-        return _train(cfg, run_dir, hooks, resume, data, t0, dp)
+        return _train(cfg, run_dir, hooks, resume, data, t0, parallel)
     except BaseException as e:
-        dp.fail(e)
+        parallel.fail(e)  # the other ranks name this one when they stop
         raise
-    finally:
-        dp.close()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
-           data: CTRData | None, t0: float, dp: DataParallelRun | None) -> TrainResult:
+           data: CTRData | None, t0: float, dp: Any) -> TrainResult:
     out_dir = run_dir
     if dp is not None:  # rank 0 writes run_dir, the others a scratch folder
         run_dir = dp.run_dir(run_dir)

@@ -41,7 +41,7 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     if spec.get("pretrain"):
         from oneepoch.pretrain import PretrainConfig, pretrain
-        par = DataParallelRun.from_env("cpu")
+        par = DataParallelRun.from_env("cpu", shard_tables=spec.get("shard", ""))
         res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par)
         par.close()
         print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir)}))

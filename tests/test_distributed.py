@@ -84,6 +84,19 @@ def test_rank_slices_partition_the_global_batch(n, world):
     assert sizes.sum() == n and sizes.max() - sizes.min() <= (1 if n else 0)
 
 
+def torchrec_loads() -> bool:
+    try:
+        from oneepoch.distributed.plan import require_torchrec
+        require_torchrec()
+        return True
+    except ValueError:
+        return False
+
+
+needs_torchrec = pytest.mark.skipif(not torchrec_loads(), reason="the distributed extra "
+                                    "(torchrec + fbgemm-gpu-cpu) is not installed")
+
+
 def compare_rows(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
@@ -168,7 +181,10 @@ def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path):
+@pytest.mark.parametrize("shard", ["", pytest.param("table_wise", marks=needs_torchrec)])
+def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path, shard):
+    """Replicated tables (row gradients summed across ranks), or tables sharded by TorchRec
+    (SGD fused in FBGEMM, in-batch item vectors all-gathered with autograd)."""
     from oneepoch.data.synthetic import SurfacesConfig, write_multisurface
     from oneepoch.embeddings import load_embeddings
     from oneepoch.pretrain import PretrainConfig, pretrain
@@ -182,7 +198,7 @@ def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path):
             "eval.max_pairs=300", "eval.train_pairs=300", "eval.per_epoch=2",
             f"out_dir={tmp_path}", "optim.name=sgd", "optim.lr=0.5"]
     one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
-    spec = {"pretrain": True, "overrides": [*over, "name=p2"]}
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": shard}
     ok(launch(tmp_path, [spec, spec]))
     two = read_metrics(tmp_path / "p2")
     assert [r["step"] for r in two] == [r["step"] for r in one.metrics]
@@ -195,19 +211,10 @@ def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path):
         np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
                                    getattr(a, kind).weight.numpy(), atol=1e-5)
     assert json.loads((tmp_path / "p2" / "summary.json").read_text())["world_size"] == 2
+    plan = json.loads((tmp_path / "p2" / "sharding_plan.json").read_text())
+    assert {t["sharding"] for t in plan["tables"].values()} == {shard or "data_parallel"}
 
 
-def torchrec_loads() -> bool:
-    try:
-        from oneepoch.distributed.plan import require_torchrec
-        require_torchrec()
-        return True
-    except ValueError:
-        return False
-
-
-needs_torchrec = pytest.mark.skipif(not torchrec_loads(), reason="the distributed extra "
-                                    "(torchrec + fbgemm-gpu-cpu) is not installed")
 
 
 def test_plan_tables_parse_and_refuse_bad_specs():
@@ -316,3 +323,12 @@ def test_torchrec_sharded_sgd_step_and_dcp_checkpoint_resharded_to_one(tmp_path,
     whole = load_tables(tmp_path / "ck", [("user", 50, 4), ("item", 80, 4)])
     for n in ("user", "item"):
         np.testing.assert_array_equal(whole[n].numpy(), t[f"got.{n}"].numpy())
+
+
+@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
+def test_sharding_asked_without_the_extra_is_a_clear_error(monkeypatch):
+    from oneepoch.distributed import DataParallelRun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"pip install \"oneepoch\[distributed\]\""):
+        DataParallelRun.from_env("cpu", shard_tables="auto")

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed run from its last epoch checkpoint (settings from "
                    "RUN_DIR/config.yaml; overrides such as epochs=N apply on top)")
+    p.add_argument("--shard-tables", metavar="SHARDING", default="",
+                   choices=["", "auto", "table_wise", "column_wise"],
+                   help="under torchrun / --nproc: shard the user and item tables with "
+                   "TorchRec (auto = its planner's choice); needs the distributed extra and "
+                   "optim.name=sgd or adagrad")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="pre-train data-parallel on N local processes (as torchrun "
                    "--nproc_per_node N); see docs/distributed.md")
@@ -37,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc:
         return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
-            ["--resume", args.resume] if args.resume else []), *args.overrides])
+            ["--resume", args.resume] if args.resume else []), *(
+            ["--shard-tables", args.shard_tables] if args.shard_tables else []),
+            *args.overrides])
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
     par = None
     try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
-        par = DataParallelRun.from_env("cpu", cfg.threads)
+        par = DataParallelRun.from_env("cpu", cfg.threads, args.shard_tables)
         res = pretrain(cfg, run_dir, resume=run_dir is not None, parallel=par)
     except DistributedError as e:  # a rank stopped, or the ranks could not meet
         print(f"oneepoch pretrain: error: {e}", file=sys.stderr)

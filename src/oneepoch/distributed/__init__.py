@@ -52,14 +52,22 @@ class _NoLock:
 class DataParallelRun:
     """What a training function swaps in when it runs as one rank of several."""
 
-    def __init__(self, ctx: DistContext) -> None:
+    def __init__(self, ctx: DistContext, shard_tables: str = "") -> None:
         self.ctx = ctx
         self.scratch: Path | None = None
+        self.shard_tables = shard_tables  # "" = replicated; else a TorchRec sharding (stage 1)
 
     @classmethod
-    def from_env(cls, device: str = "cpu", threads: int = 0) -> DataParallelRun | None:
+    def from_env(cls, device: str = "cpu", threads: int = 0, shard_tables: str = ""
+                 ) -> DataParallelRun | None:
+        """This process's place in a torchrun run (``None`` when not launched). With
+        ``shard_tables`` (auto, table_wise, column_wise), stage 1's tables are sharded by
+        TorchRec (the distributed extra)."""
+        if shard_tables:
+            from oneepoch.distributed.plan import require_torchrec
+            require_torchrec()  # before joining: a clear error on every rank
         ctx = from_env(device, threads)
-        return None if ctx is None else cls(ctx)
+        return None if ctx is None else cls(ctx, shard_tables)
 
     @property
     def is_writer(self) -> bool:
@@ -101,7 +109,8 @@ class DataParallelRun:
             raise err
         if msg[0] is not None:
             raise DistributedError(f"rank 0 could not open the run folder: {msg[0]}")
-        if self.ctx.is_writer:
+        self._run_dir = run_dir
+        if self.ctx.is_writer and not self.shard_tables:
             self.write_plan(run_dir, model)
         return lock, msg[1]
 
@@ -128,9 +137,23 @@ class DataParallelRun:
         return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
 
     def stage1_step(self, stepper: Any) -> Any:
-        """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``)."""
-        from oneepoch.distributed.stage1 import DataParallelStage1
-        return DataParallelStage1(self.ctx, stepper)
+        """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``); with sharded
+        tables, its ``refresh`` must be the loop's ``sync``."""
+        from oneepoch.distributed.stage1 import DataParallelStage1, ShardedStage1
+        if not self.shard_tables:
+            return DataParallelStage1(self.ctx, stepper)
+        step = ShardedStage1(self.ctx, stepper, self.shard_tables)
+        run_dir = getattr(self, "_run_dir", None)
+        if self.ctx.is_writer and run_dir is not None:
+            tables = step.tables.plan_dict()
+            atomic_write_json(run_dir / "sharding_plan.json", {
+                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                "asked": self.shard_tables, "tables": tables,
+                "how": "TorchRec DistributedModelParallel; optimizer fused in FBGEMM"})
+            print(f"{self.ctx.world_size} processes ({self.ctx.backend}); TorchRec sharding "
+                  "plan: " + ", ".join(f"{n} {t['sharding']} on ranks {t['ranks']}"
+                                       for n, t in tables.items()), flush=True)
+        return step
 
     def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         return sharded_predict(self.ctx, predict)

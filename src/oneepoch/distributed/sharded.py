@@ -133,12 +133,19 @@ class ShardedTables:
         """Vectors ``[n_f, dim]`` of this rank's rows of each feature (any count per rank)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        vals = [rows[n].reshape(-1).to(torch.int64) for n in self.names]
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.names, values=torch.cat(vals),
-            lengths=torch.ones(sum(v.shape[0] for v in vals), dtype=torch.int64))
+        empty = torch.zeros(0, dtype=torch.int64)
+        vals = [rows[n].reshape(-1).to(torch.int64) if n in rows else empty
+                for n in self.names]
+        size = max(v.shape[0] for v in vals)  # a KJT has one batch size: pad with empty bags
+        lengths = torch.zeros(len(vals), size, dtype=torch.int64)
+        for k, v in enumerate(vals):
+            lengths[k, :v.shape[0]] = 1
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.names, values=torch.cat(vals),
+                                                  lengths=lengths.reshape(-1))
         with self.ctx.collective("sharded embedding lookup"):
-            return self.dmp(kjt).to_dict()
+            out = self.dmp(kjt).to_dict()
+        return {n: out[n][:v.shape[0]] for n, v in zip(self.names, vals, strict=True)
+                if n in rows}
 
     def save(self, path: str | Path) -> None:
         """Every rank writes its shards with ``torch.distributed.checkpoint``."""

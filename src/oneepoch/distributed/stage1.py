@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from oneepoch.distributed.env import DistContext
 from oneepoch.distributed.parallel import GradientSync, rank_bounds
@@ -93,6 +95,123 @@ class DataParallelStage1:
         st.train_secs += time.perf_counter() - ts
         st.pairs_done += n
         return [mean]
+
+    @property
+    def pairs_per_s(self) -> float | None:
+        return self.inner.pairs_per_s
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class ShardedStage1:
+    """Stage 1 with the user and item tables sharded by TorchRec (:class:`~oneepoch.distributed.
+    sharded.ShardedTables`), the optimizer fused into FBGEMM's backward (SGD / Adagrad).
+
+    Each rank looks up its slice of the batch's users and positives and its slice of the
+    uniform negatives (TorchRec's all-to-all fetches them from the owning shards), then an
+    autograd all-gather of the item vectors gives every rank the global batch's candidates
+    (in-batch negatives across ranks; the gradients flow back to the owning shards). logQ uses
+    the global batch size. The model's own tables are a mirror of the shards, refreshed by
+    :meth:`refresh` (before evaluation, checkpoints and the export: pass it as the loop's
+    ``sync``), and pushed into the shards at the first step (the one-process initialisation,
+    or a resumed checkpoint's tables). Contrastive loss with in-batch negatives only.
+    """
+
+    path = "distributed-sharded"
+
+    def __init__(self, ctx: DistContext, stepper: Any, sharding: str = "auto") -> None:
+        from oneepoch.distributed.sharded import ShardedTables
+
+        self.ctx, self.inner = ctx, stepper
+        self.fn, self.opt, self.model = stepper.fn, stepper.opt, stepper.model
+        lc, oc = self.fn.cfg.loss, self.opt.cfg
+        if lc.type != "contrastive" or not lc.in_batch:
+            raise ValueError("sharded tables: stage 1 supports loss.type=contrastive with "
+                             "loss.in_batch=true")
+        m = self.model
+        self.tables = ShardedTables(ctx, [("user", *m.user_weight.shape),
+                                          ("item", *m.item_weight.shape)],
+                                    oc.name, oc.lr * oc.emb_lr_scale, sharding, oc.eps)
+        self.dense = [p for p in self.opt.dense_params if p.requires_grad]
+        self.pushed = False
+        self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
+                       f"sharded by TorchRec ({sharding}); optimizer {oc.name} fused in FBGEMM")
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Refresh the model's whole tables from the shards (every rank)."""
+        if not self.pushed:
+            return
+        for name, w in (("user", self.model.user_weight), ("item", self.model.item_weight)):
+            full = self.tables.gather_full(name)
+            if self.ctx.rank == 0:
+                w.copy_(full)
+            with self.ctx.collective(f"broadcast of table {name}"):
+                dist.broadcast(w.data, src=0)
+
+    def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
+        from torch.distributed.nn.functional import all_gather
+
+        rows = next(batches, None)
+        if rows is None:
+            return []
+        if not self.pushed:  # the model's tables (fresh or resumed) into the shards
+            self.tables.load_full({"user": self.model.user_weight.detach(),
+                                   "item": self.model.item_weight.detach()})
+            self.pushed = True
+        st, fn, m, w = self.inner, self.fn, self.model, self.ctx.world_size
+        lc = fn.cfg.loss
+        ts = time.perf_counter()
+        n = len(rows)
+        bnd = rank_bounds(n, w)
+        a, b = int(bnd[self.ctx.rank]), int(bnd[self.ctx.rank + 1])
+        idx = torch.from_numpy(rows)
+        u_all, i_all = st.tu[idx], st.ti[idx]
+        neg = fn.negatives((lc.n_uniform,), st.gen)
+        nb = rank_bounds(len(neg), w)
+        na, nz = int(nb[self.ctx.rank]), int(nb[self.ctx.rank + 1])
+        vec = self.tables.lookup({"user": u_all[a:b], "item": torch.cat([i_all[a:b],
+                                                                         neg[na:nz]])})
+        dim = vec["item"].shape[1]
+        top, ntop = int(np.diff(bnd).max()), int(np.diff(nb).max())
+        mine, my_neg = vec["item"][:b - a], vec["item"][b - a:]
+        pad = torch.cat([mine, mine.new_zeros(top - (b - a), dim),
+                         my_neg, my_neg.new_zeros(ntop - (nz - na), dim)])
+        with self.ctx.collective("all_gather of the batch's item vectors"):
+            parts = all_gather(pad)
+        pos = [p[:int(bnd[r + 1] - bnd[r])] for r, p in enumerate(parts)]
+        negs = [p[top:top + int(nb[r + 1] - nb[r])] for r, p in enumerate(parts)]
+        others = torch.cat([*pos[:self.ctx.rank], *pos[self.ctx.rank + 1:]])
+        cand_v = torch.cat([pos[self.ctx.rank], others, *negs])
+        cand = torch.cat([i_all[a:b], i_all[:a], i_all[b:], neg])
+        u = vec["user"]
+        if m.normalize:
+            u, cand_v = F.normalize(u, dim=-1), F.normalize(cand_v, dim=-1)
+        logq = logq_correction(fn.q[cand], n, lc.n_uniform, fn.n_items) if lc.logq else None
+        for p in self.dense:
+            p.grad = None
+        loss = contrastive_loss(u, cand_v, m.tau(), i_all[a:b], cand, logq, True, lc.chunk)
+        part = loss * ((b - a) / n)
+        (part * self.tables.grad_scale).backward()  # the table update happens here
+        buf = torch.cat([*(p.grad.reshape(-1) / self.tables.grad_scale
+                           if p.grad is not None else p.new_zeros(p.numel())
+                           for p in self.dense), part.detach().reshape(1)])
+        with self.ctx.collective("all_reduce of the dense gradients"):
+            dist.all_reduce(buf)
+        k = 0
+        for p in self.dense:
+            p.grad = buf[k:k + p.numel()].view_as(p)
+            k += p.numel()
+        if self.opt.dense is not None:
+            self.opt.dense.step()
+        m.clamp_temperature()
+        st.train_secs += time.perf_counter() - ts
+        st.pairs_done += n
+        return [float(buf[-1])]
 
     @property
     def pairs_per_s(self) -> float | None:

@@ -228,10 +228,11 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
     else:  # batches stay global: the step trains this rank's slice of each
         lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model, steps_per_epoch)
         step = dp.stage1_step(stepper)
+    sync = getattr(step, "refresh", None) or getattr(opt, "sync", lambda: None)  # sharded
     try:
         loop = Loop(s, step, [], batches, evaluate_now, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
-                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
+                    cfg.checkpoint_keep, sync=sync,
                     progress=cfg.progress and (dp is None or dp.is_writer),
                     headline=f"test_hit@{min(cfg.eval.ks)}",
                     unit="pair", batch_size=cfg.batch_size, t0=t0)

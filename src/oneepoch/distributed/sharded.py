@@ -2,8 +2,8 @@
 ``EmbeddingBagCollection``), with the optimizer fused into FBGEMM's backward pass, and
 checkpoints through ``torch.distributed.checkpoint`` (which reshards on load).
 
-A building block, tested on 2 gloo ranks (tests/test_distributed.py): it is not yet wired into
-``train`` / ``pretrain``, whose runs keep replicated tables (:mod:`.parallel`).
+Used by stage 1's sharded step (:class:`~oneepoch.distributed.stage1.ShardedStage1`,
+``pretrain --shard-tables``); ``train`` keeps replicated tables (:mod:`.parallel`).
 
     >>> t = ShardedTables(ctx, [("user", 10**6, 64)], "sgd", 0.1)  # doctest: +SKIP
     >>> vecs = t.lookup({"user": u_rows})    # this rank's rows     # doctest: +SKIP

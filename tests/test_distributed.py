@@ -180,23 +180,29 @@ def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
         assert "WORLD_SIZE mismatch" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("shard", ["", pytest.param("table_wise", marks=needs_torchrec)])
-def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path, shard):
-    """Replicated tables (row gradients summed across ranks), or tables sharded by TorchRec
-    (SGD fused in FBGEMM, in-batch item vectors all-gathered with autograd)."""
+def stage1_world(tmp_path: Path) -> list[str]:
+    """A tiny engagement world; the stage-1 overrides of these tests (SGD)."""
     from oneepoch.data.synthetic import SurfacesConfig, write_multisurface
-    from oneepoch.embeddings import load_embeddings
-    from oneepoch.pretrain import PretrainConfig, pretrain
 
     world = tmp_path / "world"
     write_multisurface(world, SurfacesConfig(world=SynthConfig(n_users=300, n_items=600, seed=1),
                                              n_train=1_500, n_valid=500, n_test=500,
                                              engagement_ratio=5.0, n_heldout=500))
-    over = [f"data.path={world / 'engagements'}", "epochs=2", "batch_size=128",
+    return [f"data.path={world / 'engagements'}", "epochs=2", "batch_size=128",
             "loss.n_uniform=64", "model.dim=8", "threads=1", "progress=false",
             "eval.max_pairs=300", "eval.train_pairs=300", "eval.per_epoch=2",
             f"out_dir={tmp_path}", "optim.name=sgd", "optim.lr=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["", pytest.param("table_wise", marks=needs_torchrec)])
+def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path, shard):
+    """Replicated tables (row gradients summed across ranks), or tables sharded by TorchRec
+    (SGD fused in FBGEMM, in-batch item vectors all-gathered with autograd)."""
+    from oneepoch.embeddings import load_embeddings
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = stage1_world(tmp_path)
     one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
     spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": shard}
     ok(launch(tmp_path, [spec, spec]))
@@ -332,3 +338,25 @@ def test_sharding_asked_without_the_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match=r"pip install \"oneepoch\[distributed\]\""):
         DataParallelRun.from_env("cpu", shard_tables="auto")
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_sharded_stage1_stopped_after_epoch_1_on_two_resumes_on_one(tmp_path):
+    """Epoch 1 on 2 ranks with TorchRec-sharded tables, epoch 2 on one process from its
+    checkpoint: the metrics of an uninterrupted one-process run (SGD)."""
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = stage1_world(tmp_path)
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2", "epochs=1"],
+            "shard": "table_wise"}
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / "p2"
+    cfg = load_config(PretrainConfig, run / "config.yaml", ["epochs=2"])
+    resumed = pretrain(cfg, run, resume=True)
+    assert [r["step"] for r in resumed.metrics] == [r["step"] for r in one.metrics]
+    for x, y in zip(resumed.metrics, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])

@@ -11,7 +11,8 @@ set, as torchrun would); after warm-up, rank 0 times ``--steps`` global batches 
 barriers. The configurations alternate round by round (single, distributed x1, distributed
 x2, ...), so each round's three share the machine's state; speed-ups are medians of the
 per-round ratios. Tables are replicated (data-parallel): the sharding plan used is
-``data_parallel`` for every table.
+``data_parallel`` for every table. With the distributed extra installed, stage 1 is also timed
+once on 2 processes with TorchRec-sharded tables (the planner's plan, Adagrad fused in FBGEMM).
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ def stage1_worker(args: argparse.Namespace) -> dict:
     from oneepoch.training.optim import build_optimizer
 
     torch.set_num_threads(1)
-    dp = DataParallelRun.from_env("cpu", 1) if args.path == "dist" else None
+    shard = "auto" if args.path == "sharded" else ""
+    dp = DataParallelRun.from_env("cpu", 1, shard) if args.path != "single" else None
     rows, b = args.stage1_rows, args.stage1_batch
-    cfg = load_config(PretrainConfig, "pretrain", [f"batch_size={b}", "model.dim=64",
-                                                   f"loss.n_uniform={args.stage1_batch}"])
+    cfg = load_config(PretrainConfig, "pretrain", [
+        f"batch_size={b}", "model.dim=64", f"loss.n_uniform={args.stage1_batch}",
+        *(["optim.name=adagrad", "optim.lr=0.05"] if shard else [])])
     rng = np.random.default_rng(0)
     pop = 1.0 / np.arange(1, rows + 1) ** 0.9  # Zipf-like items, as real logs
     cdf = np.cumsum(pop / pop.sum())
@@ -119,10 +122,21 @@ def stage1_worker(args: argparse.Namespace) -> dict:
         dp.ctx.barrier()
     secs = time.perf_counter() - t
     out = {"pairs_per_s": args.stage1_steps * b / secs, "step": step.path}
+    if shard:
+        out["plan"] = {n: t["sharding"] for n, t in step.tables.plan_dict().items()}
     if dp is not None:
         out["world_size"] = dp.ctx.world_size
         dp.close()
     return out
+
+
+def torchrec_loads() -> bool:
+    try:
+        from oneepoch.distributed.plan import require_torchrec
+        require_torchrec()
+        return True
+    except ValueError:
+        return False
 
 
 def free_port() -> int:
@@ -139,7 +153,7 @@ def launch(args: argparse.Namespace, what: str, path: str, world: int) -> dict:
     port, procs = free_port(), []
     for r in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        if path == "dist":
+        if path != "single":
             env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
@@ -161,7 +175,8 @@ def main() -> None:
     p.add_argument("--stage1-steps", type=int, default=6)
     p.add_argument("--only", choices=["ctr", "stage1"], help="one of the two benchmarks")
     p.add_argument("--worker", choices=["ctr", "stage1"], help=argparse.SUPPRESS)
-    p.add_argument("--path", choices=["single", "dist"], default="dist", help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["single", "dist", "sharded"], default="dist",
+                   help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         print(json.dumps(ctr_worker(a) if a.worker == "ctr" else stage1_worker(a)))
@@ -188,6 +203,12 @@ def main() -> None:
             for pa, w in configs:
                 rounds[f"{pa}x{w}"].append(launch(a, what, pa, w)[key])
                 load.append(round(os.getloadavg()[0], 2))  # a shared machine: say how busy
+        if what == "stage1" and torchrec_loads():  # TorchRec-sharded tables, FBGEMM Adagrad
+            res = launch(a, what, "sharded", 2)
+            out["stage1_sharded_x2"] = {"pairs_per_s": res[key], "plan": res.get("plan"),
+                                        "optimizer": "adagrad fused in FBGEMM (one round)"}
+            print(f"stage 1, tables sharded by TorchRec on 2 processes ({res.get('plan')}), "
+                  f"Adagrad fused in FBGEMM: {res[key]:,.0f} {unit} (one round)")
         med = {k: statistics.median(v) for k, v in rounds.items()}
         sp = statistics.median(x / y for x, y in zip(rounds["distx2"], rounds["distx1"],
                                                      strict=True))

@@ -171,6 +171,10 @@ def main() -> None:
                 out.append(f"| {name} | {m['singlex1']:,.0f} | {m['distx1']:,.0f} "
                            f"| {m['distx2']:,.0f} | {d['speedup_2_over_1_dist']:.2f}x "
                            f"| {d['dist1_over_single']:.2f} |")
+        sh = dist.get("stage1_sharded_x2")
+        if sh:
+            out += ["", f"Stage 1 with TorchRec-sharded tables on 2 processes ({sh['plan']}, "
+                    f"{sh['optimizer']}): {sh['pairs_per_s']:,.0f} pairs/s."]
         out += ["", f"Sharding plan: {dist.get('sharding_plan')}; load average during the "
                 f"runs: {dist.get('loadavg')}."]
     else:

@@ -184,6 +184,26 @@ def main() -> None:
                    f"{mon['overhead_pct_of_step']:.3f}% of a step (bound {mon['bound_pct']:g}%).")
     else:
         out.append("not run")
+    dist = load("dist")
+    out += ["", "## Across processes (gloo, one thread per process)", ""]
+    if dist:
+        out += ["| model | one process | distributed x1 | distributed x2 | x2 / x1 "
+                "| x1 / one process |", "|---|---:|---:|---:|---:|---:|"]
+        for key, name in (("ctr", "base model (samples/s)"), ("stage1", "stage 1 (pairs/s)")):
+            d = dist.get(key)
+            if d:
+                m = d["median"]
+                out.append(f"| {name} | {m['singlex1']:,.0f} | {m['distx1']:,.0f} "
+                           f"| {m['distx2']:,.0f} | {d['speedup_2_over_1_dist']:.2f}x "
+                           f"| {d['dist1_over_single']:.2f} |")
+        sh = dist.get("stage1_sharded_x2")
+        if sh:
+            out += ["", f"Stage 1 with TorchRec-sharded tables on 2 processes ({sh['plan']}, "
+                    f"{sh['optimizer']}): {sh['pairs_per_s']:,.0f} pairs/s."]
+        out += ["", f"Sharding plan: {dist.get('sharding_plan')}; load average during the "
+                f"runs: {dist.get('loadavg')}."]
+    else:
+        out.append("not run")
     for name, title in (("prepare_taobao", "Preparing Taobao UserBehavior"),):
         data = load(name)
         out += ["", f"## {title}", ""]

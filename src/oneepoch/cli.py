@@ -14,7 +14,8 @@ import warnings
 from oneepoch.config import ConfigError
 from oneepoch.data.schema import DataError
 
-COMMANDS = ("demo", "train", "data", "report", "reproduce", "sweep", "compare", "pretrain")
+COMMANDS = ("demo", "train", "data", "report", "reproduce", "sweep", "compare", "pretrain",
+            "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

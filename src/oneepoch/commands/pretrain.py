@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,18 +22,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed run from its last epoch checkpoint (settings from "
                    "RUN_DIR/config.yaml; overrides such as epochs=N apply on top)")
+    p.add_argument("--shard-tables", metavar="SHARDING", default="",
+                   choices=["", "auto", "table_wise", "column_wise"],
+                   help="under torchrun / --nproc: shard the user and item tables with "
+                   "TorchRec (auto = its planner's choice); needs the distributed extra and "
+                   "optim.name=sgd or adagrad")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="pre-train data-parallel on N local processes (as torchrun "
+                   "--nproc_per_node N); see docs/distributed.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=20")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
+    from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
+    from oneepoch.distributed.launch import launch_local
     from oneepoch.pretrain import PretrainConfig, pretrain
     from oneepoch.tracking import tracking_hooks
 
+    if args.nproc:
+        return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
+            ["--resume", args.resume] if args.resume else []), *(
+            ["--shard-tables", args.shard_tables] if args.shard_tables else []),
+            *args.overrides])
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
-    res = pretrain(cfg, run_dir, resume=run_dir is not None,
-                   hooks=tracking_hooks(cfg, report=False))
+    par = None
+    try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
+        par = DataParallelRun.from_env("cpu", cfg.threads, args.shard_tables)
+        res = pretrain(cfg, run_dir, resume=run_dir is not None, parallel=par,
+                       hooks=tracking_hooks(cfg, report=False))
+    except DistributedError as e:  # a rank stopped, or the ranks could not meet
+        print(f"oneepoch pretrain: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if par is not None:
+            par.close()
+    if env_rank() != 0:  # rank 0 reports for a distributed run
+        return 0
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file or built-in preset name (default: ctr = paper A's base)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel on N local processes (as torchrun "
+                   "--nproc_per_node N); see docs/distributed.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=4")
     p.set_defaults(func=run)
 
@@ -23,14 +27,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
     from oneepoch.config import TrainConfig
+    from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
+    from oneepoch.distributed.launch import launch_local
     from oneepoch.remedies import hooks_from_config
     from oneepoch.report.run_report import build_report
     from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import train
 
+    if args.nproc:
+        return launch_local(args.nproc, ["train", "--config", args.config, *(
+            ["--resume", args.resume] if args.resume else []), *args.overrides])
     cfg, run_dir = config_and_run_dir(args, TrainConfig)
-    res = train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
-                resume=run_dir is not None)
+    par = None
+    try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
+        par = DataParallelRun.from_env(cfg.device, cfg.threads)
+        res = train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
+                    resume=run_dir is not None, parallel=par)
+    except DistributedError as e:  # a rank stopped, or the ranks could not meet
+        print(f"oneepoch train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if par is not None:
+            par.close()
+    if env_rank() != 0:  # rank 0 reports for a distributed run
+        return 0
     report = build_report([res.run_dir])
     print(res.verdict.line())
     print(f"run: {res.run_dir}\nreport: {report}")

@@ -141,8 +141,11 @@ class Stage1Stepper:
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
              data: EngagementData | None = None, resume: bool = False,
-             hooks: Sequence[Hook] = ()) -> PretrainResult:
+             hooks: Sequence[Hook] = (), parallel: Any = None) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
+
+    ``parallel``: as for :func:`oneepoch.training.trainer.train` (a
+    ``oneepoch.distributed.DataParallelRun``, or ``None`` on one process).
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
@@ -150,14 +153,29 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     (:class:`oneepoch.training.loop.Loop`); ``hooks`` plug in as there (e.g. the tracking
     hook of :func:`oneepoch.tracking.tracking_hooks`).
     """
-    from oneepoch.embeddings import export_embeddings
-
     t0 = time.time()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs / batch_size: must be >= 1 (got {cfg.epochs}, "
                          f"{cfg.batch_size})")
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    if parallel is None:
+        return _pretrain(cfg, run_dir, data, resume, t0, None, hooks)
+    parallel.set_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, run_dir, data, resume, t0, parallel, hooks)
+    except BaseException as e:
+        parallel.fail(e)  # the other ranks name this one when they stop
+        raise
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, resume: bool,
+              t0: float, dp: Any, hooks: Sequence[Hook] = ()) -> PretrainResult:
+    from oneepoch.embeddings import export_embeddings
+
+    out_dir = run_dir
+    if dp is not None:  # rank 0 writes run_dir, the others a scratch folder
+        run_dir = dp.run_dir(run_dir)
     check_writable_dir(run_dir)
     if data is None:
         if not cfg.data.path:
@@ -208,12 +226,19 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     hooks = list(hooks)
     for h in hooks:
         h.check(s)
-    lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
+    step: Any = stepper
+    if dp is None:
+        lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
+    else:  # batches stay global: the step trains this rank's slice of each
+        lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model, steps_per_epoch)
+        step = dp.stage1_step(stepper)
+    sync = getattr(step, "refresh", None) or getattr(opt, "sync", lambda: None)  # sharded
     try:
-        loop = Loop(s, stepper, hooks, batches, evaluate_now, cfg.epochs,
+        loop = Loop(s, step, hooks, batches, evaluate_now, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
-                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
-                    progress=cfg.progress, headline=f"test_hit@{min(cfg.eval.ks)}",
+                    cfg.checkpoint_keep, sync=sync,
+                    progress=cfg.progress and (dp is None or dp.is_writer),
+                    headline=f"test_hit@{min(cfg.eval.ks)}",
                     unit="pair", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:
             loop.restore(ck)
@@ -240,9 +265,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                    "heldout_pairs": len(data.test_user),
                    "heldout_unknown": data.heldout_unknown, "users": data.n_users - 1,
                    "items": data.n_items - 1, "export": str(export_dir) if export_dir else None,
-                   "step_path": stepper.path, "step_path_reason": stepper.reason,
+                   "step_path": step.path, "step_path_reason": step.reason,
                    "finished": True, "last": rows[-1]}
+        if dp is not None:
+            summary["world_size"] = dp.ctx.world_size
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
-    return PretrainResult(run_dir, rows, export_dir, secs, pps)
+    if dp is not None and not dp.is_writer:  # rank 0 wrote the export
+        export_dir = out_dir / "embeddings" if export_dir else None
+    return PretrainResult(out_dir, rows, export_dir, secs, pps)

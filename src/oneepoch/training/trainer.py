@@ -99,10 +99,12 @@ def predict(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None = 
 
 def evaluate(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None,
              labels: np.ndarray, users: np.ndarray | None, prefix: str,
-             buckets: tuple[np.ndarray, list[str]] | None = None) -> dict[str, float]:
+             buckets: tuple[np.ndarray, list[str]] | None = None,
+             predict_fn: Callable[..., np.ndarray] = predict) -> dict[str, float]:
     """AUC, logloss, GAUC (with users) and per-bucket AUC and rows (with ``buckets``: each
-    row's bucket index and the bucket names) of the model's predictions on these rows."""
-    p = predict(model, batcher, rows)
+    row's bucket index and the bucket names) of the model's predictions on these rows
+    (``predict_fn``: across processes, each rank predicts a slice and they are gathered)."""
+    p = predict_fn(model, batcher, rows)
     out = {f"{prefix}_auc": auc(labels, p), f"{prefix}_logloss": logloss(labels, p)}
     if users is not None:
         out[f"{prefix}_gauc"] = gauc(labels, p, users)
@@ -201,13 +203,17 @@ class RunSetup:
 
 
 def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
-              data: CTRData | None = None) -> RunSetup:
+              data: CTRData | None = None, parallel: Any = None) -> RunSetup:
     """Check everything a run needs (device, output folder, data, model, every hook's own
     requirements) and build it, writing nothing. ``train`` starts with it; ``compare`` calls it
-    for each remedy before training any of them."""
+    for each remedy before training any of them. With ``parallel`` (one rank of several),
+    ranks other than 0 get a scratch folder and evaluation predictions are gathered."""
     check_device(cfg.device)
     set_threads(cfg.threads)
     run_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    if parallel is not None:  # rank 0 writes run_dir, the others a scratch folder
+        parallel.set_threads(cfg.threads)
+        run_dir = parallel.run_dir(run_dir)
     check_writable_dir(run_dir)
     hooks = list(hooks)
     missing = [k for k in config_hooks(cfg) if k not in {getattr(h, "applies", "") for h in hooks}]
@@ -235,13 +241,19 @@ def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequen
     s = State(cfg, data, model, opt, run_dir, batcher.steps())
     for h in hooks:
         h.check(s)
+    pred = predict
+    if parallel is not None:
+        parallel.check(hooks)
+        pred = parallel.predict(predict)  # each rank a slice, then gathered
 
     def evaluate_now() -> dict[str, Any]:
         out = evaluate(model, eval_test, None, test_split.label, test_split.user, "test",
-                       buckets)
-        out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train"))
+                       buckets, pred)
+        out.update(evaluate(model, eval_train, sub, train_split.label[sub], sub_users, "train",
+                            None, pred))
         if eval_valid is not None and valid is not None:
-            out.update(evaluate(model, eval_valid, None, valid.label, valid.user, "valid"))
+            out.update(evaluate(model, eval_valid, None, valid.label, valid.user, "valid",
+                                None, pred))
         return out
 
     def batches(epoch: int) -> Iterator[np.ndarray]:
@@ -252,24 +264,48 @@ def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequen
 
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[Hook] = (),
-          resume: bool = False, data: CTRData | None = None) -> TrainResult:
+          resume: bool = False, data: CTRData | None = None, parallel: Any = None
+          ) -> TrainResult:
     """Train ``cfg.epochs`` epochs with evaluation many times per epoch; see module doc.
 
     ``hooks`` plug probes and remedies in (build the config's own with
     :func:`oneepoch.remedies.hooks_from_config`). Everything that can be checked (settings,
     device, data, model, the checkpoint to resume from) is checked before the run folder is
     touched (:func:`setup_run`); the folder is locked while the run writes it.
+
+    ``parallel``: this process's place in a run across processes (torchrun), e.g.
+    ``oneepoch.distributed.DataParallelRun.from_env(cfg.device, cfg.threads)`` (``None`` on one
+    process); then each rank trains its slice of every global batch (docs/distributed.md).
+    The caller closes it.
     """
+    if parallel is None:
+        return _train(cfg, run_dir, hooks, resume, data, None)
+    try:
+        return _train(cfg, run_dir, hooks, resume, data, parallel)
+    except BaseException as e:
+        parallel.fail(e)  # the other ranks name this one when they stop
+        raise
+
+
+def _train(cfg: TrainConfig, run_dir: str | Path | None, hooks: Sequence[Hook], resume: bool,
+           data: CTRData | None, dp: Any) -> TrainResult:
     t0 = time.time()
-    r = setup_run(cfg, run_dir, hooks, data)
+    out_dir = Path(run_dir or Path(cfg.out_dir) / run_name(cfg))
+    r = setup_run(cfg, out_dir, hooks, data, dp)
     s, hooks, run_dir, vname = r.state, r.hooks, r.run_dir, r.valid_split
     model, opt = s.model, s.optimizer
-    lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
+    if dp is None:
+        lock, ck = open_run(run_dir, to_dict(cfg), resume, model, s.steps_per_epoch, cfg.device)
+        make_step = lambda: build_step(model, opt, r.batcher, hooks, s)  # noqa: E731
+    else:  # batches stay global: the step trains this rank's slice of each
+        lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model,
+                               s.steps_per_epoch, cfg.device)
+        make_step = lambda: dp.build_step(model, opt, r.batcher, hooks, s)  # noqa: E731
     try:
-        loop = Loop(s, lambda: build_step(model, opt, r.batcher, hooks, s), hooks, r.batches,
+        loop = Loop(s, make_step, hooks, r.batches,
                     r.evaluate, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
-                    cfg.checkpoint_keep,
-                    sync=getattr(opt, "sync", lambda: None), progress=cfg.progress,
+                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
+                    progress=cfg.progress and (dp is None or dp.is_writer),
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:
             loop.restore(ck)
@@ -292,6 +328,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
                    "steps": s.step, "samples_per_s": s.step * cfg.batch_size / max(secs, 1e-9),
                    **base, "peak_rss_mib": peak_rss_mib(), "oov_test_share": r.oov,
                    "finished": s.step >= total or stopped_early(hooks)}
+        if dp is not None:
+            summary["world_size"] = dp.ctx.world_size
         if vname:
             summary["validation"] = {"split": vname, "rows": len(r.data.splits[vname]),
                                      "carved_by": cfg.data.valid_by if vname == CARVED else None}
@@ -300,7 +338,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequence[H
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
-    return TrainResult(run_dir, s.rows, v, secs)
+    return TrainResult(out_dir, s.rows, v, secs)
 
 
 __all__ = ["Hook", "State", "TrainResult", "build", "epoch_order", "eval_steps", "predict",

@@ -1,0 +1,230 @@
+"""Training across processes: samples/s of paper A's base model and pairs/s of stage 1 on 1
+and 2 processes (gloo, one thread each), the speed-up of 2 over 1 on the same distributed code
+path, and the distributed path at 1 process against the single-process path ``train()`` takes
+(the fused native step for the base model). Writes benchmarks/results/dist.json.
+
+    python benchmarks/bench_dist.py [--rows 400000] [--steps 40] [--rounds 3]
+        [--stage1-rows 1000000] [--stage1-steps 6]
+
+Each configuration is a fresh launch (ranks as subprocesses with RANK/WORLD_SIZE/MASTER_*
+set, as torchrun would); after warm-up, rank 0 times ``--steps`` global batches between two
+barriers. The configurations alternate round by round (single, distributed x1, distributed
+x2, ...), so each round's three share the machine's state; speed-ups are medians of the
+per-round ratios. Tables are replicated (data-parallel): the sharding plan used is
+``data_parallel`` for every table. With the distributed extra installed, stage 1 is also timed
+once on 2 processes with TorchRec-sharded tables (the planner's plan, Adagrad fused in FBGEMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from oneepoch.io import atomic_write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def ctr_worker(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from oneepoch.config import TrainConfig, load_config
+    from oneepoch.data.batcher import Batcher
+    from oneepoch.distributed import DataParallelRun
+    from oneepoch.training.hooks import State
+    from oneepoch.training.steps import build_step
+    from oneepoch.training.trainer import build, epoch_order, prepare_data
+
+    torch.set_num_threads(1)
+    cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", "threads=1"])
+    dp = DataParallelRun.from_env(cfg.device, 1) if args.path == "dist" else None
+    data = prepare_data(cfg)
+    model, opt = build(cfg, data)
+    tr = data.splits["train"]
+    batcher = Batcher(tr, cfg.batch_size)
+    s = State(cfg, data, model, opt, Path("."), batcher.steps())
+    step = build_step(model, opt, batcher, [], s) if dp is None else \
+        dp.build_step(model, opt, batcher, [], s)
+    order = epoch_order(len(tr), 0, "every", 0)
+    it = batcher.epoch_rows(np.concatenate([order] * 4))
+    step.run(it, 5)
+    if dp is not None:
+        dp.ctx.barrier()
+    t = time.perf_counter()
+    done = 0
+    while done < args.steps:
+        done += len(step.run(it, args.steps - done))
+    if dp is not None:
+        dp.ctx.barrier()
+    secs = time.perf_counter() - t
+    out = {"samples_per_s": args.steps * cfg.batch_size / secs, "step": step.path,
+           "batch": cfg.batch_size, "table_rows": int(model.embedding.table_rows)
+           if hasattr(model, "embedding") else None}
+    if dp is not None:
+        out["world_size"] = dp.ctx.world_size
+        dp.close()
+    return out
+
+
+def stage1_worker(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from oneepoch.config import load_config
+    from oneepoch.distributed import DataParallelRun
+    from oneepoch.pretrain.config import PretrainConfig
+    from oneepoch.pretrain.model import TwoTower
+    from oneepoch.pretrain.train import Stage1Step, Stage1Stepper
+    from oneepoch.training.optim import build_optimizer
+
+    torch.set_num_threads(1)
+    shard = "auto" if args.path == "sharded" else ""
+    dp = DataParallelRun.from_env("cpu", 1, shard) if args.path != "single" else None
+    rows, b = args.stage1_rows, args.stage1_batch
+    cfg = load_config(PretrainConfig, "pretrain", [
+        f"batch_size={b}", "model.dim=64", f"loss.n_uniform={args.stage1_batch}",
+        *(["optim.name=adagrad", "optim.lr=0.05"] if shard else [])])
+    rng = np.random.default_rng(0)
+    pop = 1.0 / np.arange(1, rows + 1) ** 0.9  # Zipf-like items, as real logs
+    cdf = np.cumsum(pop / pop.sum())
+    n = b * (args.stage1_steps + 3)
+
+    class _Data:
+        n_users = n_items = rows
+        train_user = rng.integers(1, rows, n)
+        train_item = np.clip(np.searchsorted(cdf, rng.random(n)), 1, rows - 1)
+
+        def item_freq(self) -> np.ndarray:
+            return np.full(rows, 1.0 / rows)
+
+    torch.manual_seed(0)
+    model = TwoTower(rows, rows, 64)
+    opt = build_optimizer(model, cfg.optim)
+    inner = Stage1Stepper(Stage1Step(model, cfg, _Data()), opt, _Data(), 0)
+    step = inner if dp is None else dp.stage1_step(inner)
+    it = (np.arange(a, a + b) for a in range(0, n, b))
+    step.run(it, 1)
+    if dp is not None:
+        dp.ctx.barrier()
+    t = time.perf_counter()
+    for _ in range(args.stage1_steps):
+        step.run(it, 1)
+    if dp is not None:
+        dp.ctx.barrier()
+    secs = time.perf_counter() - t
+    out = {"pairs_per_s": args.stage1_steps * b / secs, "step": step.path}
+    if shard:
+        out["plan"] = {n: t["sharding"] for n, t in step.tables.plan_dict().items()}
+    if dp is not None:
+        out["world_size"] = dp.ctx.world_size
+        dp.close()
+    return out
+
+
+def torchrec_loads() -> bool:
+    try:
+        from oneepoch.distributed.plan import require_torchrec
+        require_torchrec()
+        return True
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: argparse.Namespace, what: str, path: str, world: int) -> dict:
+    """One configuration: ``world`` ranks (or one plain process); rank 0's result."""
+    cmd = [sys.executable, __file__, "--worker", what, "--path", path, "--data", args.data,
+           "--steps", str(args.steps), "--stage1-rows", str(args.stage1_rows),
+           "--stage1-batch", str(args.stage1_batch), "--stage1-steps", str(args.stage1_steps)]
+    port, procs = free_port(), []
+    for r in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if path != "single":
+            env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{what} {path} x{world}: a rank failed")
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="CTR data set (default: the built-in synthetic one)")
+    p.add_argument("--rows", type=int, default=400_000, help="synthetic training rows")
+    p.add_argument("--steps", type=int, default=40, help="timed global batches (base model)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stage1-rows", type=int, default=1_000_000, help="rows of each table")
+    p.add_argument("--stage1-batch", type=int, default=4096, help="pairs (= uniform negatives)")
+    p.add_argument("--stage1-steps", type=int, default=6)
+    p.add_argument("--only", choices=["ctr", "stage1"], help="one of the two benchmarks")
+    p.add_argument("--worker", choices=["ctr", "stage1"], help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["single", "dist", "sharded"], default="dist",
+                   help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(ctr_worker(a) if a.worker == "ctr" else stage1_worker(a)))
+        return
+    if not a.data:
+        from oneepoch.data.synthetic import SynthConfig
+        from oneepoch.recipes.demo import ensure_synthetic
+
+        a.data = str(Path("runs") / "bench-data")
+        ensure_synthetic(Path(a.data), SynthConfig(n_train=a.rows))
+    configs = [("single", 1), ("dist", 1), ("dist", 2)]
+    out: dict = {"machine": platform.processor() or platform.machine(),
+                 "cpus": os.cpu_count(), "backend": "gloo", "threads_per_process": 1,
+                 "sharding_plan": "data_parallel (every table replicated on every rank; "
+                                  "gradients summed across ranks)"}
+    load: list[float] = []
+    out["loadavg"] = load
+    for what, key, unit in (("ctr", "samples_per_s", "samples/s"),
+                            ("stage1", "pairs_per_s", "pairs/s")):
+        if a.only and a.only != what:
+            continue
+        rounds: dict[str, list[float]] = {f"{pa}x{w}": [] for pa, w in configs}
+        for _ in range(a.rounds):
+            for pa, w in configs:
+                rounds[f"{pa}x{w}"].append(launch(a, what, pa, w)[key])
+                load.append(round(os.getloadavg()[0], 2))  # a shared machine: say how busy
+        if what == "stage1" and torchrec_loads():  # TorchRec-sharded tables, FBGEMM Adagrad
+            res = launch(a, what, "sharded", 2)
+            out["stage1_sharded_x2"] = {"pairs_per_s": res[key], "plan": res.get("plan"),
+                                        "optimizer": "adagrad fused in FBGEMM (one round)"}
+            print(f"stage 1, tables sharded by TorchRec on 2 processes ({res.get('plan')}), "
+                  f"Adagrad fused in FBGEMM: {res[key]:,.0f} {unit} (one round)")
+        med = {k: statistics.median(v) for k, v in rounds.items()}
+        sp = statistics.median(x / y for x, y in zip(rounds["distx2"], rounds["distx1"],
+                                                     strict=True))
+        ratio = statistics.median(x / y for x, y in zip(rounds["distx1"], rounds["singlex1"],
+                                                        strict=True))
+        out[what] = {"unit": unit, "rounds": rounds, "median": med,
+                     "speedup_2_over_1_dist": sp, "dist1_over_single": ratio}
+        name = "base model (paper A)" if what == "ctr" else "stage 1 (two-tower)"
+        print(f"{name}: one process {med['singlex1']:,.0f} {unit}; distributed x1 "
+              f"{med['distx1']:,.0f}, x2 {med['distx2']:,.0f} {unit}; speed-up 2 over 1 "
+              f"process {sp:.2f}x (target >= 1.7x); distributed x1 / one process "
+              f"{ratio:.2f} (medians of {a.rounds} rounds)")
+    print(f"sharding plan used: {out['sharding_plan']}")
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / "dist.json", out)
+
+
+if __name__ == "__main__":
+    main()

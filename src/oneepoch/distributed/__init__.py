@@ -1,0 +1,172 @@
+"""Training across processes and machines on ``torch.distributed`` (launched by ``torchrun``).
+
+``oneepoch train`` under ``torchrun`` (or ``oneepoch train --nproc N``) finds the launcher's
+environment (:func:`from_env`) and trains data-parallel: every rank holds the whole model,
+trains a contiguous slice of each global batch, and the gradients are summed across ranks
+before the optimizer's update (:mod:`oneepoch.distributed.parallel`). Rank 0 writes the run
+folder; the other ranks keep a private scratch folder, deleted at the end.
+
+The trainer hooks in at one place, :class:`DataParallelRun`, handed to it by the caller (the
+``train`` / ``pretrain`` commands build it from torchrun's environment):
+
+    >>> dp = DataParallelRun.from_env(cfg.device)   # None when not launched  # doctest: +SKIP
+    >>> train(cfg, parallel=dp); dp.close()                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from oneepoch.distributed.env import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    DistributedError,
+    env_rank,
+    from_env,
+    launched,
+)
+from oneepoch.distributed.parallel import (
+    DataParallelStep,
+    check_hooks,
+    rank_bounds,
+    rank_slice,
+    sharded_predict,
+)
+from oneepoch.io import atomic_write_json
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+class DataParallelRun:
+    """What a training function swaps in when it runs as one rank of several."""
+
+    def __init__(self, ctx: DistContext, shard_tables: str = "") -> None:
+        self.ctx = ctx
+        self.scratch: Path | None = None
+        self.shard_tables = shard_tables  # "" = replicated; else a TorchRec sharding (stage 1)
+
+    @classmethod
+    def from_env(cls, device: str = "cpu", threads: int = 0, shard_tables: str = ""
+                 ) -> DataParallelRun | None:
+        """This process's place in a torchrun run (``None`` when not launched). With
+        ``shard_tables`` (auto, table_wise, column_wise), stage 1's tables are sharded by
+        TorchRec (the distributed extra)."""
+        if shard_tables:
+            from oneepoch.distributed.plan import require_torchrec
+            require_torchrec()  # before joining: a clear error on every rank
+        ctx = from_env(device, threads)
+        return None if ctx is None else cls(ctx, shard_tables)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.ctx.is_writer
+
+    def set_threads(self, threads: int) -> None:
+        """``threads=0`` (all cores): this machine's cores shared among its local ranks."""
+        if threads == 0:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+
+    def run_dir(self, run_dir: Path) -> Path:
+        """Rank 0 writes ``run_dir``; the others a private scratch folder."""
+        if self.ctx.is_writer:
+            return run_dir
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"oneepoch-rank{self.ctx.rank}-"))
+        out = self.scratch / run_dir.name
+        out.mkdir()
+        return out
+
+    def check(self, hooks: Sequence[Any]) -> None:
+        check_hooks(self.ctx, hooks)
+
+    def open_run(self, open_run: Callable[..., Any], run_dir: Path, config: dict[str, Any],
+                 resume: bool, model: torch.nn.Module, steps_per_epoch: int,
+                 device: str = "cpu") -> tuple[Any, dict[str, Any] | None]:
+        """Rank 0 takes the run folder (``open_run``); every rank gets its checkpoint to resume
+        from (sent by rank 0, so no shared file system is needed), or all fail with rank 0's
+        error."""
+        lock, ck, err = _NoLock(), None, None
+        if self.ctx.is_writer:
+            try:
+                lock, ck = open_run(run_dir, config, resume, model, steps_per_epoch, device)
+            except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised
+                err = e
+        msg = [None if err is None else f"{type(err).__name__}: {err}", ck]
+        with self.ctx.collective("sending the checkpoint to resume from"):
+            dist.broadcast_object_list(msg, src=0)
+        if err is not None:
+            raise err
+        if msg[0] is not None:
+            raise DistributedError(f"rank 0 could not open the run folder: {msg[0]}")
+        self._run_dir = run_dir
+        if self.ctx.is_writer and not self.shard_tables:
+            self.write_plan(run_dir, model)
+        return lock, msg[1]
+
+    def write_plan(self, run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
+        """Print and write ``RUN/sharding_plan.json``: where each ID table lives (here:
+        replicated on every rank, data-parallel)."""
+        groups = dict(model.param_groups()) if hasattr(model, "param_groups") else {}
+        names = {id(p): n for n, p in model.named_parameters()}
+        tables = {names[id(p)]: {"rows": int(p.shape[0]), "dim": int(p.shape[1]),
+                                 "sharding": "data_parallel",
+                                 "ranks": list(range(self.ctx.world_size))}
+                  for p in groups.get("embedding", []) if p.dim() == 2}
+        plan = {"world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                "tables": tables, "how": "every table replicated on every rank; row "
+                "gradients all-gathered and summed each step (docs/distributed.md)"}
+        atomic_write_json(run_dir / "sharding_plan.json", plan)
+        print(f"{self.ctx.world_size} processes ({self.ctx.backend}); sharding plan: "
+              + ", ".join(f"{n} {t['rows']:,}x{t['dim']} data_parallel" for n, t in
+                          tables.items()), flush=True)
+        return plan
+
+    def build_step(self, model: torch.nn.Module, opt: Any, batcher: Any, hooks: Sequence[Any],
+                   state: Any) -> DataParallelStep:
+        return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
+
+    def stage1_step(self, stepper: Any) -> Any:
+        """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``); with sharded
+        tables, its ``refresh`` must be the loop's ``sync``."""
+        from oneepoch.distributed.stage1 import DataParallelStage1, ShardedStage1
+        if not self.shard_tables:
+            return DataParallelStage1(self.ctx, stepper)
+        step = ShardedStage1(self.ctx, stepper, self.shard_tables)
+        run_dir = getattr(self, "_run_dir", None)
+        if self.ctx.is_writer and run_dir is not None:
+            tables = step.tables.plan_dict()
+            atomic_write_json(run_dir / "sharding_plan.json", {
+                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                "asked": self.shard_tables, "tables": tables,
+                "how": "TorchRec DistributedModelParallel; optimizer fused in FBGEMM"})
+            print(f"{self.ctx.world_size} processes ({self.ctx.backend}); TorchRec sharding "
+                  "plan: " + ", ".join(f"{n} {t['sharding']} on ranks {t['ranks']}"
+                                       for n, t in tables.items()), flush=True)
+        return step
+
+    def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        return sharded_predict(self.ctx, predict)
+
+    def fail(self, err: BaseException) -> None:
+        """Post this rank's error for the others (they name it when they stop)."""
+        self.ctx.post_error(err)
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.ctx.close()
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "DataParallelRun", "DataParallelStep", "DistContext",
+           "DistributedError", "env_rank", "from_env", "launched", "rank_bounds", "rank_slice"]

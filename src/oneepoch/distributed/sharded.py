@@ -1,0 +1,173 @@
+"""ID tables sharded across ranks by TorchRec (``DistributedModelParallel`` over an
+``EmbeddingBagCollection``), with the optimizer fused into FBGEMM's backward pass, and
+checkpoints through ``torch.distributed.checkpoint`` (which reshards on load).
+
+Used by stage 1's sharded step (:class:`~oneepoch.distributed.stage1.ShardedStage1`,
+``pretrain --shard-tables``); ``train`` keeps replicated tables (:mod:`.parallel`).
+
+    >>> t = ShardedTables(ctx, [("user", 10**6, 64)], "sgd", 0.1)  # doctest: +SKIP
+    >>> vecs = t.lookup({"user": u_rows})    # this rank's rows     # doctest: +SKIP
+    >>> (loss * t.grad_scale).backward()     # the update happens here  # doctest: +SKIP
+
+Shardings. On CPU ranks TorchRec 1.8 offers table-wise, column-wise and data-parallel;
+row-wise and table-row-wise need CUDA ranks (``oneepoch plan --device cuda`` shows them).
+
+Optimizers. FBGEMM's CPU kernels fuse ``sgd`` (exact SGD) and ``adagrad`` (exact Adagrad, and
+``rowwise_adagrad``) into the backward pass; they have no Adam, so ``adam`` (and ``rmsprop``)
+is refused here with a clear error: Adam, and the remedies' per-row rules, run through
+oneepoch's row-wise update on replicated tables.
+
+Gradient scale. TorchRec divides the table gradients by the world size (DDP's convention: each
+rank's loss a local mean). oneepoch's losses are the rank's summed loss over the *global* batch
+size, so multiply the loss by :attr:`grad_scale` (the world size) before ``backward``, and
+divide the dense gradients by it (as DDP does).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from oneepoch.distributed.env import DistContext
+from oneepoch.distributed.plan import require_torchrec
+
+FUSED = {"sgd": "EXACT_SGD", "adagrad": "EXACT_ADAGRAD",
+         "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
+SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise")
+
+
+class ShardedTables:
+    """Tables ``[(name, rows, dim)]`` sharded over the ranks of ``ctx`` by TorchRec's planner
+    (``sharding="auto"``) or one forced sharding type; one ID per row of each feature (sum
+    pooling of a single ID = its vector)."""
+
+    def __init__(self, ctx: DistContext, tables: list[tuple[str, int, int]], optim: str,
+                 lr: float, sharding: str = "auto", eps: float = 1e-8) -> None:
+        if optim not in FUSED:
+            raise ValueError(
+                f"optim.name={optim!r}: FBGEMM's CPU kernels fuse {sorted(FUSED)} into the "
+                "backward pass of sharded tables, not Adam or RMSprop; use one of those, or "
+                "replicated tables (the default), where oneepoch's row-wise Adam runs")
+        cpu_types = ("auto", "table_wise", "column_wise")
+        if ctx is not None and ctx.backend != "nccl" and sharding not in cpu_types:
+            raise ValueError(f"sharding: {sharding!r} needs CUDA ranks; TorchRec 1.8 shards "
+                             f"tables on CPU ranks {cpu_types[1:]} (or data-parallel)")
+        require_torchrec()
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding: {sharding!r} (choose {SHARDINGS})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fbgemm_gpu.split_embedding_configs import EmbOptimType
+            from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+            from torchrec.distributed.model_parallel import DistributedModelParallel
+            from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+            from torchrec.distributed.planner.types import ParameterConstraints
+            from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+            from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+            self.ctx, self.tables = ctx, list(tables)
+            self.names = [t[0] for t in tables]
+            ebc = EmbeddingBagCollection(tables=[
+                EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r,
+                                   feature_names=[n], pooling=PoolingType.SUM)
+                for n, r, d in tables], device=torch.device("meta"))
+            fused = {"optimizer": getattr(EmbOptimType, FUSED[optim]), "learning_rate": lr,
+                     "eps": eps}
+            sharder = EmbeddingBagCollectionSharder(fused_params=fused)
+            cons = None if sharding == "auto" else {
+                n: ParameterConstraints(sharding_types=[sharding]) for n in self.names}
+            device = "cuda" if ctx.backend == "nccl" else "cpu"
+            topo = Topology(world_size=ctx.world_size, compute_device=device,
+                            local_world_size=ctx.local_world_size)
+            planner = EmbeddingShardingPlanner(topology=topo, constraints=cons)
+            self.plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
+            self.dmp = DistributedModelParallel(ebc, device=torch.device(device),
+                                                plan=self.plan, sharders=[sharder])
+        self.grad_scale = float(ctx.world_size)
+
+    def plan_dict(self) -> dict[str, Any]:
+        """Per table: sharding type, compute kernel, ranks and shards (for the run folder)."""
+        out = {}
+        for mod in self.plan.plan.values():
+            for name, ps in mod.items():
+                shards = [] if ps.sharding_spec is None else [
+                    {"rank": s.placement.rank(), "offsets": list(s.shard_offsets),
+                     "sizes": list(s.shard_sizes)} for s in ps.sharding_spec.shards]
+                out[name] = {"sharding": str(ps.sharding_type), "kernel": str(ps.compute_kernel),
+                             "ranks": list(ps.ranks or []), "shards": shards}
+        return out
+
+    def _local(self) -> list[tuple[str, int, int, int, int, torch.Tensor]]:
+        """(table, row offset, col offset, rows, cols, tensor) of this rank's shards."""
+        out = []
+        for key, v in self.dmp.state_dict().items():
+            name = key.split(".")[-2]
+            for sh in v.local_shards():
+                o, s = sh.metadata.shard_offsets, sh.metadata.shard_sizes
+                out.append((name, o[0], o[1], s[0], s[1], sh.tensor))
+        return out
+
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the tables from whole tensors (the same on every rank), e.g. the one-process
+        initialisation, so a sharded run starts where a replicated one does."""
+        for name, r0, c0, nr, nc, t in self._local():
+            t.copy_(full[name][r0:r0 + nr, c0:c0 + nc])
+
+    @torch.no_grad()
+    def gather_full(self, name: str) -> torch.Tensor | None:
+        """The whole table ``name`` on rank 0 (``None`` elsewhere): for exports and
+        evaluation against the whole catalogue."""
+        rows, dim = {t[0]: (t[1], t[2]) for t in self.tables}[name]
+        key = next(k for k in self.dmp.state_dict() if k.split(".")[-2] == name)
+        out = torch.empty(rows, dim) if self.ctx.rank == 0 else None
+        with self.ctx.collective(f"gathering table {name}"):
+            self.dmp.state_dict()[key].gather(dst=0, out=out)
+        return out
+
+    def lookup(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Vectors ``[n_f, dim]`` of this rank's rows of each feature (any count per rank)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        empty = torch.zeros(0, dtype=torch.int64)
+        vals = [rows[n].reshape(-1).to(torch.int64) if n in rows else empty
+                for n in self.names]
+        size = max(v.shape[0] for v in vals)  # a KJT has one batch size: pad with empty bags
+        lengths = torch.zeros(len(vals), size, dtype=torch.int64)
+        for k, v in enumerate(vals):
+            lengths[k, :v.shape[0]] = 1
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.names, values=torch.cat(vals),
+                                                  lengths=lengths.reshape(-1))
+        with self.ctx.collective("sharded embedding lookup"):
+            out = self.dmp(kjt).to_dict()
+        return {n: out[n][:v.shape[0]] for n, v in zip(self.names, vals, strict=True)
+                if n in rows}
+
+    def save(self, path: str | Path) -> None:
+        """Every rank writes its shards with ``torch.distributed.checkpoint``."""
+        import torch.distributed.checkpoint as dcp
+
+        with self.ctx.collective("torch.distributed.checkpoint save"):
+            dcp.save(self.dmp.state_dict(), checkpoint_id=str(path))
+
+    def load(self, path: str | Path) -> None:
+        """Read a checkpoint written by :meth:`save` at any world size (DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+
+        sd = self.dmp.state_dict()
+        with self.ctx.collective("torch.distributed.checkpoint load"):
+            dcp.load(sd, checkpoint_id=str(path))
+
+
+def load_tables(path: str | Path, tables: list[tuple[str, int, int]]) -> dict[str, torch.Tensor]:
+    """Whole tables from a :meth:`ShardedTables.save` checkpoint, in one process without a
+    process group (e.g. to resume sharded training on one process, or to export)."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = {f"embedding_bags.{n}.weight": torch.zeros(r, d) for n, r, d in tables}
+    dcp.load(sd, checkpoint_id=str(path))
+    return {n: sd[f"embedding_bags.{n}.weight"] for n, _, _ in tables}

@@ -1,0 +1,362 @@
+"""Training across processes (gloo, 2 ranks on this machine, tiny data).
+
+Tolerances: with SGD and ReLU (no batch statistics), two ranks compute the one-process
+numbers up to float summation order: weights within 1e-5, losses within 1e-5, AUC within
+1e-4 (a near-tie between two predictions can flip at float precision; GAUC, an average over
+small per-user groups, within 2e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oneepoch.config import TrainConfig, load_config
+from oneepoch.data.synthetic import SynthConfig
+from oneepoch.distributed import rank_bounds, rank_slice
+from oneepoch.runfolder import read_metrics
+from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
+from oneepoch.training.trainer import epoch_order, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT_S = 20  # ONEEPOCH_DIST_TIMEOUT in these tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp: Path, specs: list[dict], worlds: list[int] | None = None,
+           wait_s: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start one worker per spec as ranks 0..n-1 of one run; their results."""
+    port, procs = free_port(), []
+    for r, spec in enumerate(specs):
+        f = tmp / f"spec{r}.json"
+        f.write_text(json.dumps(spec))
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(worlds[r] if worlds else len(specs)),
+               "LOCAL_WORLD_SIZE": str(len(specs)), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S),
+               "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(f)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    return out
+
+
+def overrides(data: Path, out: Path, name: str, epochs: int = 2) -> list[str]:
+    return [f"data.path={data}", f"out_dir={out}", f"name={name}", "progress=false",
+            "threads=1", "batch_size=256", "eval.batch_size=1000", "eval.per_epoch=2",
+            f"epochs={epochs}", "model.activation=relu", "optim.name=sgd", "optim.lr=0.5",
+            "checkpoint_keep=0"]
+
+
+def ok(res: list[subprocess.CompletedProcess]) -> None:
+    for r in res:
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n,world", [(256, 2), (7, 2), (1, 2), (0, 3), (10, 3), (1000, 7)])
+def test_rank_slices_partition_the_global_batch(n, world):
+    rows = np.random.default_rng(0).permutation(n + 5)[:n]
+    parts = [rank_slice(rows, r, world) for r in range(world)]
+    assert np.array_equal(np.concatenate(parts), rows)  # in rank order: the global batch
+    sizes = np.diff(rank_bounds(n, world))
+    assert sizes.sum() == n and sizes.max() - sizes.min() <= (1 if n else 0)
+
+
+def torchrec_loads() -> bool:
+    try:
+        from oneepoch.distributed.plan import require_torchrec
+        require_torchrec()
+        return True
+    except ValueError:
+        return False
+
+
+needs_torchrec = pytest.mark.skipif(not torchrec_loads(), reason="the distributed extra "
+                                    "(torchrec + fbgemm-gpu-cpu) is not installed")
+
+
+def compare_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for k in ("test_auc", "train_auc"):
+            assert abs(x[k] - y[k]) < 1e-4, (k, x, y)
+        for k in ("test_gauc", "train_gauc"):
+            assert abs(x[k] - y[k]) < 2e-3, (k, x, y)
+        for k in ("test_logloss", "train_logloss", "train_loss"):
+            if x[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-5, (k, x, y)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_synth, tmp_path_factory):
+    """The reference: the same settings on one process, uninterrupted."""
+    out = tmp_path_factory.mktemp("ws1")
+    cfg = load_config(TrainConfig, None, overrides(tiny_synth, out, "ws1"))
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_and_use_every_row_once(tiny_synth, tmp_path, one_process):
+    cfg1, res1 = one_process
+    log = tmp_path / "rows"
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "ws2"), "log_rows": str(log)}
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / "ws2"
+    compare_rows(read_metrics(run), res1.metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step_path"] == "distributed"
+    plan = json.loads((run / "sharding_plan.json").read_text())
+    assert plan["world_size"] == 2
+    assert {t["sharding"] for t in plan["tables"].values()} == {"data_parallel"}
+    w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
+    w2 = load_checkpoint(list_checkpoints(run)[-1])["model"]
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), atol=1e-5, err_msg=k)
+    # every training row once per epoch, split between the ranks
+    seen = [np.load(f"{log}.rank{r}.npy") for r in range(2)]
+    n = len(seen[0]) + len(seen[1])
+    n_train, epochs = 6000, 2
+    assert n == n_train * epochs and len(seen[0]) == len(seen[1])
+    per_rank_epoch = [s.reshape(epochs, -1) for s in seen]
+    for e in range(epochs):
+        both = np.concatenate([p[e] for p in per_rank_epoch])
+        assert np.array_equal(np.sort(both), np.arange(n_train))
+        order = epoch_order(n_train, e, cfg1.shuffle, cfg1.seed)
+        assert set(per_rank_epoch[0][e]) == set(np.concatenate(
+            [rank_slice(order[a:a + 256], 0, 2) for a in range(0, n_train, 256)]))
+
+
+@pytest.mark.slow
+def test_killed_on_two_resumes_on_one(tiny_synth, tmp_path, one_process):
+    _, res1 = one_process
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "killed"), "die": {"epoch": 1}}
+    res = launch(tmp_path, [spec, spec])
+    assert all(r.returncode == 9 for r in res), [r.stderr[-2000:] for r in res]
+    run = tmp_path / "killed"
+    assert [p.name for p in list_checkpoints(run)] == ["epoch-001"]
+    cfg = load_config(TrainConfig, run / "config.yaml", [])
+    resumed = train(cfg, run, resume=True)  # one process now
+    compare_rows(resumed.metrics, res1.metrics)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_other_with_an_error_naming_it(tiny_synth, tmp_path):
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "dies", epochs=1),
+            "die": {"rank": 1, "step": 5}}
+    t = time.time()
+    r0, r1 = launch(tmp_path, [spec, spec])
+    assert r1.returncode == 3
+    assert r0.returncode != 0 and time.time() - t < 60 + TIMEOUT_S
+    assert "rank 1" in r0.stderr and "has exited" in r0.stderr, r0.stderr[-2000:]
+
+
+def test_mismatched_world_size_is_refused(tiny_synth, tmp_path):
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "mismatch", epochs=1)}
+    res = launch(tmp_path, [spec, spec], worlds=[2, 3], wait_s=120)
+    for r in res:
+        assert r.returncode != 0
+        assert "WORLD_SIZE mismatch" in r.stderr, r.stderr[-2000:]
+
+
+def stage1_world(tmp_path: Path) -> list[str]:
+    """A tiny engagement world; the stage-1 overrides of these tests (SGD)."""
+    from oneepoch.data.synthetic import SurfacesConfig, write_multisurface
+
+    world = tmp_path / "world"
+    write_multisurface(world, SurfacesConfig(world=SynthConfig(n_users=300, n_items=600, seed=1),
+                                             n_train=1_500, n_valid=500, n_test=500,
+                                             engagement_ratio=5.0, n_heldout=500))
+    return [f"data.path={world / 'engagements'}", "epochs=2", "batch_size=128",
+            "loss.n_uniform=64", "model.dim=8", "threads=1", "progress=false",
+            "eval.max_pairs=300", "eval.train_pairs=300", "eval.per_epoch=2",
+            f"out_dir={tmp_path}", "optim.name=sgd", "optim.lr=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["", pytest.param("table_wise", marks=needs_torchrec)])
+def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path, shard):
+    """Replicated tables (row gradients summed across ranks), or tables sharded by TorchRec
+    (SGD fused in FBGEMM, in-batch item vectors all-gathered with autograd)."""
+    from oneepoch.embeddings import load_embeddings
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = stage1_world(tmp_path)
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": shard}
+    ok(launch(tmp_path, [spec, spec]))
+    two = read_metrics(tmp_path / "p2")
+    assert [r["step"] for r in two] == [r["step"] for r in one.metrics]
+    for x, y in zip(two, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3", "test_recall@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])
+    a, b = load_embeddings(one.export_dir), load_embeddings(tmp_path / "p2" / "embeddings")
+    for kind in ("user", "item"):
+        np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
+                                   getattr(a, kind).weight.numpy(), atol=1e-5)
+    assert json.loads((tmp_path / "p2" / "summary.json").read_text())["world_size"] == 2
+    plan = json.loads((tmp_path / "p2" / "sharding_plan.json").read_text())
+    assert {t["sharding"] for t in plan["tables"].values()} == {shard or "data_parallel"}
+
+
+
+
+def test_plan_tables_parse_and_refuse_bad_specs():
+    from oneepoch.distributed.plan import parse_tables
+    assert parse_tables("item=1e9:64, user=100:8") == [("item", 10**9, 64), ("user", 100, 8)]
+    for bad in ("item=1e9", "item=1.5:8", "item=10:0", "a=1:1,a=2:2", "", "9x=1:1"):
+        with pytest.raises(ValueError, match="--tables"):
+            parse_tables(bad)
+
+
+@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
+def test_plan_without_the_extra_says_what_to_install(capsys):
+    from oneepoch.cli import main
+    assert main(["plan", "--tables", "item=1e6:8", "--world-size", "2"]) == 2
+    assert 'pip install "oneepoch[distributed]"' in capsys.readouterr().err
+
+
+@needs_torchrec
+def test_plan_for_64_gpus_without_a_gpu(tmp_path, capsys):
+    from oneepoch.cli import main
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tables", "item=1e9:64,user=1e8:64", "--world-size", "64",
+                 "--device", "cuda", "--hbm-gib", "80", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "item" in text and "sharding type" in text
+    plan = json.loads(out.read_text())
+    rows = {t["name"]: sum(s["sizes"][0] for s in t["shards"] if s["offsets"][1] == 0)
+            for t in plan["tables"]}
+    assert rows == {"item": 10**9, "user": 10**8}  # every row placed exactly once
+    assert max(plan["rank_bytes"]) <= 80 * 2**30
+    assert sum(plan["rank_bytes"]) == (10**9 + 10**8) * 64 * 4
+
+
+@needs_torchrec
+def test_plan_that_cannot_fit_is_a_clear_error():
+    from oneepoch.distributed.plan import plan_tables
+    with pytest.raises(ValueError, match="no plan"):
+        plan_tables([("item", 10**10, 64)], 2, "cuda", hbm_gib=80)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["ctr", "stage1"])
+def test_bench_dist_worker_runs(tiny_synth, tmp_path, what):
+    """The benchmark's worker at tiny sizes on its 2-rank distributed path."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dist.py"), "--worker", what,
+           "--path", "dist", "--data", str(tiny_synth), "--steps", "3", "--stage1-rows",
+           "2000", "--stage1-batch", "128", "--stage1-steps", "2"]
+    port, procs = free_port(), []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT / "src"),
+               "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    r = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert r["world_size"] == 2 and r["step"] == "distributed"
+    assert r["samples_per_s" if what == "ctr" else "pairs_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cli_nproc_runs_torchrun_and_reports_once(tiny_synth, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ONEEPOCH_DIST_TIMEOUT": "60"}
+    r = subprocess.run([sys.executable, "-m", "oneepoch.cli", "train", "--nproc", "2",
+                        *overrides(tiny_synth, tmp_path, "cli", epochs=1)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("report: ") == 1  # rank 0 reports; rank 1 stays quiet
+    assert "sharding plan: embedding.weight" in r.stdout
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_sharded_tables_refuse_adam_saying_why():
+    from oneepoch.distributed.sharded import ShardedTables
+    with pytest.raises(ValueError, match="not Adam"):
+        ShardedTables(None, [("item", 10, 4)], "adam", 0.1)  # type: ignore[arg-type]
+
+
+@needs_torchrec
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_torchrec_sharded_sgd_step_and_dcp_checkpoint_resharded_to_one(tmp_path, sharding):
+    """2 ranks, tables sharded by TorchRec: one SGD step fused into FBGEMM's backward gives the
+    one-replica update of the global batch; the DCP checkpoint written on 2 ranks loads whole
+    in one process."""
+    from safetensors.torch import load_file
+
+    from oneepoch.distributed.sharded import load_tables
+    port, procs = free_port(), []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": str(ROOT / "src"), "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER.with_name(
+            "dist_sharded_worker.py")), sharding, str(tmp_path)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in res]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {v["sharding"] for v in plan.values()} == {sharding}
+    t = load_file(str(tmp_path / "tables.st"))
+    for n in ("user", "item"):
+        np.testing.assert_allclose(t[f"got.{n}"].numpy(), t[f"expected.{n}"].numpy(),
+                                   atol=1e-6, err_msg=n)
+    whole = load_tables(tmp_path / "ck", [("user", 50, 4), ("item", 80, 4)])
+    for n in ("user", "item"):
+        np.testing.assert_array_equal(whole[n].numpy(), t[f"got.{n}"].numpy())
+
+
+@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
+def test_sharding_asked_without_the_extra_is_a_clear_error(monkeypatch):
+    from oneepoch.distributed import DataParallelRun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"pip install \"oneepoch\[distributed\]\""):
+        DataParallelRun.from_env("cpu", shard_tables="auto")
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_sharded_stage1_stopped_after_epoch_1_on_two_resumes_on_one(tmp_path):
+    """Epoch 1 on 2 ranks with TorchRec-sharded tables, epoch 2 on one process from its
+    checkpoint: the metrics of an uninterrupted one-process run (SGD)."""
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = stage1_world(tmp_path)
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2", "epochs=1"],
+            "shard": "table_wise"}
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / "p2"
+    cfg = load_config(PretrainConfig, run / "config.yaml", ["epochs=2"])
+    resumed = pretrain(cfg, run, resume=True)
+    assert [r["step"] for r in resumed.metrics] == [r["step"] for r in one.metrics]
+    for x, y in zip(resumed.metrics, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])

@@ -61,7 +61,7 @@ class AdamCatchUp(ctypes.Structure):
     _fields_ = [
         ("beta1", _D), ("beta2", _D), ("eps", _D), ("tol", _D), ("T", _I),
         ("H0", _P), ("H1", _P), ("H2", _P), ("s", _P), ("P", _I), ("pw", _P),
-        ("log_q", _D * 5), ("alpha", _D), ("moves", _I),
+        ("log_q", _D * 5), ("alpha", _D), ("moves", _I), ("touch", _P),
     ]
 
 
@@ -278,6 +278,15 @@ def catch_up_struct(beta1: float, beta2: float, eps: float, tol: float, H0: np.n
                      (_D * 5)(*log_q), alpha, int(moves))
     st._keep = arrays  # type: ignore[attr-defined]
     return st
+
+
+def catch_up_with_touch(st: AdamCatchUp, touch: torch.Tensor | None) -> AdamCatchUp:
+    """A copy of ``st`` (sharing its tables) whose ``touch`` points at this int64 [R] tensor
+    (AdamAR: the step each row was last in a batch; the kernels update it), or at nothing."""
+    out = AdamCatchUp.from_buffer_copy(st)
+    out.touch = ptr(touch)
+    out._keep = (st._keep, touch)  # type: ignore[attr-defined]
+    return out
 
 
 def adam_catch_up_all(W: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,

@@ -410,12 +410,13 @@ typedef struct {
     int64_t P;           /* pw holds exponents 0 .. P - 1 of each ratio */
     const double *pw;    /* [5 P]: b1^k, b2^k, r^k, rho^k, rho2^k (rho = b1/b2, rho2 = b1/b2^1.5) */
     double log_q[5];     /* their logs, for exponents >= P */
-    double alpha;        /* AdamAR row decay (optim.row_decay_alpha; 0 = off), see ar_decay */
+    double alpha;        /* AdamAR row decay (optim.row_decay_alpha; 0 = off), see ar_log_decay */
     int64_t moves;       /* 1: dense Adam's moves and moment decay; 0: the row decay only (lazy) */
+    int64_t *touch;      /* AdamAR: [R] the step each row was last in a batch (NULL: off) */
 } AdamCatchUp;
 
 /* AdamAR's row decay (optim.row_decay_alpha, docs/training.md): a row that misses a step j steps
- * after its last update is multiplied by 1 - lr min(1, alpha j); a gap of k steps therefore by
+ * after it was last in a batch is multiplied by 1 - lr min(1, alpha j); over steps j = 1..k by
  *   P(k) = prod_{j=1..k} (1 - lr min(1, alpha j)) = ramp(c, M) (1 - lr)^(k - M),
  * M = min(k, floor(1 / alpha)), c = lr alpha, ramp(c, M) = prod_{j=1..M} (1 - c j). log ramp:
  * a power series in c when c M <= 1e-3 (four terms: error below 1e-15 M), the sum itself for
@@ -449,12 +450,19 @@ static double ar_log_ramp(double c, double M) {
     return L - (z - 0.5) * log1p(-M / x) - M + ar_g(x) - ar_g(z);
 }
 
-/* P(k) of the comment above (1 when alpha = 0 or lr = 0). */
-static double ar_decay(double alpha, double lr, int64_t k) {
-    if (!(alpha > 0.0) || lr == 0.0 || k <= 0) return 1.0;
-    if (lr >= 1.0) return 0.0;
+/* log P(k) of the comment above (0 < lr < 1, alpha > 0). */
+static double ar_log_decay(double alpha, double lr, int64_t k) {
+    if (k <= 0) return 0.0;
     const double J = floor(1.0 / alpha), M = (double)k < J ? (double)k : J;
-    return exp(ar_log_ramp(lr * alpha, M) + ((double)k - M) * log1p(-lr));
+    return ar_log_ramp(lr * alpha, M) + ((double)k - M) * log1p(-lr);
+}
+
+/* The decay of steps j = g0 + 1 .. g0 + k of a row's gap: P(g0 + k) / P(g0) (1 when alpha = 0
+ * or lr = 0, 0 when lr >= 1). */
+static float ar_decay(double alpha, double lr, int64_t g0, int64_t k) {
+    if (!(alpha > 0.0) || lr == 0.0 || k <= 0) return 1.0f;
+    if (lr >= 1.0) return 0.0f;
+    return (float)exp(ar_log_decay(alpha, lr, g0 + k) - ar_log_decay(alpha, lr, g0));
 }
 
 static inline double cu_pow(const AdamCatchUp *a, int q, int64_t k) {
@@ -490,12 +498,13 @@ static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t
  * lr: the row's learning rate. By chunks of 64 elements: the closed form for all (vectorised),
  * then the exact sum for the elements its bound does not cover (if any), then the update. */
 static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
-                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a) {
-    if (a->alpha > 0.0) {  /* AdamAR: the gap's decay, on the weight the row was left with */
-        const float P = (float)ar_decay(a->alpha, lr, k);
+                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a, int64_t r) {
+    /* AdamAR: the decay of these k steps of the row's gap (after the moves, below) */
+    const float P = a->touch ? ar_decay(a->alpha, lr, t0 - a->touch[r], k) : 1.0f;
+    if (!a->moves) {
         for (int64_t d = 0; d < D; d++) w[d] *= P;
+        return;
     }
-    if (!a->moves) return;
     const double S0 = cu_window(a, a->H0, 2, t0, k);
     const float b1k = (float)cu_pow(a, 0, k), b2k = (float)cu_pow(a, 1, k);
     float Wf = 0.0f, ebf = 1.0f, e1f = 1.0f, lim = 0.0f;
@@ -526,7 +535,7 @@ static void catch_up_row(float *restrict w, float *restrict m, float *restrict v
                     mv[d] = (float)((double)mc[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
             }
         for (int64_t d = 0; d < n; d++) {
-            wc[d] -= mv[d];
+            wc[d] = (wc[d] - mv[d]) * P;  /* (x 1 is exact: no decay, no change) */
             mc[d] *= b1k;
             vc[d] *= b2k;
         }
@@ -542,7 +551,7 @@ int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R
     for (int64_t r = 0; r < R; r++) {
         if (last[r] >= t) continue;
         const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
-        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a);
+        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a, r);
         last[r] = t;
         n++;
     }
@@ -602,7 +611,7 @@ static void catch_up_lookups(const Bags *a, float *W, float *m, float *v, int64_
             if (t0 >= mark) continue;
             if (t0 < t) {
                 const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
-                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu, r);
             }
             last[r] = mark;
         }
@@ -679,9 +688,11 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
             const int64_t r = rows[u], t0 = last[r];
             if (t0 < t - 1) {
                 const float a = row_lr ? lr * row_lr[u] : (lr_of_row ? lr * lr_of_row[r] : lr);
-                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu,
+                             r);
             }
             last[r] = t;
+            if (cu->touch) cu->touch[r] = t;  /* AdamAR: in a batch at step t */
         }
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
@@ -1101,7 +1112,7 @@ static const int64_t ctr_step_offsets[] = {  /* every field, in declaration orde
 #define OFF(f) offsetof(AdamCatchUp, f)
 static const int64_t catch_up_offsets[] = {
     OFF(beta1), OFF(beta2), OFF(eps), OFF(tol), OFF(T), OFF(H0), OFF(H1), OFF(H2), OFF(s),
-    OFF(P), OFF(pw), OFF(log_q), OFF(alpha), OFF(moves)};
+    OFF(P), OFF(pw), OFF(log_q), OFF(alpha), OFF(moves), OFF(touch)};
 #undef OFF
 
 /* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, sizeof(AdamCatchUp), the
@@ -1347,7 +1358,11 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
     adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
               c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd,
               NULL, 0, NULL);
-    for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
+    int64_t *touch = c->emb_catch ? c->emb_catch->touch : NULL;  /* AdamAR: in a batch now */
+    for (int64_t u = 0; u < U; u++) {
+        slot[rows[u]] = -1;
+        if (touch) touch[rows[u]] = c->emb_t;
+    }
     return U;
 }
 

@@ -78,19 +78,27 @@ def _log_ramp(c: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return torch.where(M > 0, out, torch.zeros_like(out))
 
 
-def row_decay(alpha: float, lr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """AdamAR's decay of a gap of ``k`` missed steps (float64 [n], per row ``lr`` [n]):
-    ``prod_{j=1..k} (1 - lr min(1, alpha j))``, in closed form (native.c ``ar_decay``); 1 where
+def _log_decay(alpha: float, lr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``log prod_{j=1..k} (1 - lr min(1, alpha j))`` (float64; ``0 < lr < 1``)."""
+    kd = k.to(torch.float64)
+    M = kd.clamp(max=float(math.floor(1.0 / alpha)))
+    return _log_ramp(lr * alpha, M) + (kd - M) * torch.log1p(-lr)
+
+
+def row_decay(alpha: float, lr: torch.Tensor, k: torch.Tensor,
+              g0: torch.Tensor | None = None) -> torch.Tensor:
+    """AdamAR's decay of steps ``j = g0 + 1 .. g0 + k`` of a row's gap (``g0``: the steps of
+    the gap already applied, default 0), per row (float64 [n], ``lr`` [n] the row's learning
+    rate): ``prod_j (1 - lr min(1, alpha j))``, in closed form (native.c ``ar_decay``); 1 where
     ``alpha``, ``lr`` or ``k`` is 0, 0 where ``lr >= 1``."""
     lr = lr.to(torch.float64)
     kd = k.to(torch.float64)
     if alpha <= 0:
         return torch.ones_like(kd)
-    J = math.floor(1.0 / alpha)
-    M = kd.clamp(max=float(J))
+    g = torch.zeros_like(k) if g0 is None else g0.to(k.dtype)
     live = (kd > 0) & (lr > 0) & (lr < 1)
     lr_s = torch.where(live, lr, torch.full_like(lr, 0.5))  # (the others: set below)
-    P = torch.exp(_log_ramp(lr_s * alpha, M) + (kd - M) * torch.log1p(-lr_s))
+    P = torch.exp(_log_decay(alpha, lr_s, g + k) - _log_decay(alpha, lr_s, g))
     P = torch.where(live, P, torch.ones_like(P))
     return torch.where((lr >= 1) & (kd > 0), torch.zeros_like(P), P)
 
@@ -124,8 +132,8 @@ class DenseAdamCatchUp:
     that exceeds :attr:`TOL` are summed step by step instead (until the remaining weight is
     below 1e-12 of W). Needs ``beta1 < beta2^1.5`` (every ratio below 1).
 
-    With ``alpha > 0`` (AdamAR), the row is first multiplied by :func:`row_decay` of its gap;
-    ``moves=False`` (lazy Adam with AdamAR) applies that decay only.
+    With ``alpha > 0`` (AdamAR), the row is then multiplied by :func:`row_decay` of these
+    steps of its gap; ``moves=False`` (lazy Adam with AdamAR) applies that decay only.
     """
 
     TOL = 1e-6  # relative error allowed to the closed form (else the exact sum)
@@ -170,13 +178,18 @@ class DenseAdamCatchUp:
 
     @torch.no_grad()
     def apply(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t0: torch.Tensor,
-              k: torch.Tensor, lr: torch.Tensor) -> None:
+              k: torch.Tensor, lr: torch.Tensor, g0: torch.Tensor | None = None) -> None:
         """Bring rows (w, m, v [n, D], in place) from steps ``t0`` [n] through ``k`` [n] >= 1
-        zero-gradient steps each; lr [n]: each row's learning rate (float64)."""
+        zero-gradient steps each; lr [n]: each row's learning rate (float64); g0 [n]: AdamAR,
+        the steps of each row's gap before ``t0`` (``t0`` - the step it was last in a batch)."""
         t0, k = t0.cpu(), k.cpu()
-        if self.alpha > 0:  # AdamAR: the gap's decay, on the weight the row was left with
-            w.mul_(row_decay(self.alpha, lr.cpu(), k).to(torch.float32).to(w.device)[:, None])
+        P = None
+        if self.alpha > 0:  # AdamAR: these steps' decay, after the moves
+            P = row_decay(self.alpha, lr.cpu(), k, None if g0 is None else g0.cpu())
+            P = P.to(torch.float32).to(w.device)[:, None]
         if not self.moves:
+            if P is not None:
+                w.mul_(P)
             return
         S0 = self._window(0, 2, t0, k)
         S1, S2 = self._window(1, 3, t0, k), self._window(2, 4, t0, k)
@@ -199,6 +212,8 @@ class DenseAdamCatchUp:
             f = self._exact(x[ri, di].double().cpu(), t0[ri.cpu()], k[ri.cpu()], S0[ri.cpu()])
             mv[ri, di] = (m[ri, di].double().cpu() * lr[ri.cpu()] * f).to(mv.dtype).to(dev)
         w.sub_(mv)
+        if P is not None:
+            w.mul_(P)
         m.mul_(self._pow(0, k).to(torch.float32).to(dev)[:, None])
         v.mul_(self._pow(1, k).to(torch.float32).to(dev)[:, None])
 
@@ -311,6 +326,7 @@ class RowWiseOptimizer:
         self.tracked = self.dense_adam or alpha > 0
         self.catch_up = _catch_up_tables(cfg.beta1, cfg.beta2, cfg.eps, alpha,
                                          self.dense_adam) if self.tracked else None
+        self.cu_struct: kernels.AdamCatchUp | None = None  # the native twin (set below)
         self.module = module
         if module is not None and hasattr(module, "fused"):
             module.fused = True
@@ -325,6 +341,13 @@ class RowWiseOptimizer:
             if self.tracked:
                 self.state["last_step"] = torch.zeros(param.shape[0], dtype=torch.int64,
                                                       device=param.device)
+            if alpha > 0:  # AdamAR: the step each row was last in a batch (0: never)
+                self.state["last_touch"] = torch.zeros(param.shape[0], dtype=torch.int64,
+                                                       device=param.device)
+        if self.catch_up is not None:
+            touch = self.state.get("last_touch")
+            self.cu_struct = self.catch_up.struct if touch is None else \
+                kernels.catch_up_with_touch(self.catch_up.struct, touch)
         elif cfg.name in ("rmsprop", "adagrad"):
             self.state = {"square_avg": z()}
             if cfg.name == "rmsprop" and cfg.momentum > 0:
@@ -353,6 +376,8 @@ class RowWiseOptimizer:
             last = self.state["last_step"]
             self._catch_up(rows, last.index_select(0, rows), self.step_count - 1)
             last.index_fill_(0, rows, self.step_count)
+            if "last_touch" in self.state:
+                self.state["last_touch"].index_fill_(0, rows, self.step_count)
         w_r = w.index_select(0, rows)
         if c.weight_decay:
             grad = grad + c.weight_decay * w_r
@@ -408,7 +433,10 @@ class RowWiseOptimizer:
         lr = torch.full((rows.shape[0],), float(self.lr), dtype=torch.float64)
         if self.row_lr is not None:
             lr = lr * self.row_lr.index_select(0, rows).double().cpu()
-        self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr)  # type: ignore[union-attr]
+        g0 = None
+        if "last_touch" in self.state:
+            g0 = t0 - self.state["last_touch"].index_select(0, rows)
+        self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr, g0)  # type: ignore[union-attr]
         for x, x_r in ((w, w_r), (m, m_r), (v, v_r)):
             x.detach().index_copy_(0, rows, x_r)
 
@@ -424,7 +452,7 @@ class RowWiseOptimizer:
             kernels.adam_catch_up_batch(
                 kernels.ids32(batch.ids), mod.field_offsets, mod.field_rows,  # type: ignore
                 [kernels.ids32(q) for q in batch.seqs], [kernels.ids32(n) for n in batch.lens],
-                w, m, v, last, t, self.lr, scale, self.catch_up.struct)  # type: ignore[union-attr]
+                w, m, v, last, t, self.lr, scale, self.cu_struct)
             return
         flat, _ = mod.bag_inputs(batch)  # type: ignore[union-attr]
         rows = torch.unique(flat)
@@ -446,7 +474,7 @@ class RowWiseOptimizer:
         if w.dtype == torch.float32 and kernels.usable(w, m, v, last) and (
                 scale is None or kernels.usable(scale)):
             return kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
-                                             self.catch_up.struct)  # type: ignore[union-attr]
+                                             self.cu_struct)  # type: ignore[arg-type]
         rows = (last < t).nonzero().squeeze(1)
         for a in range(0, rows.shape[0], 1 << 16):  # bounded memory
             r = rows[a:a + (1 << 16)]
@@ -469,8 +497,7 @@ class RowWiseOptimizer:
         linf = kernels.rowwise_adam(w, m, v, rows, grad, self.lr, scale, c.beta1, c.beta2,
                                     c.eps, 1 - c.beta1 ** self.step_count,
                                     1 - c.beta2 ** self.step_count, c.weight_decay,
-                                    last, self.step_count,
-                                    None if self.catch_up is None else self.catch_up.struct)
+                                    last, self.step_count, self.cu_struct)
         self.last_update_linf = float(linf)
         return True
 
@@ -482,8 +509,8 @@ class RowWiseOptimizer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step_count = int(sd["step_count"])
         for k in self.state:
-            if k == "last_step" and k not in sd:  # saved by lazy Adam: every row current
-                self.state[k].fill_(self.step_count)
+            if k in ("last_step", "last_touch") and k not in sd:
+                self.state[k].fill_(self.step_count)  # saved without: every row current
             else:
                 self.state[k].copy_(sd[k])
 

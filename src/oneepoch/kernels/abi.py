@@ -62,6 +62,7 @@ class AdamCatchUp(ctypes.Structure):
         ("beta1", _D), ("beta2", _D), ("eps", _D), ("tol", _D), ("T", _I),
         ("H0", _P), ("H1", _P), ("H2", _P), ("s", _P), ("P", _I), ("pw", _P),
         ("log_q", _D * 5), ("alpha", _D), ("moves", _I), ("touch", _P),
+        ("synced", _P),
     ]
 
 
@@ -280,12 +281,14 @@ def catch_up_struct(beta1: float, beta2: float, eps: float, tol: float, H0: np.n
     return st
 
 
-def catch_up_with_touch(st: AdamCatchUp, touch: torch.Tensor | None) -> AdamCatchUp:
-    """A copy of ``st`` (sharing its tables) whose ``touch`` points at this int64 [R] tensor
-    (AdamAR: the step each row was last in a batch; the kernels update it), or at nothing."""
+def catch_up_with_touch(st: AdamCatchUp, touch: torch.Tensor,
+                        synced: torch.Tensor) -> AdamCatchUp:
+    """A copy of ``st`` (sharing its tables) pointing at a table's AdamAR state: ``touch``
+    (int64 [R], the step each row was last in a batch, as of the last sync; the sync kernel
+    refreshes it) and ``synced`` (int64 0-dim, the step of the last sync; set by the caller)."""
     out = AdamCatchUp.from_buffer_copy(st)
-    out.touch = ptr(touch)
-    out._keep = (st._keep, touch)  # type: ignore[attr-defined]
+    out.touch, out.synced = ptr(touch), ptr(synced)
+    out._keep = (st._keep, touch, synced)  # type: ignore[attr-defined]
     return out
 
 

@@ -412,7 +412,11 @@ typedef struct {
     double log_q[5];     /* their logs, for exponents >= P */
     double alpha;        /* AdamAR row decay (optim.row_decay_alpha; 0 = off), see ar_log_decay */
     int64_t moves;       /* 1: dense Adam's moves and moment decay; 0: the row decay only (lazy) */
-    int64_t *touch;      /* AdamAR: [R] the step each row was last in a batch (NULL: off) */
+    /* AdamAR: touch [R], the step each row was last in a batch, kept for the rows not updated
+     * since the last sync (step *synced); a row with last[r] > *synced was last in a batch at
+     * last[r] itself, so the hot path reads neither (adam_catch_up_all refreshes touch) */
+    int64_t *touch;
+    const int64_t *synced;
 } AdamCatchUp;
 
 /* AdamAR's row decay (optim.row_decay_alpha, docs/training.md): a row that misses a step j steps
@@ -462,7 +466,8 @@ static double ar_log_decay(double alpha, double lr, int64_t k) {
 static float ar_decay(double alpha, double lr, int64_t g0, int64_t k) {
     if (!(alpha > 0.0) || lr == 0.0 || k <= 0) return 1.0f;
     if (lr >= 1.0) return 0.0f;
-    return (float)exp(ar_log_decay(alpha, lr, g0 + k) - ar_log_decay(alpha, lr, g0));
+    const double L0 = g0 > 0 ? ar_log_decay(alpha, lr, g0) : 0.0;
+    return (float)exp(ar_log_decay(alpha, lr, g0 + k) - L0);
 }
 
 static inline double cu_pow(const AdamCatchUp *a, int q, int64_t k) {
@@ -499,8 +504,11 @@ static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t
  * then the exact sum for the elements its bound does not cover (if any), then the update. */
 static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
                          int64_t t0, int64_t k, double lr, const AdamCatchUp *a, int64_t r) {
-    /* AdamAR: the decay of these k steps of the row's gap (after the moves, below) */
-    const float P = a->touch ? ar_decay(a->alpha, lr, t0 - a->touch[r], k) : 1.0f;
+    /* AdamAR: the decay of these k steps of the row's gap (after the moves, below); the gap
+     * began at t0 unless the row was last brought up to date by a sync */
+    float P = 1.0f;
+    if (a->alpha > 0.0)
+        P = ar_decay(a->alpha, lr, a->touch && t0 <= *a->synced ? t0 - a->touch[r] : 0, k);
     if (!a->moves) {
         for (int64_t d = 0; d < D; d++) w[d] *= P;
         return;
@@ -543,12 +551,16 @@ static void catch_up_row(float *restrict w, float *restrict m, float *restrict v
 }
 
 /* Brings every row of W, m, v [R, D] with last[r] < t up to step t (Optimizer.sync); row_lr
- * [R] (or NULL) scales lr per row. Returns the rows moved. */
+ * [R] (or NULL) scales lr per row. Returns the rows moved. AdamAR: first sets touch[r] =
+ * last[r] for the rows updated since the last sync (the caller then sets *synced = t). */
 int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R, int64_t D,
                           int64_t t, float lr, const float *row_lr, const AdamCatchUp *a) {
     int64_t n = 0;
+    int64_t *touch = a->touch;
+    const int64_t prev = touch ? *a->synced : 0;
 #pragma omp parallel for schedule(static) reduction(+ : n) if (R * D >= 65536)
     for (int64_t r = 0; r < R; r++) {
+        if (touch && last[r] > prev) touch[r] = last[r];
         if (last[r] >= t) continue;
         const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
         catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a, r);
@@ -692,7 +704,6 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
                              r);
             }
             last[r] = t;
-            if (cu->touch) cu->touch[r] = t;  /* AdamAR: in a batch at step t */
         }
         if (u + PREFETCH < u1) {  /* rows are scattered: ask for a later row's lines now (~4x) */
             const int64_t q = rows[u + PREFETCH] * D;
@@ -1112,7 +1123,7 @@ static const int64_t ctr_step_offsets[] = {  /* every field, in declaration orde
 #define OFF(f) offsetof(AdamCatchUp, f)
 static const int64_t catch_up_offsets[] = {
     OFF(beta1), OFF(beta2), OFF(eps), OFF(tol), OFF(T), OFF(H0), OFF(H1), OFF(H2), OFF(s),
-    OFF(P), OFF(pw), OFF(log_q), OFF(alpha), OFF(moves), OFF(touch)};
+    OFF(P), OFF(pw), OFF(log_q), OFF(alpha), OFF(moves), OFF(touch), OFF(synced)};
 #undef OFF
 
 /* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, sizeof(AdamCatchUp), the
@@ -1358,11 +1369,7 @@ static int64_t emb_update_owned(const CtrStep *c, const Layout *o, const float *
     adam_rows(c->W, c->Wm, c->Wv, rows, egrad, 0, U, D, c->emb_lr, NULL, c->emb_row_lr,
               c->beta1, c->beta2, c->eps, 1.0f / c->emb_bc1, 1.0f / c->emb_bc2, c->wd,
               NULL, 0, NULL);
-    int64_t *touch = c->emb_catch ? c->emb_catch->touch : NULL;  /* AdamAR: in a batch now */
-    for (int64_t u = 0; u < U; u++) {
-        slot[rows[u]] = -1;
-        if (touch) touch[rows[u]] = c->emb_t;
-    }
+    for (int64_t u = 0; u < U; u++) slot[rows[u]] = -1;
     return U;
 }
 

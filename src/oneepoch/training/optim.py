@@ -341,13 +341,17 @@ class RowWiseOptimizer:
             if self.tracked:
                 self.state["last_step"] = torch.zeros(param.shape[0], dtype=torch.int64,
                                                       device=param.device)
-            if alpha > 0:  # AdamAR: the step each row was last in a batch (0: never)
+            if alpha > 0:  # AdamAR: the step each row was last in a batch (0: never), kept
+                # up to date by sync() for the rows not updated since (last_step <= last_sync;
+                # the others were last in a batch at last_step)
                 self.state["last_touch"] = torch.zeros(param.shape[0], dtype=torch.int64,
                                                        device=param.device)
+                self.state["last_sync"] = torch.zeros((), dtype=torch.int64)
         if self.catch_up is not None:
             touch = self.state.get("last_touch")
             self.cu_struct = self.catch_up.struct if touch is None else \
-                kernels.catch_up_with_touch(self.catch_up.struct, touch)
+                kernels.catch_up_with_touch(self.catch_up.struct, touch,
+                                            self.state["last_sync"])
         elif cfg.name in ("rmsprop", "adagrad"):
             self.state = {"square_avg": z()}
             if cfg.name == "rmsprop" and cfg.momentum > 0:
@@ -376,8 +380,6 @@ class RowWiseOptimizer:
             last = self.state["last_step"]
             self._catch_up(rows, last.index_select(0, rows), self.step_count - 1)
             last.index_fill_(0, rows, self.step_count)
-            if "last_touch" in self.state:
-                self.state["last_touch"].index_fill_(0, rows, self.step_count)
         w_r = w.index_select(0, rows)
         if c.weight_decay:
             grad = grad + c.weight_decay * w_r
@@ -434,8 +436,9 @@ class RowWiseOptimizer:
         if self.row_lr is not None:
             lr = lr * self.row_lr.index_select(0, rows).double().cpu()
         g0 = None
-        if "last_touch" in self.state:
-            g0 = t0 - self.state["last_touch"].index_select(0, rows)
+        if "last_touch" in self.state:  # the gap began at t0 unless a sync set t0
+            g0 = torch.where(t0 > self.state["last_sync"], torch.zeros_like(t0),
+                             t0 - self.state["last_touch"].index_select(0, rows))
         self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr, g0)  # type: ignore[union-attr]
         for x, x_r in ((w, w_r), (m, m_r), (v, v_r)):
             x.detach().index_copy_(0, rows, x_r)
@@ -470,16 +473,26 @@ class RowWiseOptimizer:
             return 0
         w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
         last, t = self.state["last_step"], self.step_count
+        synced = self.state.get("last_sync")
         scale = None if self.row_lr is None else self.row_lr.to(torch.float32).contiguous()
         if w.dtype == torch.float32 and kernels.usable(w, m, v, last) and (
                 scale is None or kernels.usable(scale)):
-            return kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
-                                             self.cu_struct)  # type: ignore[arg-type]
+            n = kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
+                                          self.cu_struct)  # type: ignore[arg-type]
+            if synced is not None:
+                synced.fill_(t)
+            return n
+        if synced is not None:  # AdamAR: rows updated since the last sync were in a batch then
+            touch = self.state["last_touch"]
+            fresh = last > synced
+            touch[fresh] = last[fresh]
         rows = (last < t).nonzero().squeeze(1)
         for a in range(0, rows.shape[0], 1 << 16):  # bounded memory
             r = rows[a:a + (1 << 16)]
             self._catch_up(r, last.index_select(0, r), t)
         last.fill_(t)
+        if synced is not None:
+            synced.fill_(t)
         return int(rows.shape[0])
 
     def _native_adam(self, rows: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -509,10 +522,15 @@ class RowWiseOptimizer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step_count = int(sd["step_count"])
         for k in self.state:
-            if k in ("last_step", "last_touch") and k not in sd:
-                self.state[k].fill_(self.step_count)  # saved without: every row current
+            if k == "last_step" and k not in sd:  # saved without: every row current
+                self.state[k].fill_(self.step_count)
+            elif k in ("last_touch", "last_sync") and k not in sd:  # saved without AdamAR:
+                continue  # each row's gap starts where it was last brought up to date (below)
             else:
                 self.state[k].copy_(sd[k])
+        if "last_touch" in self.state and "last_touch" not in sd:
+            self.state["last_touch"].copy_(self.state["last_step"])
+            self.state["last_sync"].fill_(self.step_count)
 
 
 class Optimizer:

@@ -16,7 +16,9 @@ the median of the rounds.
 Then the Adam semantics of the ID table (``optim.embedding_update``): the same fused step with
 ``dense`` (the default: every row decays and moves every step, caught up in closed form) and
 ``lazy`` (only the batch's rows), alternating round by round (``--update-rounds`` rounds per
-thread count); the figure is the median of the per-round dense / lazy ratios.
+thread count); the figure is the median of the per-round dense / lazy ratios. In the same
+rounds, the ``adamar`` remedy (``optim.row_decay_alpha``, ``--adamar-alpha``, on the base
+model's settings): its figure is the median of the per-round AdamAR / base ratios.
 """
 
 from __future__ import annotations
@@ -69,9 +71,19 @@ def worker(args: argparse.Namespace) -> dict:
     fast2 = FusedStep.build(model2, opt2, Batcher(tr, cfg.batch_size))
     it2 = fast2.batcher.epoch_rows(np.concatenate([order] * (need // len(order) + 1))) \
         if fast2 is not None else None
+    cfg3 = load_config(TrainConfig, "ctr", [f"data.path={args.data}", f"batch_size={args.batch}",
+                                            f"optim.row_decay_alpha={args.adamar_alpha}"])
+    model3, opt3 = build(cfg3, data)  # the adamar remedy on the base model
+    model3.train()
+    fast3 = FusedStep.build(model3, opt3, Batcher(tr, cfg.batch_size))
+    it3 = fast3.batcher.epoch_rows(np.concatenate([order] * (need // len(order) + 1))) \
+        if fast3 is not None else None
 
-    def steps(n: int, second: bool = False) -> float:
+    def steps(n: int, second: bool | str = False) -> float:
         t = time.perf_counter()
+        if second == "adamar":  # the base settings + AdamAR, same data order
+            fast3.steps(np.concatenate([next(it3) for _ in range(n)]))  # type: ignore
+            return time.perf_counter() - t
         if second:  # the other embedding_update, same data order
             fast2.steps(np.concatenate([next(it2) for _ in range(n)]))  # type: ignore
             return time.perf_counter() - t
@@ -109,21 +121,26 @@ def worker(args: argparse.Namespace) -> dict:
                                 for k, v in zip(PHASES, prof, strict=True)}
         fast.c.prof = None
     updates: dict[int, dict[str, list[float]]] = {}
-    if fast is not None and fast2 is not None:  # dense vs lazy, alternating round by round
+    if fast is not None and fast2 is not None:  # dense vs lazy (vs AdamAR), round by round
+        variants: list[bool | str] = [False, True] + (["adamar"] if fast3 is not None else [])
         for threads in args.threads:
             torch.set_num_threads(threads)
-            steps(10, True)  # warm-up of the second model
+            for second in variants[1:]:
+                steps(10, second)  # warm-up of the other models
         for _ in range(args.update_rounds):
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 u = updates.setdefault(threads, {"dense": [], "lazy": []})
-                for second in (False, True):
-                    mode = other if second else cfg.optim.embedding_update
-                    u[mode].append(args.steps * cfg.batch_size / steps(args.steps, second))
+                for second in variants:
+                    mode = "adamar" if second == "adamar" else \
+                        other if second else cfg.optim.embedding_update
+                    u.setdefault(mode, []).append(
+                        args.steps * cfg.batch_size / steps(args.steps, second))
     runs = [{"threads": t, "batch": cfg.batch_size, "train_samples_per_s": float(np.median(r)),
              "train_rounds": r, "gemm_gflops_rounds": gemm[t],
              "step": "fused" if fast is not None else "autograd",
              "embedding_update": cfg.optim.embedding_update,
+             "adamar_step": "fused" if fast3 is not None else FusedStep.why_not(model3, opt3),
              "update_rounds": updates.get(t, {}),
              "profile_ms": profile.get(t, {})} for t, r in rates.items()]
     te = data.splits["test"]
@@ -157,7 +174,9 @@ def main() -> None:
                     help="timed rounds per thread count and process")
     ap.add_argument("--repeats", type=int, default=3, help="processes")
     ap.add_argument("--update-rounds", type=int, default=5,
-                    help="dense vs lazy rounds per thread count and process (0: skip)")
+                    help="dense vs lazy vs AdamAR rounds per thread count and process (0: skip)")
+    ap.add_argument("--adamar-alpha", type=float, default=1e-3,
+                    help="optim.row_decay_alpha of the AdamAR rounds (the adamar remedy's)")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--data", help="data set (default: generate the built-in one)")
@@ -176,7 +195,8 @@ def main() -> None:
     per: dict[int, list[dict]] = {t: [] for t in a.threads}
     ratios: dict[int, list[float]] = {t: [] for t in a.threads}
     gemm_ratios: dict[int, list[float]] = {t: [] for t in a.threads}
-    upd: dict[int, dict[str, list[float]]] = {t: {"dense": [], "lazy": []} for t in a.threads}
+    upd: dict[int, dict[str, list[float]]] = {t: {"dense": [], "lazy": [], "adamar": []}
+                                              for t in a.threads}
     fractions: dict[int, list[float]] = {t: [] for t in a.threads}
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_limit import gemm_flops_per_sample
@@ -185,7 +205,8 @@ def main() -> None:
     for rep in range(a.repeats):
         cmd = [sys.executable, __file__, "--worker", "--data", a.data, "--steps", str(a.steps),
                "--rounds", str(a.rounds), "--batch", str(a.batch), "--update-rounds",
-               str(a.update_rounds), "--threads", *map(str, a.threads)]
+               str(a.update_rounds), "--adamar-alpha", str(a.adamar_alpha),
+               "--threads", *map(str, a.threads)]
         top = str(max(a.threads))
         env = {**os.environ, "OMP_NUM_THREADS": top, "MKL_NUM_THREADS": top}
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
@@ -231,6 +252,15 @@ def main() -> None:
                 "ratio_per_round_median": float(statistics.median(
                     [x / y for x, y in zip(u["dense"], u["lazy"], strict=True)])),
                 "dense_rounds": u["dense"], "lazy_rounds": u["lazy"]}
+        base = u.get(run["embedding_update"] or "dense", [])
+        if u["adamar"] and base:  # the same rounds: base, (other,) then AdamAR
+            run["adamar_vs_base"] = {
+                "alpha": a.adamar_alpha, "step": rs[0].get("adamar_step"),
+                "adamar_samples_per_s": float(statistics.median(u["adamar"])),
+                "base_samples_per_s": float(statistics.median(base)),
+                "ratio_per_round_median": float(statistics.median(
+                    [x / y for x, y in zip(u["adamar"], base, strict=True)])),
+                "adamar_rounds": u["adamar"]}
         run["fraction_of_gemm_ceiling"] = float(statistics.median(fractions[t]))
         runs.append(run)
     speedup = {t: float(statistics.median(x)) for t, x in ratios.items()}
@@ -260,6 +290,13 @@ def main() -> None:
                   f"lazy {dl['lazy_samples_per_s']:,.0f}; dense / lazy (median of "
                   f"{len(dl['dense_rounds'])} back-to-back rounds) "
                   f"{100 * dl['ratio_per_round_median']:.0f}%", flush=True)
+        if "adamar_vs_base" in run:
+            ar = run["adamar_vs_base"]
+            print(f"  AdamAR (row_decay_alpha={ar['alpha']:g}, {ar['step']} step): "
+                  f"{ar['adamar_samples_per_s']:,.0f} samples/s, base "
+                  f"{ar['base_samples_per_s']:,.0f}; AdamAR / base (median of "
+                  f"{len(ar['adamar_rounds'])} back-to-back rounds) "
+                  f"{100 * ar['ratio_per_round_median']:.0f}%", flush=True)
     for t, x in speedup.items():
         if t != a.threads[0]:
             print(f"{t}-thread speed-up (median of the per-round ratios, rounds back to back): "

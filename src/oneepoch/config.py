@@ -221,6 +221,9 @@ class OptimConfig:
     # Adam on ID tables: dense = TF1 / torch.optim.Adam (every row moves every step, applied
     # lazily at row-wise cost); lazy = only the batch's rows (SparseAdam / LazyAdam)
     embedding_update: str = choice("dense", "lazy")
+    # AdamAR (Li & Lyu 2025): per-row decoupled decay of ID rows, lr x min(1, alpha x gap) per
+    # step a row misses, applied when it is next touched (docs/training.md); 0 = off
+    row_decay_alpha: float = num(0.0, ge=0)
 
 
 @dataclass

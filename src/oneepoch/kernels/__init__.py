@@ -46,6 +46,7 @@ from oneepoch.kernels.abi import (  # noqa: F401  (the kernels, re-exported)
     adam_catch_up_batch,
     address,
     catch_up_struct,
+    catch_up_with_touch,
     coalesce_rows,
     contrastive_blocks,
     contrastive_scratch,

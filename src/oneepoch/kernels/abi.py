@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_LAYERS = 64  # linear layers of the fused step's MLP, at most
 MAX_SEQS = 64  # sequence fields of the fused step, at most
 
@@ -61,7 +61,8 @@ class AdamCatchUp(ctypes.Structure):
     _fields_ = [
         ("beta1", _D), ("beta2", _D), ("eps", _D), ("tol", _D), ("T", _I),
         ("H0", _P), ("H1", _P), ("H2", _P), ("s", _P), ("P", _I), ("pw", _P),
-        ("log_q", _D * 5),
+        ("log_q", _D * 5), ("alpha", _D), ("moves", _I), ("touch", _P),
+        ("synced", _P),
     ]
 
 
@@ -268,15 +269,27 @@ def adam_catch_up_batch(ids: torch.Tensor, offsets: torch.Tensor,
 
 def catch_up_struct(beta1: float, beta2: float, eps: float, tol: float, H0: np.ndarray,
                     H1: np.ndarray, H2: np.ndarray, s: np.ndarray, pw: np.ndarray,
-                    log_q: list[float]) -> AdamCatchUp:
+                    log_q: list[float], alpha: float = 0.0, moves: bool = True) -> AdamCatchUp:
     """The ``AdamCatchUp`` struct over these float64 tables (kept alive by the struct):
-    H0, H1, H2, s [T + 2]; pw [5, P]."""
+    H0, H1, H2, s [T + 2]; pw [5, P]. ``alpha``: AdamAR's row decay (0 = off); ``moves``:
+    False for lazy Adam (a row's gap brings the decay only)."""
     arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (H0, H1, H2, s, pw)]
     st = AdamCatchUp(beta1, beta2, eps, tol, len(arrays[0]) - 2, *(a.ctypes.data
                      for a in arrays[:4]), arrays[4].shape[1], arrays[4].ctypes.data,
-                     (_D * 5)(*log_q))
+                     (_D * 5)(*log_q), alpha, int(moves))
     st._keep = arrays  # type: ignore[attr-defined]
     return st
+
+
+def catch_up_with_touch(st: AdamCatchUp, touch: torch.Tensor,
+                        synced: torch.Tensor) -> AdamCatchUp:
+    """A copy of ``st`` (sharing its tables) pointing at a table's AdamAR state: ``touch``
+    (int64 [R], the step each row was last in a batch, as of the last sync; the sync kernel
+    refreshes it) and ``synced`` (int64 0-dim, the step of the last sync; set by the caller)."""
+    out = AdamCatchUp.from_buffer_copy(st)
+    out.touch, out.synced = ptr(touch), ptr(synced)
+    out._keep = (st._keep, touch, synced)  # type: ignore[attr-defined]
+    return out
 
 
 def adam_catch_up_all(W: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,

@@ -410,7 +410,65 @@ typedef struct {
     int64_t P;           /* pw holds exponents 0 .. P - 1 of each ratio */
     const double *pw;    /* [5 P]: b1^k, b2^k, r^k, rho^k, rho2^k (rho = b1/b2, rho2 = b1/b2^1.5) */
     double log_q[5];     /* their logs, for exponents >= P */
+    double alpha;        /* AdamAR row decay (optim.row_decay_alpha; 0 = off), see ar_log_decay */
+    int64_t moves;       /* 1: dense Adam's moves and moment decay; 0: the row decay only (lazy) */
+    /* AdamAR: touch [R], the step each row was last in a batch, kept for the rows not updated
+     * since the last sync (step *synced); a row with last[r] > *synced was last in a batch at
+     * last[r] itself, so the hot path reads neither (adam_catch_up_all refreshes touch) */
+    int64_t *touch;
+    const int64_t *synced;
 } AdamCatchUp;
+
+/* AdamAR's row decay (optim.row_decay_alpha, docs/training.md): a row that misses a step j steps
+ * after it was last in a batch is multiplied by 1 - lr min(1, alpha j); over steps j = 1..k by
+ *   P(k) = prod_{j=1..k} (1 - lr min(1, alpha j)) = ramp(c, M) (1 - lr)^(k - M),
+ * M = min(k, floor(1 / alpha)), c = lr alpha, ramp(c, M) = prod_{j=1..M} (1 - c j). log ramp:
+ * a power series in c when c M <= 1e-3 (four terms: error below 1e-15 M), the sum itself for
+ * M <= 16, else Stirling's series of lgamma(x) - lgamma(x - M), x = 1 / c (ramp = c^M
+ * Gamma(x) / Gamma(x - M)), its last 8 factors taken directly when x - M < 8. Needs lr < 1
+ * (lr >= 1 zeroes the row). */
+static inline double ar_g(double y) {  /* Stirling's corrections of lgamma */
+    const double i = 1.0 / y, i2 = i * i;
+    return i * (1.0 / 12 - i2 * (1.0 / 360 - i2 * (1.0 / 1260 - i2 / 1680)));
+}
+
+static double ar_log_ramp(double c, double M) {
+    if (M <= 0.0) return 0.0;
+    const double cm = c * M;
+    if (cm <= 1e-3) {  /* -sum_n c^n S_n(M) / n, S_n the power sums */
+        const double S1 = M * (M + 1) / 2, S2 = S1 * (2 * M + 1) / 3, S3 = S1 * S1,
+                     S4 = S2 * (3 * M * M + 3 * M - 1) / 5;
+        return -c * (S1 + c * (S2 / 2 + c * (S3 / 3 + c * S4 / 4)));
+    }
+    double L = 0.0;
+    if (M <= 16) {
+        for (double j = 1; j <= M; j++) L += log1p(-c * j);
+        return L;
+    }
+    const double x = 1.0 / c;
+    if (x - M < 8) {
+        for (int i = 0; i < 8; i++) L += log1p(-c * (M - i));
+        M -= 8;
+    }
+    const double z = x - M;
+    return L - (z - 0.5) * log1p(-M / x) - M + ar_g(x) - ar_g(z);
+}
+
+/* log P(k) of the comment above (0 < lr < 1, alpha > 0). */
+static double ar_log_decay(double alpha, double lr, int64_t k) {
+    if (k <= 0) return 0.0;
+    const double J = floor(1.0 / alpha), M = (double)k < J ? (double)k : J;
+    return ar_log_ramp(lr * alpha, M) + ((double)k - M) * log1p(-lr);
+}
+
+/* The decay of steps j = g0 + 1 .. g0 + k of a row's gap: P(g0 + k) / P(g0) (1 when alpha = 0
+ * or lr = 0, 0 when lr >= 1). */
+static float ar_decay(double alpha, double lr, int64_t g0, int64_t k) {
+    if (!(alpha > 0.0) || lr == 0.0 || k <= 0) return 1.0f;
+    if (lr >= 1.0) return 0.0f;
+    const double L0 = g0 > 0 ? ar_log_decay(alpha, lr, g0) : 0.0;
+    return (float)exp(ar_log_decay(alpha, lr, g0 + k) - L0);
+}
 
 static inline double cu_pow(const AdamCatchUp *a, int q, int64_t k) {
     return k < a->P ? a->pw[q * a->P + k] : exp((double)k * a->log_q[q]);
@@ -445,7 +503,16 @@ static double exact_catch_up(const AdamCatchUp *a, double x, int64_t t0, int64_t
  * lr: the row's learning rate. By chunks of 64 elements: the closed form for all (vectorised),
  * then the exact sum for the elements its bound does not cover (if any), then the update. */
 static void catch_up_row(float *restrict w, float *restrict m, float *restrict v, int64_t D,
-                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a) {
+                         int64_t t0, int64_t k, double lr, const AdamCatchUp *a, int64_t r) {
+    /* AdamAR: the decay of these k steps of the row's gap (after the moves, below); the gap
+     * began at t0 unless the row was last brought up to date by a sync */
+    float P = 1.0f;
+    if (a->alpha > 0.0)
+        P = ar_decay(a->alpha, lr, a->touch && t0 <= *a->synced ? t0 - a->touch[r] : 0, k);
+    if (!a->moves) {
+        for (int64_t d = 0; d < D; d++) w[d] *= P;
+        return;
+    }
     const double S0 = cu_window(a, a->H0, 2, t0, k);
     const float b1k = (float)cu_pow(a, 0, k), b2k = (float)cu_pow(a, 1, k);
     float Wf = 0.0f, ebf = 1.0f, e1f = 1.0f, lim = 0.0f;
@@ -476,7 +543,7 @@ static void catch_up_row(float *restrict w, float *restrict m, float *restrict v
                     mv[d] = (float)((double)mc[d] * lr * exact_catch_up(a, (double)x, t0, k, S0));
             }
         for (int64_t d = 0; d < n; d++) {
-            wc[d] -= mv[d];
+            wc[d] = (wc[d] - mv[d]) * P;  /* (x 1 is exact: no decay, no change) */
             mc[d] *= b1k;
             vc[d] *= b2k;
         }
@@ -484,15 +551,19 @@ static void catch_up_row(float *restrict w, float *restrict m, float *restrict v
 }
 
 /* Brings every row of W, m, v [R, D] with last[r] < t up to step t (Optimizer.sync); row_lr
- * [R] (or NULL) scales lr per row. Returns the rows moved. */
+ * [R] (or NULL) scales lr per row. Returns the rows moved. AdamAR: first sets touch[r] =
+ * last[r] for the rows updated since the last sync (the caller then sets *synced = t). */
 int64_t adam_catch_up_all(float *W, float *m, float *v, int64_t *last, int64_t R, int64_t D,
                           int64_t t, float lr, const float *row_lr, const AdamCatchUp *a) {
     int64_t n = 0;
+    int64_t *touch = a->touch;
+    const int64_t prev = touch ? *a->synced : 0;
 #pragma omp parallel for schedule(static) reduction(+ : n) if (R * D >= 65536)
     for (int64_t r = 0; r < R; r++) {
+        if (touch && last[r] > prev) touch[r] = last[r];
         if (last[r] >= t) continue;
         const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
-        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a);
+        catch_up_row(W + r * D, m + r * D, v + r * D, D, last[r], t - last[r], lr_r, a, r);
         last[r] = t;
         n++;
     }
@@ -552,7 +623,7 @@ static void catch_up_lookups(const Bags *a, float *W, float *m, float *v, int64_
             if (t0 >= mark) continue;
             if (t0 < t) {
                 const double lr_r = row_lr ? (double)lr * row_lr[r] : (double)lr;
-                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - t0, lr_r, cu, r);
             }
             last[r] = mark;
         }
@@ -629,7 +700,8 @@ static float adam_rows(float *restrict W, float *restrict m, float *restrict v,
             const int64_t r = rows[u], t0 = last[r];
             if (t0 < t - 1) {
                 const float a = row_lr ? lr * row_lr[u] : (lr_of_row ? lr * lr_of_row[r] : lr);
-                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu);
+                catch_up_row(W + r * D, m + r * D, v + r * D, D, t0, t - 1 - t0, (double)a, cu,
+                             r);
             }
             last[r] = t;
         }
@@ -1038,7 +1110,7 @@ typedef struct {
 /* The ABI Python relies on (kernels/abi.py checks it when it loads the library, so a library
  * built from another version of this file is refused instead of read out of step). Bump
  * ONEEPOCH_ABI whenever a signature, a struct passed by pointer or a limit changes. */
-#define ONEEPOCH_ABI 2
+#define ONEEPOCH_ABI 3
 #define OFF(f) offsetof(CtrStep, f)
 static const int64_t ctr_step_offsets[] = {  /* every field, in declaration order */
     OFF(ids), OFF(sel), OFF(seqs), OFF(L), OFF(lens), OFF(label), OFF(B), OFF(S), OFF(K),
@@ -1051,7 +1123,7 @@ static const int64_t ctr_step_offsets[] = {  /* every field, in declaration orde
 #define OFF(f) offsetof(AdamCatchUp, f)
 static const int64_t catch_up_offsets[] = {
     OFF(beta1), OFF(beta2), OFF(eps), OFF(tol), OFF(T), OFF(H0), OFF(H1), OFF(H2), OFF(s),
-    OFF(P), OFF(pw), OFF(log_q)};
+    OFF(P), OFF(pw), OFF(log_q), OFF(alpha), OFF(moves), OFF(touch), OFF(synced)};
 #undef OFF
 
 /* out[0..n) = ABI version, sizeof(CtrStep), MAX_LAYERS, MAX_SEQS, sizeof(AdamCatchUp), the

@@ -212,8 +212,8 @@ class FusedStep:
                                "tensor")
         c.W, c.Wm, c.Wv = key[0], key[1], key[2]
         c.emb_last = kernels.ptr(last)
-        cu = self.rowopt.catch_up
-        c.emb_catch = None if cu is None else kernels.address(cu.struct)
+        cu = self.rowopt.cu_struct  # (AdamAR: with the table's last_touch)
+        c.emb_catch = None if cu is None else kernels.address(cu)
         arrs = [kernels.ptr_array(ts) for ts in (
             self.params, self.grads, moments[0::3], moments[1::3], moments[2::3],
             run_stats[0::2], run_stats[1::2])]

@@ -19,6 +19,11 @@ Adam has two semantics (``optim.embedding_update``):
 
 RMSprop, Adagrad and SGD with momentum are always lazy (as TF1's sparse updates are).
 
+``optim.row_decay_alpha > 0`` (Adam only) adds AdamAR's per-row decoupled decay (Li & Lyu 2025):
+a row that misses a step ``j`` steps after its last update is multiplied by
+``1 - lr min(1, alpha j)``; a gap's decay is applied at once when the row is next touched or at
+:meth:`Optimizer.sync` (:func:`row_decay`; rule and exactness in docs/training.md).
+
     >>> from oneepoch.config import OptimConfig
     >>> opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-3))   # doctest: +SKIP
     >>> loss.backward(); opt.step(); opt.zero_grad()                       # doctest: +SKIP
@@ -39,6 +44,63 @@ from oneepoch.models.embedding import set_before_lookup
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
 EMBEDDING_UPDATES = ("dense", "lazy")
+
+
+def _log_ramp(c: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``sum_{j=1..M} log(1 - c j)`` elementwise (float64, ``c M < 1``): native.c's
+    ``ar_log_ramp`` (a power series when ``c M <= 1e-3``, the sum itself for ``M <= 16``, else
+    Stirling's series of ``lgamma(1/c) - lgamma(1/c - M)``, the last 8 factors directly when
+    ``1/c - M < 8``)."""
+    cm = c * M
+    S1 = M * (M + 1) / 2
+    S2 = S1 * (2 * M + 1) / 3
+    S3, S4 = S1 * S1, S2 * (3 * M * M + 3 * M - 1) / 5
+    series = -c * (S1 + c * (S2 / 2 + c * (S3 / 3 + c * S4 / 4)))
+    direct = torch.zeros_like(c)
+    for j in range(1, 17):
+        direct += torch.where(M >= j, torch.log1p(-(c * j).clamp(max=1 - 1e-16)), 0.0)
+    x = 1.0 / c.clamp(min=1e-300)
+    near = x - M < 8
+    head = torch.zeros_like(c)
+    for i in range(8):
+        head += torch.where(near, torch.log1p(-(c * (M - i)).clamp(min=0.0, max=1 - 1e-16)), 0.0)
+    M2 = torch.where(near, M - 8, M)
+    z = (x - M2).clamp(min=1.0)
+
+    def g(y: torch.Tensor) -> torch.Tensor:
+        i = 1.0 / y
+        i2 = i * i
+        return i * (1.0 / 12 - i2 * (1.0 / 360 - i2 * (1.0 / 1260 - i2 / 1680)))
+
+    stirling = head - (z - 0.5) * torch.log1p(-M2 / x) - M2 + g(x) - g(z)
+    out = torch.where(M <= 16, direct, stirling)
+    out = torch.where(cm <= 1e-3, series, out)
+    return torch.where(M > 0, out, torch.zeros_like(out))
+
+
+def _log_decay(alpha: float, lr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``log prod_{j=1..k} (1 - lr min(1, alpha j))`` (float64; ``0 < lr < 1``)."""
+    kd = k.to(torch.float64)
+    M = kd.clamp(max=float(math.floor(1.0 / alpha)))
+    return _log_ramp(lr * alpha, M) + (kd - M) * torch.log1p(-lr)
+
+
+def row_decay(alpha: float, lr: torch.Tensor, k: torch.Tensor,
+              g0: torch.Tensor | None = None) -> torch.Tensor:
+    """AdamAR's decay of steps ``j = g0 + 1 .. g0 + k`` of a row's gap (``g0``: the steps of
+    the gap already applied, default 0), per row (float64 [n], ``lr`` [n] the row's learning
+    rate): ``prod_j (1 - lr min(1, alpha j))``, in closed form (native.c ``ar_decay``); 1 where
+    ``alpha``, ``lr`` or ``k`` is 0, 0 where ``lr >= 1``."""
+    lr = lr.to(torch.float64)
+    kd = k.to(torch.float64)
+    if alpha <= 0:
+        return torch.ones_like(kd)
+    g = torch.zeros_like(k) if g0 is None else g0.to(k.dtype)
+    live = (kd > 0) & (lr > 0) & (lr < 1)
+    lr_s = torch.where(live, lr, torch.full_like(lr, 0.5))  # (the others: set below)
+    P = torch.exp(_log_decay(alpha, lr_s, g + k) - _log_decay(alpha, lr_s, g))
+    P = torch.where(live, P, torch.ones_like(P))
+    return torch.where((lr >= 1) & (kd > 0), torch.zeros_like(P), P)
 
 
 def _suffix_sums(a: np.ndarray, q: float, tail: float, block: int = 256) -> np.ndarray:
@@ -69,13 +131,20 @@ class DenseAdamCatchUp:
     most ``var / ((x + e_1)(x + e~))`` (var: the weighted variance of ``e_j``); elements where
     that exceeds :attr:`TOL` are summed step by step instead (until the remaining weight is
     below 1e-12 of W). Needs ``beta1 < beta2^1.5`` (every ratio below 1).
+
+    With ``alpha > 0`` (AdamAR), the row is then multiplied by :func:`row_decay` of these
+    steps of its gap; ``moves=False`` (lazy Adam with AdamAR) applies that decay only.
     """
 
     TOL = 1e-6  # relative error allowed to the closed form (else the exact sum)
     P = 4096  # exponents tabulated per ratio (exp() beyond)
     MAX_T = 1 << 20  # steps with tabulated bias corrections, at most
 
-    def __init__(self, beta1: float, beta2: float, eps: float) -> None:
+    def __init__(self, beta1: float, beta2: float, eps: float, alpha: float = 0.0,
+                 moves: bool = True) -> None:
+        self.alpha, self.moves = float(alpha), bool(moves)
+        if not moves:  # the decay only: the Adam tables are unused (any valid betas)
+            beta1, beta2 = 0.9, 0.999
         if not (0.0 <= beta1 < 1.0 and 0.0 < beta2 < 1.0 and beta1 < beta2 ** 1.5):
             raise ValueError(f"optim.embedding_update=dense needs 0 <= beta1 < beta2^1.5 < 1 "
                              f"(beta1={beta1}, beta2={beta2}); use embedding_update=lazy")
@@ -96,7 +165,7 @@ class DenseAdamCatchUp:
         self.log_q = [math.log(q) if q > 0 else -math.inf for q in ratios]
         self.pw = np.stack([q ** np.arange(self.P, dtype=np.float64) for q in ratios])
         self.struct = kernels.catch_up_struct(beta1, beta2, eps, self.TOL, *self.H, self.s,
-                                              self.pw, self.log_q)
+                                              self.pw, self.log_q, self.alpha, self.moves)
         self._t = [torch.from_numpy(a) for a in (*self.H, self.s)]
 
     def _pow(self, q: int, k: torch.Tensor) -> torch.Tensor:
@@ -109,10 +178,19 @@ class DenseAdamCatchUp:
 
     @torch.no_grad()
     def apply(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t0: torch.Tensor,
-              k: torch.Tensor, lr: torch.Tensor) -> None:
+              k: torch.Tensor, lr: torch.Tensor, g0: torch.Tensor | None = None) -> None:
         """Bring rows (w, m, v [n, D], in place) from steps ``t0`` [n] through ``k`` [n] >= 1
-        zero-gradient steps each; lr [n]: each row's learning rate (float64)."""
+        zero-gradient steps each; lr [n]: each row's learning rate (float64); g0 [n]: AdamAR,
+        the steps of each row's gap before ``t0`` (``t0`` - the step it was last in a batch)."""
         t0, k = t0.cpu(), k.cpu()
+        P = None
+        if self.alpha > 0:  # AdamAR: these steps' decay, after the moves
+            P = row_decay(self.alpha, lr.cpu(), k, None if g0 is None else g0.cpu())
+            P = P.to(torch.float32).to(w.device)[:, None]
+        if not self.moves:
+            if P is not None:
+                w.mul_(P)
+            return
         S0 = self._window(0, 2, t0, k)
         S1, S2 = self._window(1, 3, t0, k), self._window(2, 4, t0, k)
         lr = lr.cpu().to(torch.float64)
@@ -134,6 +212,8 @@ class DenseAdamCatchUp:
             f = self._exact(x[ri, di].double().cpu(), t0[ri.cpu()], k[ri.cpu()], S0[ri.cpu()])
             mv[ri, di] = (m[ri, di].double().cpu() * lr[ri.cpu()] * f).to(mv.dtype).to(dev)
         w.sub_(mv)
+        if P is not None:
+            w.mul_(P)
         m.mul_(self._pow(0, k).to(torch.float32).to(dev)[:, None])
         v.mul_(self._pow(1, k).to(torch.float32).to(dev)[:, None])
 
@@ -203,23 +283,24 @@ def _row_grads(param: nn.Parameter, module: nn.Module | None
     return coalesce_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
-_CATCH_UPS: dict[tuple[float, float, float], DenseAdamCatchUp] = {}
+_CATCH_UPS: dict[tuple[float, float, float, float, bool], DenseAdamCatchUp] = {}
 
 
-def _catch_up_tables(beta1: float, beta2: float, eps: float) -> DenseAdamCatchUp:
+def _catch_up_tables(beta1: float, beta2: float, eps: float, alpha: float = 0.0,
+                     moves: bool = True) -> DenseAdamCatchUp:
     """The catch-up tables of these settings (built once per process)."""
-    key = (beta1, beta2, eps)
+    key = (beta1, beta2, eps, alpha, moves)
     if key not in _CATCH_UPS:
-        _CATCH_UPS[key] = DenseAdamCatchUp(beta1, beta2, eps)
+        _CATCH_UPS[key] = DenseAdamCatchUp(beta1, beta2, eps, alpha, moves)
     return _CATCH_UPS[key]
 
 
 class RowWiseOptimizer:
     """Row-wise optimizer for one embedding table with sparse gradients.
 
-    With Adam and ``cfg.embedding_update == "dense"``, ``state["last_step"]`` (int64 per row)
-    holds the step each row was last brought up to date; :meth:`sync` brings them all to
-    ``step_count``.
+    With Adam and ``cfg.embedding_update == "dense"``, or ``cfg.row_decay_alpha > 0``
+    (AdamAR), ``state["last_step"]`` (int64 per row) holds the step each row was last brought
+    up to date; :meth:`sync` brings them all to ``step_count``.
     """
 
     def __init__(self, param: nn.Parameter, cfg: OptimConfig, lr: float,
@@ -232,12 +313,24 @@ class RowWiseOptimizer:
                              f"(choose {EMBEDDING_UPDATES})")
         self.param, self.cfg, self.lr = param, cfg, lr
         self.dense_adam = cfg.name == "adam" and mode == "dense"
-        self.catch_up = _catch_up_tables(cfg.beta1, cfg.beta2, cfg.eps) \
-            if self.dense_adam else None
+        self.row_decay_alpha = alpha = float(getattr(cfg, "row_decay_alpha", 0.0))
+        if alpha < 0:
+            raise ValueError(f"optim.row_decay_alpha: {alpha} (needs >= 0)")
+        if alpha > 0 and cfg.name != "adam":
+            raise ValueError(f"optim.row_decay_alpha (AdamAR) needs optim.name=adam, not "
+                             f"{cfg.name!r}")
+        if alpha > 0 and not lr < 1:
+            raise ValueError(f"optim.row_decay_alpha (AdamAR) needs an embedding learning rate "
+                             f"below 1 (optim.lr x optim.emb_lr_scale = {lr})")
+        # rows keep the step they were last brought up to date (dense Adam, AdamAR)
+        self.tracked = self.dense_adam or alpha > 0
+        self.catch_up = _catch_up_tables(cfg.beta1, cfg.beta2, cfg.eps, alpha,
+                                         self.dense_adam) if self.tracked else None
+        self.cu_struct: kernels.AdamCatchUp | None = None  # the native twin (set below)
         self.module = module
         if module is not None and hasattr(module, "fused"):
             module.fused = True
-        if self.dense_adam and module is not None and hasattr(module, "bag_inputs"):
+        if self.tracked and module is not None and hasattr(module, "bag_inputs"):
             # the batch's rows are brought up to date before the forward reads them
             set_before_lookup(module, self.catch_up_batch)
         self.step_count = 0
@@ -245,9 +338,20 @@ class RowWiseOptimizer:
         z = lambda: torch.zeros_like(param, memory_format=torch.contiguous_format)  # noqa: E731
         if cfg.name == "adam":
             self.state = {"exp_avg": z(), "exp_avg_sq": z()}
-            if self.dense_adam:
+            if self.tracked:
                 self.state["last_step"] = torch.zeros(param.shape[0], dtype=torch.int64,
                                                       device=param.device)
+            if alpha > 0:  # AdamAR: the step each row was last in a batch (0: never), kept
+                # up to date by sync() for the rows not updated since (last_step <= last_sync;
+                # the others were last in a batch at last_step)
+                self.state["last_touch"] = torch.zeros(param.shape[0], dtype=torch.int64,
+                                                       device=param.device)
+                self.state["last_sync"] = torch.zeros((), dtype=torch.int64)
+        if self.catch_up is not None:
+            touch = self.state.get("last_touch")
+            self.cu_struct = self.catch_up.struct if touch is None else \
+                kernels.catch_up_with_touch(self.catch_up.struct, touch,
+                                            self.state["last_sync"])
         elif cfg.name in ("rmsprop", "adagrad"):
             self.state = {"square_avg": z()}
             if cfg.name == "rmsprop" and cfg.momentum > 0:
@@ -272,7 +376,7 @@ class RowWiseOptimizer:
         c, w = self.cfg, self.param
         if c.name == "adam" and self._native_adam(rows, grad):
             return
-        if self.dense_adam:  # the steps these rows missed, then this one
+        if self.tracked:  # the steps these rows missed, then this one
             last = self.state["last_step"]
             self._catch_up(rows, last.index_select(0, rows), self.step_count - 1)
             last.index_fill_(0, rows, self.step_count)
@@ -331,13 +435,17 @@ class RowWiseOptimizer:
         lr = torch.full((rows.shape[0],), float(self.lr), dtype=torch.float64)
         if self.row_lr is not None:
             lr = lr * self.row_lr.index_select(0, rows).double().cpu()
-        self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr)  # type: ignore[union-attr]
+        g0 = None
+        if "last_touch" in self.state:  # the gap began at t0 unless a sync set t0
+            g0 = torch.where(t0 > self.state["last_sync"], torch.zeros_like(t0),
+                             t0 - self.state["last_touch"].index_select(0, rows))
+        self.catch_up.apply(w_r, m_r, v_r, t0, t - t0, lr, g0)  # type: ignore[union-attr]
         for x, x_r in ((w, w_r), (m, m_r), (v, v_r)):
             x.detach().index_copy_(0, rows, x_r)
 
     @torch.no_grad()
     def catch_up_batch(self, batch: Any) -> None:
-        """Dense Adam: bring the rows this batch looks up to the previous step, before the
+        """Dense Adam / AdamAR: bring the rows this batch looks up to the previous step, before the
         forward reads them (so the gradient is taken where torch.optim.Adam's table is)."""
         w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
         last, t, mod = self.state["last_step"], self.step_count, self.module
@@ -347,7 +455,7 @@ class RowWiseOptimizer:
             kernels.adam_catch_up_batch(
                 kernels.ids32(batch.ids), mod.field_offsets, mod.field_rows,  # type: ignore
                 [kernels.ids32(q) for q in batch.seqs], [kernels.ids32(n) for n in batch.lens],
-                w, m, v, last, t, self.lr, scale, self.catch_up.struct)  # type: ignore[union-attr]
+                w, m, v, last, t, self.lr, scale, self.cu_struct)
             return
         flat, _ = mod.bag_inputs(batch)  # type: ignore[union-attr]
         rows = torch.unique(flat)
@@ -358,22 +466,33 @@ class RowWiseOptimizer:
     @torch.no_grad()
     def sync(self) -> int:
         """Dense Adam: bring every row to ``step_count`` (the moment decay and movement of
-        the steps each missed), so the table is what torch.optim.Adam would hold. Returns the
-        rows moved (0 for lazy updates and other optimizers)."""
-        if not self.dense_adam:
+        the steps each missed), so the table is what torch.optim.Adam would hold; AdamAR: the
+        decay of the steps each row missed. Returns the rows moved (0 for lazy updates without
+        AdamAR and other optimizers)."""
+        if not self.tracked:
             return 0
         w, m, v = self.param, self.state["exp_avg"], self.state["exp_avg_sq"]
         last, t = self.state["last_step"], self.step_count
+        synced = self.state.get("last_sync")
         scale = None if self.row_lr is None else self.row_lr.to(torch.float32).contiguous()
         if w.dtype == torch.float32 and kernels.usable(w, m, v, last) and (
                 scale is None or kernels.usable(scale)):
-            return kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
-                                             self.catch_up.struct)  # type: ignore[union-attr]
+            n = kernels.adam_catch_up_all(w, m, v, last, t, self.lr, scale,
+                                          self.cu_struct)  # type: ignore[arg-type]
+            if synced is not None:
+                synced.fill_(t)
+            return n
+        if synced is not None:  # AdamAR: rows updated since the last sync were in a batch then
+            touch = self.state["last_touch"]
+            fresh = last > synced
+            touch[fresh] = last[fresh]
         rows = (last < t).nonzero().squeeze(1)
         for a in range(0, rows.shape[0], 1 << 16):  # bounded memory
             r = rows[a:a + (1 << 16)]
             self._catch_up(r, last.index_select(0, r), t)
         last.fill_(t)
+        if synced is not None:
+            synced.fill_(t)
         return int(rows.shape[0])
 
     def _native_adam(self, rows: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -391,8 +510,7 @@ class RowWiseOptimizer:
         linf = kernels.rowwise_adam(w, m, v, rows, grad, self.lr, scale, c.beta1, c.beta2,
                                     c.eps, 1 - c.beta1 ** self.step_count,
                                     1 - c.beta2 ** self.step_count, c.weight_decay,
-                                    last, self.step_count,
-                                    None if self.catch_up is None else self.catch_up.struct)
+                                    last, self.step_count, self.cu_struct)
         self.last_update_linf = float(linf)
         return True
 
@@ -404,10 +522,15 @@ class RowWiseOptimizer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step_count = int(sd["step_count"])
         for k in self.state:
-            if k == "last_step" and k not in sd:  # saved by lazy Adam: every row current
+            if k == "last_step" and k not in sd:  # saved without: every row current
                 self.state[k].fill_(self.step_count)
+            elif k in ("last_touch", "last_sync") and k not in sd:  # saved without AdamAR:
+                continue  # each row's gap starts where it was last brought up to date (below)
             else:
                 self.state[k].copy_(sd[k])
+        if "last_touch" in self.state and "last_touch" not in sd:
+            self.state["last_touch"].copy_(self.state["last_step"])
+            self.state["last_sync"].fill_(self.step_count)
 
 
 class Optimizer:
@@ -456,7 +579,7 @@ class Optimizer:
         # norm is of the whole table's change in this step (what TF1 / torch.optim.Adam move;
         # O(table) per step, for probe runs only)
         tables = {n: o.param.detach().clone() for n, o in self.sparse.items()
-                  if self.track_updates and o.dense_adam}
+                  if self.track_updates and o.tracked}
         for opt in self.sparse.values():
             opt.track_updates = self.track_updates
             opt.step()

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out Hit@{ks[0]}: last {last[f'test_hit@{ks[0]}']:.4f} (epoch "
           f"{last['epoch']:.2f}), best {best[f'test_hit@{ks[0]}']:.4f} (epoch "
           f"{best['epoch']:.2f}); tau {last['tau']:.4f}; {res.pairs_per_s:,.0f} pairs/s")
+    sel = res.selected
+    if sel and sel["metric"] != "last":
+        print(f"exported the point selected on {sel['metric']}: {sel['value']:.4f} at epoch "
+              f"{sel['epoch']:.2f}" + (" (stopped early)" if sel["stopped_early"] else ""))
     print(f"run: {res.run_dir}")
     if res.export_dir:
         print(f"embeddings: {res.export_dir}  (use: init.embeddings={res.export_dir})")

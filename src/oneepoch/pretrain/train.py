@@ -18,13 +18,22 @@ negative-sampling generator states, the evaluation rows so far and the step / ep
 safetensors + JSON (:mod:`oneepoch.training.checkpoint`). ``pretrain(cfg, run_dir,
 resume=True)`` continues from the latest one and ends with the tables and metrics of an
 uninterrupted run (each epoch's order depends only on (seed, epoch)); ``epochs=`` may be raised.
+
+**Keeping the best point** (``select.metric``, e.g. ``test_hit@3`` or ``test_full_loss``;
+losses are lower-is-better): the early-stopping hook of the remedies
+(:class:`~oneepoch.remedies.early_stopping.EarlyStopping`) keeps a copy of the tables at the
+best evaluation so far, stops after ``select.patience`` evaluations without an improvement
+(0 = train every epoch), and puts the best tables back at the end; the export is then the
+best point's tables (also written as ``RUN/checkpoints/final/``), and ``meta.json`` and
+``summary.json`` say which point (``selected: {epoch, step, metric, value}``). Without it the
+export is the last point (``selected`` names the last evaluation).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +48,7 @@ from oneepoch.pretrain.data import EngagementData, load_engagements
 from oneepoch.pretrain.evaluate import ranking_metrics
 from oneepoch.pretrain.losses import bce_loss, contrastive_loss, logq_correction
 from oneepoch.pretrain.model import TwoTower
-from oneepoch.training.hooks import State
+from oneepoch.training.hooks import Hook, State
 from oneepoch.training.loop import Loop, eval_points, open_run
 from oneepoch.training.optim import Optimizer, build_optimizer
 
@@ -53,6 +62,7 @@ class PretrainResult:
     export_dir: Path | None
     seconds: float
     pairs_per_s: float
+    selected: dict[str, Any] | None = None  # the exported point (see selected_point)
 
 
 def run_name(cfg: PretrainConfig) -> str:
@@ -139,14 +149,41 @@ class Stage1Stepper:
         self.pairs_done = int(state["pairs_done"])
 
 
+def select_hook(cfg: PretrainConfig) -> Hook | None:
+    """The hook keeping the best evaluation point (``select.metric``), or None when off."""
+    from oneepoch.remedies.early_stopping import EarlyStopping
+
+    sc = cfg.select
+    if not sc.metric:
+        return None
+    return EarlyStopping(key=sc.metric, patience=sc.patience, min_delta=sc.min_delta,
+                         setting="select.metric")
+
+
+def selected_point(rows: list[dict[str, Any]], hooks: Sequence[Hook],
+                   metric: str) -> dict[str, Any]:
+    """``{epoch, step, metric, value}`` of the exported point: the selecting hook's best row,
+    else the last evaluation (``metric`` "" then means "last")."""
+    from oneepoch.remedies.early_stopping import EarlyStopping
+
+    sel = [h for h in hooks if isinstance(h, EarlyStopping) and h.best_row]
+    row = sel[-1].best_row if sel else rows[-1]
+    key = sel[-1].key if sel else metric
+    return {"epoch": float(row["epoch"]), "step": int(row["step"]), "metric": key or "last",
+            "value": float(row[key]) if key and row.get(key) is not None else None,
+            "stopped_early": bool(sel and sel[-1].stopped)}
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
-             data: EngagementData | None = None, resume: bool = False) -> PretrainResult:
+             data: EngagementData | None = None, resume: bool = False,
+             hooks: Sequence[Hook] = ()) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
     loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
-    (:class:`oneepoch.training.loop.Loop`).
+    (:class:`oneepoch.training.loop.Loop`). ``hooks`` plug into the loop after the one
+    ``select.metric`` builds (:func:`select_hook`), which runs last.
     """
     from oneepoch.embeddings import export_embeddings
 
@@ -162,7 +199,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
             raise ValueError("data.path: no engagement data set given (a folder with "
                              "schema.yaml, format: engagements)")
         data = load_engagements(cfg.data.path, cfg.data.train_split, cfg.data.test_split,
-                                cfg.data.holdout, cfg.data.surfaces, cfg.seed)
+                                cfg.data.holdout, cfg.data.surfaces, cfg.seed,
+                                cfg.data.subsample)
     torch.manual_seed(cfg.seed)
     mc, lc = cfg.model, cfg.loss
     model = TwoTower(data.n_users, data.n_items, mc.dim, mc.init_std, mc.normalize,
@@ -202,10 +240,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         order = np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)
         return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
 
+    hooks = list(hooks)
+    sel = select_hook(cfg)
+    if sel is not None:
+        hooks.append(sel)  # last: it sees every key the others add
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
+    for h in hooks:
+        h.check(s)
     lock, ck = open_run(run_dir, to_dict(cfg), resume, model, steps_per_epoch)
     try:
-        loop = Loop(s, stepper, [], batches, evaluate_now, cfg.epochs,
+        loop = Loop(s, stepper, hooks, batches, evaluate_now, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
                     cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
                     progress=cfg.progress, headline=f"test_hit@{min(cfg.eval.ks)}",
@@ -217,6 +261,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         loop.run()
         loop.sync()
         rows = s.rows
+        selected = selected_point(rows, hooks, cfg.select.metric)
         export_dir = None
         if cfg.export:
             ut, it = model.tables()
@@ -226,7 +271,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                 "normalized": mc.normalize, "loss": lc.type, "epochs": cfg.epochs,
                 "steps": s.step, "data_sources": list(data.sources),
                 "surfaces": cfg.data.surfaces, "train_pairs": n,
-                "eval": {k: v for k, v in rows[-1].items()
+                "subsample": cfg.data.subsample, "selected": selected,
+                "eval": {k: v for k, v in _row_at(rows, selected["step"]).items()
                          if isinstance(v, (int, float)) and v is not None},
                 "config": to_dict(cfg)})
         secs = time.time() - loop.t0
@@ -236,8 +282,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
                    "heldout_unknown": data.heldout_unknown, "users": data.n_users - 1,
                    "items": data.n_items - 1, "export": str(export_dir) if export_dir else None,
                    "step_path": stepper.path, "step_path_reason": stepper.reason,
-                   "finished": True, "last": rows[-1]}
+                   "finished": True, "last": rows[-1], "selected": selected}
+        for h in hooks:
+            summary.update({k: v for k, v in h.summary().items() if k != "selected"})
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
-    return PretrainResult(run_dir, rows, export_dir, secs, pps)
+    return PretrainResult(run_dir, rows, export_dir, secs, pps, selected)
+
+
+def _row_at(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The last evaluation row at global step ``step`` (the exported point's metrics)."""
+    return next((r for r in reversed(rows) if r["step"] == step), rows[-1])

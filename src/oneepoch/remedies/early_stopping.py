@@ -11,6 +11,13 @@ point was (``selected``) with the test metrics measured there.
     >>> cfg = load_config(TrainConfig, "ctr", ["early_stop.metric=auc", "data.valid_share=0.1"])
     >>> EarlyStopping(cfg).key
     'valid_auc'
+
+Other loops select on their own key (``pretrain``'s ``select.metric``): pass ``key=`` (and
+optionally ``higher_is_better=``; a key ending in ``loss`` is lower-is-better by default)
+instead of a config.
+
+    >>> EarlyStopping(key="test_full_loss", setting="select.metric").sign
+    -1
 """
 
 from __future__ import annotations
@@ -27,12 +34,35 @@ from oneepoch.training.hooks import Hook, State
 METRICS = {"auc": +1, "logloss": -1}  # +1: higher is better
 
 
+def direction(key: str) -> int:
+    """+1 when a higher value of metric ``key`` is better, -1 for losses (``...loss``)."""
+    return -1 if key.endswith("loss") else +1
+
+
 class EarlyStopping(Hook):
     """Select the best evaluation on validation; restore its weights at the end."""
 
     applies = "early_stop"
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig | None = None, *, key: str = "",
+                 higher_is_better: bool | None = None, patience: int = 0,
+                 min_delta: float = 0.0, final: str | None = "final",
+                 setting: str = "early_stop") -> None:
+        """From ``cfg.early_stop`` (``train``), or generic: select on row key ``key``,
+        stop after ``patience`` evaluations without improvement (0 = never stop), write the
+        restored best weights to ``RUN/checkpoints/<final>/`` (``None``: do not write);
+        ``setting`` is the setting named in error messages."""
+        self.setting, self.final = setting, final
+        self.report: tuple[str, ...] = ()
+        if cfg is None:
+            if not key:
+                raise ValueError(f"{setting}: EarlyStopping needs a config or a metric key")
+            if patience < 0 or min_delta < 0:
+                raise ValueError(f"{setting}: patience and min_delta must be >= 0")
+            sign = direction(key) if higher_is_better is None else (
+                1 if higher_is_better else -1)
+            self._setup(key, sign, patience, min_delta)
+            return
         es = cfg.early_stop
         if es.metric not in METRICS:
             raise ValueError(f"early_stop.metric: unknown metric {es.metric!r} "
@@ -43,8 +73,12 @@ class EarlyStopping(Hook):
             raise ValueError("early_stop: needs a validation split: set data.valid_split=NAME "
                              "(a split of the data set) or data.valid_share=0.1 (carved out of "
                              "train); it never selects on the test split")
-        self.key, self.sign = f"valid_{es.metric}", METRICS[es.metric]
-        self.patience, self.min_delta = es.patience, es.min_delta
+        self.report = ("test_auc", "test_logloss", "test_gauc")
+        self._setup(f"valid_{es.metric}", METRICS[es.metric], es.patience, es.min_delta)
+
+    def _setup(self, key: str, sign: int, patience: int, min_delta: float) -> None:
+        self.key, self.sign = key, sign
+        self.patience, self.min_delta = patience, min_delta
         self.best = -math.inf  # sign x metric
         self.best_row: dict[str, Any] | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -54,8 +88,8 @@ class EarlyStopping(Hook):
     def on_eval(self, s: State, row: dict[str, Any]) -> None:
         v = row.get(self.key)
         if v is None or not math.isfinite(v):
-            raise ValueError(f"early_stop: no finite {self.key} at step {s.step} (is the "
-                             "validation split one class?)")
+            hint = " (is the validation split one class?)" if self.report else ""
+            raise ValueError(f"{self.setting}: no finite {self.key} at step {s.step}{hint}")
         if self.sign * v > self.best + self.min_delta or self.best_row is None:
             self.best, self.bad = self.sign * v, 0
             self.best_row = {k: row[k] for k in row if isinstance(row[k], (int, float))}
@@ -70,14 +104,16 @@ class EarlyStopping(Hook):
         if self.best_weights is None:
             return
         s.model.load_state_dict(self.best_weights)
+        if self.final is None:
+            return
         row = self.best_row or {}
-        save_checkpoint(s.run_dir / "checkpoints" / "final", {
+        save_checkpoint(s.run_dir / "checkpoints" / self.final, {
             "model": s.model.state_dict(), "step": int(row.get("step", 0)),
             "epoch": float(row.get("epoch", 0.0)), "selected_on": self.key})
 
     def summary(self) -> dict[str, Any]:
         row = self.best_row or {}
-        keep = ("step", "epoch", self.key, "test_auc", "test_logloss", "test_gauc")
+        keep = ("step", "epoch", self.key, *self.report)
         return {"selected": {k: row[k] for k in keep if k in row} | {"on": self.key},
                 "stopped_early": self.stopped}
 

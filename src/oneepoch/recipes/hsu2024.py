@@ -175,18 +175,25 @@ def surfaces_of(root: Path) -> list[str]:
     return out
 
 
+def density_dir(density: float) -> str:
+    """Sub-folder of the stage-1 runs on a subsampled log ("" for the full log)."""
+    return "" if density >= 1 else f"d{density:g}"
+
+
 def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Preset,
-                 overrides: list[str]) -> Path:
-    """One (cached) stage-1 run; returns its folder."""
+                 overrides: list[str], density: float = 1.0) -> Path:
+    """One (cached) stage-1 run, on ``density`` x the log (``data.subsample``); returns its
+    folder."""
+    sub = [f"data.subsample={density}"] if density < 1 else []
     cfg = load_config(PretrainConfig, STAGE1_CONFIG, [
         f"data.path={data_root / 'engagements'}", f"loss.type={loss}", f"seed={seed}",
-        "threads=1", "progress=false", *preset.pretrain, *overrides])
-    run_dir = out / "pretrain" / f"{loss}-s{seed}"
+        "threads=1", "progress=false", *preset.pretrain, *sub, *overrides])
+    run_dir = out / "pretrain" / density_dir(density) / f"{loss}-s{seed}"
     policy = reuse(run_dir, to_dict(cfg))
     if policy != "skip":
         t = time.time()
         res = pretrain(cfg, run_dir, resume=policy == "resume")
-        print(f"  pretrain {loss} seed {seed}: {time.time() - t:.0f} s, "
+        print(f"  pretrain {loss} seed {seed} log x{density:g}: {time.time() - t:.0f} s, "
               f"{res.pairs_per_s:,.0f} pairs/s, held-out Hit@3 {res.metrics[-1]['test_hit@3']:.4f}",
               flush=True)
     return run_dir

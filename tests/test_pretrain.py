@@ -214,10 +214,11 @@ def test_single_stage_adds_the_contrastive_term(world: Path, tmp_path: Path):
 
 def test_pretrain_cli(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     rc = main(["pretrain", f"data.path={world / 'engagements'}", *PRE, "epochs=1",
-               f"out_dir={tmp_path}", "name=cli"])
+               f"out_dir={tmp_path}", "name=cli", "select.metric=test_full_loss"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "held-out Hit@3" in out and "init.embeddings=" in out
+    assert "exported the point selected on test_full_loss" in out
     assert (tmp_path / "cli" / "embeddings" / "item.safetensors").exists()
     assert main(["pretrain", "data.path=", "epochs=1"]) == 2
     assert main(["pretrain", f"data.path={world / 'engagements'}", "loss.type=hinge"]) == 2

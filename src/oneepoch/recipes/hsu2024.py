@@ -537,6 +537,8 @@ def table1(out: Path, data_root: Path, preset: Preset, seeds: int, overrides: li
                 per[method].append(best_and_last(read_metrics(rd)))
         res["surfaces"][surface] = per
         res.setdefault("uv_auc", {})[surface] = [uv_auc(e, data_root / surface) for e in exports]
+    res["stage1_selected"] = [json.loads((e / "meta.json").read_text()).get("selected")
+                              for e in exports]
     _write_json(out / "table1.json", res)
     return _table1_report(out, res, preset)
 
@@ -594,7 +596,8 @@ def _table1_report(out: Path, res: dict[str, Any], preset: Preset) -> Path:
     notes = ("<p>Every method trains several epochs; 'best' = the evaluation with the highest "
              "validation AUC (test metrics read there), 'last' = the final evaluation. Lifts are "
              "relative for Hit@3 and in AUC points, per seed against the same seed's baseline, "
-             f"mean +/- std over {res['seeds']} seed(s).</p><pre>"
+             f"mean +/- std over {res['seeds']} seed(s). Stage-1 export used (per seed): "
+             f"{H.esc(json.dumps(res.get('stage1_selected')))}.</p><pre>"
              f"{H.esc(yaml.safe_dump({'downstream': preset.downstream, 'pretrain': preset.pretrain, 'single_stage_weight': preset.single_stage_weight}))}</pre>")  # noqa: E501
     H.write_page(out / "table1.html", "Paper B, Table 1: two-stage ID pre-training downstream",
                  [*head, *sections, ("How it was measured", notes)])

@@ -60,6 +60,8 @@ def test_curve_shapes_and_the_verdict_use_the_train_curve():
     falling_train = np.array([0.0, 0.10, 0.15, 0.10, 0.06, 0.03])
     assert curve_shape(held, rising_train)[0] == "overfits"
     assert curve_shape(held, falling_train)[0] == "declines"  # not memorisation
+    flat_train = np.array([0.0, 0.10, 0.15, 0.15, 0.155, 0.156])  # +4%: noise, not a rise
+    assert curve_shape(held, flat_train)[0] == "declines"
     assert curve_shape(held)[0] == "overfits"  # no train curve: the drop alone
     plateau = np.array([0.0, 0.086, 0.087, 0.086, 0.0856])
     assert curve_shape(plateau)[0] == "holds"  # within 10% of best, not above epoch 1

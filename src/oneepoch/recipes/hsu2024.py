@@ -258,6 +258,7 @@ def best_and_last(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 OVERFIT_DROP = 0.90  # "loses": the last epoch's held-out Hit@3 is below this share of its best
 IMPROVE_TOL = 0.98  # "keeps improving": the last epoch is within 2% of the best ...
+TRAIN_RISE = 1.05  # "train rose": train-subset Hit@3 at the last epoch > 1.05 x at the best
 
 
 def curve_shape(held: np.ndarray, train: np.ndarray | None = None) -> tuple[str, str]:
@@ -265,7 +266,8 @@ def curve_shape(held: np.ndarray, train: np.ndarray | None = None) -> tuple[str,
     one-line account of it.
 
     * ``overfits``: the last value is below 90% of the best while train-subset Hit@3 rose
-      from the best epoch to the last (memorisation; without ``train``, the drop alone);
+      (by more than 5%, relative) from the best epoch to the last (memorisation; without
+      ``train``, the drop alone);
     * ``declines``: the same drop, but train Hit@3 did not rise (not memorisation: e.g. the
       popularity demotion of uncorrected in-batch negatives);
     * ``keeps improving``: the last value is within 2% of the best and above the value after
@@ -274,7 +276,7 @@ def curve_shape(held: np.ndarray, train: np.ndarray | None = None) -> tuple[str,
     """
     best_ep = int(np.argmax(held[1:])) + 1
     best, last = float(held[best_ep]), float(held[-1])
-    rose = train is None or float(train[-1]) > float(train[best_ep])
+    rose = train is None or float(train[-1]) > TRAIN_RISE * float(train[best_ep])
     if last < OVERFIT_DROP * best:
         shape = "overfits" if rose else "declines"
     elif last >= IMPROVE_TOL * best and last > float(held[1]):

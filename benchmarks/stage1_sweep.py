@@ -47,6 +47,9 @@ VARIANTS: dict[str, list[str]] = {
     "dim 8": ["model.dim=8"],
     "dim 16": ["model.dim=16"],
     "dim 64": ["model.dim=64"],
+    # beyond the five knobs of the question: the learning rate
+    "lr 2e-3": ["optim.lr=0.002"],
+    "lr 1e-3": ["optim.lr=0.001"],
 }
 
 

@@ -358,8 +358,11 @@ def _plot_panels(panels: dict[str, dict[str, tuple[np.ndarray, ...]]], path: Pat
 
     colors = {"contrastive": "tab:blue", "bce": "tab:orange"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    handles: list[Any] = []
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         ax2 = ax.twinx()
+        if not handles:
+            handles = [ax, ax2]
         for loss, (x, hm, hs, tm, ts) in curves.items():
             c = colors.get(loss, "k")
             ax.plot(x, hm, color=c, lw=1.8, label=f"{loss} held-out")
@@ -372,8 +375,9 @@ def _plot_panels(panels: dict[str, dict[str, tuple[np.ndarray, ...]]], path: Pat
         ax2.set_ylabel("train-subset Hit@3 (dashed)")
         ax.set_ylim(bottom=0)
         ax2.set_ylim(bottom=0)
-    h1, l1 = axes[0][0].get_legend_handles_labels()
-    fig.legend(h1, l1, loc="lower center", ncol=4, fontsize=8, frameon=False,
+    h1, l1 = handles[0].get_legend_handles_labels()
+    h2, l2 = handles[1].get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=4, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.06))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,11 @@ VARIANTS: dict[str, list[str]] = {
     # beyond the five knobs of the question: the learning rate
     "lr 2e-3": ["optim.lr=0.002"],
     "lr 1e-3": ["optim.lr=0.001"],
+    # the two settings that helped alone, together
+    "dim 16, tau learned in [0.1, 0.5]": ["model.dim=16", "loss.temperature=0.1",
+                                          "loss.tau_min=0.1"],
+    "dim 8, tau learned in [0.1, 0.5]": ["model.dim=8", "loss.temperature=0.1",
+                                         "loss.tau_min=0.1"],
 }
 
 

@@ -28,6 +28,7 @@ from oneepoch.config import load_config, to_dict
 from oneepoch.io import atomic_write_text
 from oneepoch.pretrain import PretrainConfig, pretrain
 from oneepoch.recipes.hsu2024 import STAGE1_CONFIG, curve_shape
+from oneepoch.remedies.early_stopping import select_hook
 from oneepoch.runfolder import read_metrics, reuse
 
 VARIANTS: dict[str, list[str]] = {
@@ -72,7 +73,7 @@ def run(data: str, subsample: float, seed: int, name: str, extra: list[str], out
     policy = reuse(rd, to_dict(cfg))
     if policy != "skip":
         t = time.time()
-        pretrain(cfg, rd, resume=policy == "resume")
+        pretrain(cfg, rd, resume=policy == "resume", hooks=[select_hook(cfg)])
         print(f"  {name} seed {seed}: {time.time() - t:.0f} s", flush=True)
     return [r for r in read_metrics(rd) if abs(r["epoch"] - round(r["epoch"])) < 1e-9]
 

@@ -20,6 +20,7 @@ from oneepoch.embeddings import load_embeddings
 from oneepoch.pretrain import PretrainConfig, pretrain
 from oneepoch.pretrain.data import load_engagements, subsample_mask
 from oneepoch.remedies import hooks_from_config
+from oneepoch.remedies.early_stopping import select_hook
 from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
 from oneepoch.training.trainer import train
 
@@ -274,7 +275,9 @@ def _tables_of(ck_dir: Path, cfg: PretrainConfig, data) -> tuple[torch.Tensor, t
 def test_select_exports_the_best_epoch_bitwise(world: Path, tmp_path: Path, metric: str):
     over = [f"data.path={world / 'engagements'}", *PRE, *SELECT, "data.subsample=0.3"]
     cfg = load_config(PretrainConfig, "pretrain", [*over, f"select.metric={metric}"])
-    res = pretrain(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="select.metric: set, but no hook"):
+        pretrain(cfg, tmp_path / "nohook")
+    res = pretrain(cfg, tmp_path / "run", hooks=[select_hook(cfg)])
     sign = -1 if metric.endswith("loss") else 1
     ends = [r for r in res.metrics if r["step"] > 0]
     best = max(res.metrics, key=lambda r: sign * r[metric])  # first best on ties
@@ -304,16 +307,17 @@ def test_select_exports_the_best_epoch_bitwise(world: Path, tmp_path: Path, metr
 def test_select_patience_stops_and_resume_keeps_the_choice(world: Path, tmp_path: Path):
     over = [f"data.path={world / 'engagements'}", *PRE, *SELECT, "data.subsample=0.3",
             "select.metric=test_hit@3"]
-    full = pretrain(load_config(PretrainConfig, "pretrain", [*over, "select.patience=1"]),
-                    tmp_path / "stop")
+    def run(extra, where, resume=False):
+        cfg = load_config(PretrainConfig, "pretrain", [*over, *extra])
+        return pretrain(cfg, where, resume=resume, hooks=[select_hook(cfg)])
+
+    full = run(["select.patience=1"], tmp_path / "stop")
     sel = full.selected
     assert sel["stopped_early"] and full.metrics[-1]["epoch"] == sel["epoch"] + 1
     # resumed halfway, the selection (best tables kept in the checkpoint) is the same
-    half = load_config(PretrainConfig, "pretrain", [*over, "epochs=3"])
-    pretrain(half, tmp_path / "half")
-    again = pretrain(load_config(PretrainConfig, "pretrain", over), tmp_path / "half",
-                     resume=True)
-    whole = pretrain(load_config(PretrainConfig, "pretrain", over), tmp_path / "whole")
+    run(["epochs=3"], tmp_path / "half")
+    again = run([], tmp_path / "half", resume=True)
+    whole = run([], tmp_path / "whole")
     assert again.selected == whole.selected
     assert torch.equal(load_embeddings(again.export_dir).item.weight,
                        load_embeddings(whole.export_dir).item.weight)

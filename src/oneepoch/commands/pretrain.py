@@ -28,9 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
     from oneepoch.pretrain import PretrainConfig, pretrain
+    from oneepoch.remedies.early_stopping import select_hook
 
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
-    res = pretrain(cfg, run_dir, resume=run_dir is not None)
+    res = pretrain(cfg, run_dir, resume=run_dir is not None, hooks=[select_hook(cfg)])
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

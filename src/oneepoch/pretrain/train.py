@@ -149,26 +149,14 @@ class Stage1Stepper:
         self.pairs_done = int(state["pairs_done"])
 
 
-def select_hook(cfg: PretrainConfig) -> Hook | None:
-    """The hook keeping the best evaluation point (``select.metric``), or None when off."""
-    from oneepoch.remedies.early_stopping import EarlyStopping
-
-    sc = cfg.select
-    if not sc.metric:
-        return None
-    return EarlyStopping(key=sc.metric, patience=sc.patience, min_delta=sc.min_delta,
-                         setting="select.metric")
-
-
 def selected_point(rows: list[dict[str, Any]], hooks: Sequence[Hook],
                    metric: str) -> dict[str, Any]:
-    """``{epoch, step, metric, value}`` of the exported point: the selecting hook's best row,
-    else the last evaluation (``metric`` "" then means "last")."""
-    from oneepoch.remedies.early_stopping import EarlyStopping
-
-    sel = [h for h in hooks if isinstance(h, EarlyStopping) and h.best_row]
+    """``{epoch, step, metric, value}`` of the exported point: the selecting hook's best row
+    (the hook that ``applies`` ``select``), else the last evaluation (``metric`` "last")."""
+    sel = [h for h in hooks if getattr(h, "applies", "") == "select"
+           and getattr(h, "best_row", None)]
     row = sel[-1].best_row if sel else rows[-1]
-    key = sel[-1].key if sel else metric
+    key = sel[-1].key if sel else ""
     return {"epoch": float(row["epoch"]), "step": int(row["step"]), "metric": key or "last",
             "value": float(row[key]) if key and row.get(key) is not None else None,
             "stopped_early": bool(sel and sel[-1].stopped)}
@@ -176,14 +164,15 @@ def selected_point(rows: list[dict[str, Any]], hooks: Sequence[Hook],
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
              data: EngagementData | None = None, resume: bool = False,
-             hooks: Sequence[Hook] = ()) -> PretrainResult:
+             hooks: Sequence[Hook | None] = ()) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
 
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
     loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
-    (:class:`oneepoch.training.loop.Loop`). ``hooks`` plug into the loop after the one
-    ``select.metric`` builds (:func:`select_hook`), which runs last.
+    (:class:`oneepoch.training.loop.Loop`). ``hooks`` plug into the loop; ``select.metric``
+    needs the hook that applies it (pretrain imports no remedy):
+    ``hooks=[oneepoch.remedies.early_stopping.select_hook(cfg)]``.
     """
     from oneepoch.embeddings import export_embeddings
 
@@ -240,10 +229,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
         order = np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)
         return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
 
-    hooks = list(hooks)
-    sel = select_hook(cfg)
-    if sel is not None:
-        hooks.append(sel)  # last: it sees every key the others add
+    hooks = [h for h in hooks if h is not None]  # select_hook(cfg) is None when off
+    if cfg.select.metric and not any(getattr(h, "applies", "") == "select" for h in hooks):
+        raise ValueError("select.metric: set, but no hook applies it; pass hooks="
+                         "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
+                         "(last in the list), or set select.metric=''")
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
     for h in hooks:
         h.check(s)

@@ -50,6 +50,7 @@ from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.train import pretrain
 from oneepoch.recipes import ReproduceOptions
 from oneepoch.remedies import hooks_from_config
+from oneepoch.remedies.early_stopping import select_hook
 from oneepoch.report import html as H
 from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.training.hooks import Hook, State
@@ -113,7 +114,7 @@ def hit_at_k_grouped(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 
         >>> hit_at_k_grouped(np.array([1, 0, 0, 0, 1]), np.array([.1, .9, .8, .7, .5]),
         ...                  np.array([0, 0, 0, 0, 1]), k=3)
-        nan
+        0.0
         >>> hit_at_k_grouped(np.array([1, 0, 0, 0, 0, 1]), np.array([.1, .9, .8, .7, .5, .6]),
         ...                  np.array([0, 0, 0, 0, 1, 1]), k=1)
         0.5
@@ -198,7 +199,7 @@ def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Prese
     policy = reuse(run_dir, to_dict(cfg))
     if policy != "skip":
         t = time.time()
-        res = pretrain(cfg, run_dir, resume=policy == "resume")
+        res = pretrain(cfg, run_dir, resume=policy == "resume", hooks=[select_hook(cfg)])
         print(f"  pretrain {loss} seed {seed} log x{density:g}: {time.time() - t:.0f} s, "
               f"{res.pairs_per_s:,.0f} pairs/s, held-out Hit@3 {res.metrics[-1]['test_hit@3']:.4f}",
               flush=True)

@@ -59,6 +59,7 @@ class EarlyStopping(Hook):
                 raise ValueError(f"{setting}: EarlyStopping needs a config or a metric key")
             if patience < 0 or min_delta < 0:
                 raise ValueError(f"{setting}: patience and min_delta must be >= 0")
+            self.applies = setting.split(".")[0]
             sign = direction(key) if higher_is_better is None else (
                 1 if higher_is_better else -1)
             self._setup(key, sign, patience, min_delta)
@@ -126,3 +127,19 @@ class EarlyStopping(Hook):
         self.stopped = bool(state["stopped"])
         self.best_row = dict(state["best_row"]) or None
         self.best_weights = dict(state["best_weights"]) or None
+
+
+def select_hook(cfg: Any) -> EarlyStopping | None:
+    """The hook applying ``pretrain``'s ``select.*`` settings (a
+    :class:`~oneepoch.pretrain.config.PretrainConfig`), or None when ``select.metric`` is off.
+
+        >>> from oneepoch.config import load_config
+        >>> from oneepoch.pretrain import PretrainConfig
+        >>> select_hook(load_config(PretrainConfig, "hsu2024_pretrain")).key
+        'test_hit@3'
+    """
+    sc = cfg.select
+    if not sc.metric:
+        return None
+    return EarlyStopping(key=sc.metric, patience=sc.patience, min_delta=sc.min_delta,
+                         setting="select.metric")

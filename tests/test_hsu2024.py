@@ -116,11 +116,12 @@ def test_reproduce_hsu2024_quick_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert sparse["verdict"] in ("yes", "partly", "no") and "at log densities" in fig["where"]
     assert (root / "pretrain" / "d0.3" / "bce-s0" / "summary.json").exists()
     assert "Log x0.3" in (root / "figure2.html").read_text()
-    # Table 1 uses stage 1's selected (best held-out Hit@3) export
+    # Table 1 uses stage 1's export and records which point it holds (the last one here)
     meta = json.loads((root / "pretrain" / "contrastive-s0" / "embeddings" / "meta.json")
                       .read_text())
-    assert meta["selected"]["metric"] == "test_hit@3"
-    assert meta["selected"]["value"] == max(fig["by_density"]["1"]["hit3_runs"]["contrastive"][0])
+    assert meta["selected"]["metric"] == "last" and meta["selected"]["epoch"] == 3
+    tab = json.loads((root / "table1.json").read_text())
+    assert tab["stage1_selected"] == [meta["selected"]]
     tab = json.loads((root / "table1.json").read_text())
     assert set(tab["surfaces"]) == {"homefeed", "related"}
     for per in tab["surfaces"].values():

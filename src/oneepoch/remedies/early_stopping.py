@@ -135,7 +135,7 @@ def select_hook(cfg: Any) -> EarlyStopping | None:
 
         >>> from oneepoch.config import load_config
         >>> from oneepoch.pretrain import PretrainConfig
-        >>> select_hook(load_config(PretrainConfig, "hsu2024_pretrain")).key
+        >>> select_hook(load_config(PretrainConfig, "pretrain", ["select.metric=test_hit@3"])).key
         'test_hit@3'
     """
     sc = cfg.select

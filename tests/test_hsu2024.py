@@ -11,6 +11,7 @@ import pytest
 from oneepoch.cli import main
 from oneepoch.recipes.hsu2024 import (
     best_and_last,
+    curve_shape,
     figure2_verdict,
     hit_at_k_grouped,
     table1_verdicts,
@@ -53,6 +54,28 @@ def test_figure2_verdict_rule():
     assert figure2_verdict(overfit, rising)[0] == "no"
 
 
+def test_curve_shapes_and_the_verdict_use_the_train_curve():
+    held = np.array([0.0, 0.030, 0.045, 0.040, 0.030, 0.021])  # peak at 2, 47% of it at the end
+    rising_train = np.array([0.0, 0.10, 0.15, 0.18, 0.20, 0.22])
+    falling_train = np.array([0.0, 0.10, 0.15, 0.10, 0.06, 0.03])
+    assert curve_shape(held, rising_train)[0] == "overfits"
+    assert curve_shape(held, falling_train)[0] == "declines"  # not memorisation
+    flat_train = np.array([0.0, 0.10, 0.15, 0.15, 0.155, 0.156])  # +4%: noise, not a rise
+    assert curve_shape(held, flat_train)[0] == "declines"
+    assert curve_shape(held)[0] == "overfits"  # no train curve: the drop alone
+    plateau = np.array([0.0, 0.086, 0.087, 0.086, 0.0856])
+    assert curve_shape(plateau)[0] == "holds"  # within 10% of best, not above epoch 1
+    assert curve_shape(np.array([0.0, 0.05, 0.07, 0.08]))[0] == "keeps improving"
+    # just inside / outside the 10% margin
+    assert curve_shape(np.array([0.0, 0.1, 0.091]))[0] == "holds"
+    assert curve_shape(np.array([0.0, 0.1, 0.089]))[0] == "overfits"
+    # the claim: contrastive keeps generalising and BCE overfits (train rising)
+    word, notes = figure2_verdict(plateau, held[:5], plateau, rising_train[:5])
+    assert word == "yes" and "overfits: yes" in notes[1]
+    assert figure2_verdict(held, held, rising_train, falling_train)[0] == "no"
+    assert figure2_verdict(plateau, held, None, falling_train)[0] == "partly"
+
+
 def test_table1_verdict_rule():
     good = {"frozen": np.array([1.0, 1.2, 1.1]), "finetune": np.array([1.3, 1.5, 1.4]),
             "single_stage": np.array([-3.0, -3.2, -3.1])}
@@ -84,6 +107,21 @@ def test_reproduce_hsu2024_quick_end_to_end(tmp_path: Path, capsys: pytest.Captu
     fig = json.loads((root / "figure2.json").read_text())
     assert len(fig["hit3_mean"]["contrastive"]) == 4  # before training + 3 epochs
     assert fig["verdict"] in ("yes", "partly", "no")
+    # one panel / verdict per density of the quick preset; the sparser log has fewer pairs
+    # and the same held-out pairs
+    assert set(fig["by_density"]) == {"1", "0.3"}
+    full, sparse = fig["by_density"]["1"], fig["by_density"]["0.3"]
+    assert sparse["log"]["train_pairs"] == round(0.3 * full["log"]["train_pairs"])
+    assert sparse["log"]["heldout_pairs"] == full["log"]["heldout_pairs"]
+    assert sparse["verdict"] in ("yes", "partly", "no") and "at log densities" in fig["where"]
+    assert (root / "pretrain" / "d0.3" / "bce-s0" / "summary.json").exists()
+    assert "Log x0.3" in (root / "figure2.html").read_text()
+    # Table 1 uses stage 1's export and records which point it holds (the last one here)
+    meta = json.loads((root / "pretrain" / "contrastive-s0" / "embeddings" / "meta.json")
+                      .read_text())
+    assert meta["selected"]["metric"] == "last" and meta["selected"]["epoch"] == 3
+    tab = json.loads((root / "table1.json").read_text())
+    assert tab["stage1_selected"] == [meta["selected"]]
     tab = json.loads((root / "table1.json").read_text())
     assert set(tab["surfaces"]) == {"homefeed", "related"}
     for per in tab["surfaces"].values():

@@ -18,8 +18,9 @@ from oneepoch.data.schema import DataError
 from oneepoch.data.synthetic import SurfacesConfig, SynthConfig, write_multisurface
 from oneepoch.embeddings import load_embeddings
 from oneepoch.pretrain import PretrainConfig, pretrain
-from oneepoch.pretrain.data import load_engagements
+from oneepoch.pretrain.data import load_engagements, subsample_mask
 from oneepoch.remedies import hooks_from_config
+from oneepoch.remedies.early_stopping import select_hook
 from oneepoch.training.checkpoint import list_checkpoints, load_checkpoint
 from oneepoch.training.trainer import train
 
@@ -214,10 +215,11 @@ def test_single_stage_adds_the_contrastive_term(world: Path, tmp_path: Path):
 
 def test_pretrain_cli(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     rc = main(["pretrain", f"data.path={world / 'engagements'}", *PRE, "epochs=1",
-               f"out_dir={tmp_path}", "name=cli"])
+               f"out_dir={tmp_path}", "name=cli", "select.metric=test_full_loss"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "held-out Hit@3" in out and "init.embeddings=" in out
+    assert "exported the point selected on test_full_loss" in out
     assert (tmp_path / "cli" / "embeddings" / "item.safetensors").exists()
     assert main(["pretrain", "data.path=", "epochs=1"]) == 2
     assert main(["pretrain", f"data.path={world / 'engagements'}", "loss.type=hinge"]) == 2
@@ -252,3 +254,109 @@ def test_low_coverage_export_warns(world: Path, tmp_path: Path):
         res = _downstream(world, tmp_path / "run", f"init.embeddings={path}", "epochs=1")
     rep = json.loads((res.run_dir / "init.json").read_text())["vocabularies"]
     assert rep["item_ID"]["matched"] == 5 and rep["user_ID"]["unseen"] == 0
+
+
+SELECT = ["epochs=6", "eval.per_epoch=1", "checkpoint_keep=0", "optim.lr=0.05",
+          "loss.n_uniform=16", "model.dim=16"]
+
+
+def _tables_of(ck_dir: Path, cfg: PretrainConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring tables of the model saved in ``ck_dir`` (as the export writes them)."""
+    from oneepoch.pretrain.model import TwoTower
+
+    mc, lc = cfg.model, cfg.loss
+    m = TwoTower(data.n_users, data.n_items, mc.dim, mc.init_std, mc.normalize,
+                 lc.temperature, lc.learn_temperature, lc.tau_min, lc.tau_max)
+    m.load_state_dict(load_checkpoint(ck_dir)["model"])
+    return m.tables()
+
+
+@pytest.mark.parametrize("metric", ["test_hit@3", "test_full_loss"])
+def test_select_exports_the_best_epoch_bitwise(world: Path, tmp_path: Path, metric: str):
+    over = [f"data.path={world / 'engagements'}", *PRE, *SELECT, "data.subsample=0.3"]
+    cfg = load_config(PretrainConfig, "pretrain", [*over, f"select.metric={metric}"])
+    with pytest.raises(ValueError, match="select.metric: set, but no hook"):
+        pretrain(cfg, tmp_path / "nohook")
+    res = pretrain(cfg, tmp_path / "run", hooks=[select_hook(cfg)])
+    sign = -1 if metric.endswith("loss") else 1
+    ends = [r for r in res.metrics if r["step"] > 0]
+    best = max(res.metrics, key=lambda r: sign * r[metric])  # first best on ties
+    assert 0 < best["epoch"] < 6, "the setting must overfit for this test to mean anything"
+    emb = load_embeddings(res.export_dir)
+    sel = emb.meta["selected"]
+    assert sel == {"epoch": best["epoch"], "step": best["step"], "metric": metric,
+                   "value": best[metric], "stopped_early": False}
+    assert emb.meta["eval"][metric] == best[metric]
+    assert json.loads((res.run_dir / "summary.json").read_text())["selected"] == sel
+    data = load_engagements(world / "engagements", subsample=0.3)
+    ck = res.run_dir / "checkpoints" / f"epoch-{round(best['epoch']):03d}"
+    u, v = _tables_of(ck, cfg, data)
+    assert torch.equal(emb.user.weight, u) and torch.equal(emb.item.weight, v)
+    u, v = _tables_of(res.run_dir / "checkpoints" / "final", cfg, data)
+    assert torch.equal(emb.item.weight, v)
+    last_u, last_v = _tables_of(res.run_dir / "checkpoints" / "epoch-006", cfg, data)
+    assert not torch.equal(emb.item.weight, last_v)  # not the last epoch's tables
+    # off: the export is the last epoch's tables
+    plain = pretrain(load_config(PretrainConfig, "pretrain", over), tmp_path / "plain")
+    e2 = load_embeddings(plain.export_dir)
+    assert e2.meta["selected"]["metric"] == "last" and e2.meta["selected"]["epoch"] == 6
+    assert torch.equal(e2.item.weight, last_v)
+    assert len(ends) == 6
+
+
+def test_select_patience_stops_and_resume_keeps_the_choice(world: Path, tmp_path: Path):
+    over = [f"data.path={world / 'engagements'}", *PRE, *SELECT, "data.subsample=0.3",
+            "select.metric=test_hit@3"]
+    def run(extra, where, resume=False):
+        cfg = load_config(PretrainConfig, "pretrain", [*over, *extra])
+        return pretrain(cfg, where, resume=resume, hooks=[select_hook(cfg)])
+
+    full = run(["select.patience=1"], tmp_path / "stop")
+    sel = full.selected
+    assert sel["stopped_early"] and full.metrics[-1]["epoch"] == sel["epoch"] + 1
+    # resumed halfway, the selection (best tables kept in the checkpoint) is the same
+    run(["epochs=3"], tmp_path / "half")
+    again = run([], tmp_path / "half", resume=True)
+    whole = run([], tmp_path / "whole")
+    assert again.selected == whole.selected
+    assert torch.equal(load_embeddings(again.export_dir).item.weight,
+                       load_embeddings(whole.export_dir).item.weight)
+
+
+def test_select_settings_are_checked(world: Path):
+    from oneepoch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select.metric"):
+        load_config(PretrainConfig, "pretrain", ["select.metric=train_hit@3"])
+    with pytest.raises(ConfigError, match="K=5 in eval.ks"):
+        load_config(PretrainConfig, "pretrain", ["select.metric=test_hit@5"])
+    with pytest.raises(ConfigError, match="data.subsample"):
+        load_config(PretrainConfig, "pretrain", ["data.subsample=0"])
+
+
+def test_subsample_keeps_the_heldout_split(world: Path):
+    full = load_engagements(world / "engagements")
+    sub = load_engagements(world / "engagements", subsample=0.1)
+    assert len(sub.train_user) == round(0.1 * len(full.train_user))
+    # the held-out pairs, the vocabularies and the catalogue are unchanged
+    assert np.array_equal(sub.test_user, full.test_user)
+    assert np.array_equal(sub.test_item, full.test_item)
+    assert sub.heldout_unknown == full.heldout_unknown
+    assert sub.items.raw.equals(full.items.raw) and sub.users.raw.equals(full.users.raw)
+    # the training pairs are a subset (fixed draw, independent of the seed), counts follow it
+    keep = subsample_mask(len(full.train_item), 0.1)
+    assert np.array_equal(sub.train_user, full.train_user[keep])
+    assert np.array_equal(sub.train_item, full.train_item[keep])
+    again = load_engagements(world / "engagements", subsample=0.1, seed=5)
+    assert np.array_equal(again.train_item, sub.train_item)
+    assert sub.items.counts.sum() == len(sub.train_item)
+    assert np.array_equal(np.bincount(sub.train_item, minlength=sub.n_items)[1:],
+                          sub.items.counts)
+    # nested: the 10% sample lies inside the 30% one (same rows, in order)
+    assert (keep <= subsample_mask(len(full.train_item), 0.3)).all()
+    # with a held-out share carved out of train, the carved pairs do not move either
+    h = load_engagements(world / "engagements", test_split="", holdout=0.1, seed=3)
+    hs = load_engagements(world / "engagements", test_split="", holdout=0.1, seed=3,
+                          subsample=0.2)
+    assert np.array_equal(h.test_user, hs.test_user) and np.array_equal(h.test_item,
+                                                                        hs.test_item)

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
     from oneepoch.distributed.launch import launch_local
     from oneepoch.pretrain import PretrainConfig, pretrain
+    from oneepoch.remedies.early_stopping import select_hook
     from oneepoch.tracking import tracking_hooks
 
     if args.nproc:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
         par = DataParallelRun.from_env("cpu", cfg.threads, args.shard_tables)
         res = pretrain(cfg, run_dir, resume=run_dir is not None, parallel=par,
-                       hooks=tracking_hooks(cfg, report=False))
+                       hooks=[*tracking_hooks(cfg, report=False), select_hook(cfg)])
     except DistributedError as e:  # a rank stopped, or the ranks could not meet
         print(f"oneepoch pretrain: error: {e}", file=sys.stderr)
         return 1
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out Hit@{ks[0]}: last {last[f'test_hit@{ks[0]}']:.4f} (epoch "
           f"{last['epoch']:.2f}), best {best[f'test_hit@{ks[0]}']:.4f} (epoch "
           f"{best['epoch']:.2f}); tau {last['tau']:.4f}; {res.pairs_per_s:,.0f} pairs/s")
+    sel = res.selected
+    if sel and sel["metric"] != "last":
+        print(f"exported the point selected on {sel['metric']}: {sel['value']:.4f} at epoch "
+              f"{sel['epoch']:.2f}" + (" (stopped early)" if sel["stopped_early"] else ""))
     print(f"run: {res.run_dir}")
     if res.export_dir:
         print(f"embeddings: {res.export_dir}  (use: init.embeddings={res.export_dir})")

@@ -11,9 +11,19 @@ on the fields and checked when the settings are loaded (see :mod:`oneepoch.confi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from oneepoch.config import ConfigError, OptimConfig, check_temperature, choice, num
+from oneepoch.config import ConfigError, OptimConfig, check_temperature, choice, num, setting
+
+SELECT_METRIC = re.compile(r"test_(hit|recall|ndcg)@(\d+)|test_(full|sampled)_loss")
+
+
+def _select_metric(v: object) -> str | None:
+    if v == "" or SELECT_METRIC.fullmatch(str(v)):
+        return None
+    return ("must be '' (off), test_hit@K, test_recall@K, test_ndcg@K (K in eval.ks), "
+            "test_full_loss or test_sampled_loss (a held-out metric)")
 
 
 @dataclass
@@ -23,6 +33,9 @@ class PretrainDataConfig:
     test_split: str = "test"  # held-out engagements; "" = hold out `holdout` of train
     holdout: float = num(0.02, gt=0, lt=1)  # fraction of train held out when test_split is ""
     surfaces: list[str] = field(default_factory=list)  # keep only these surfaces (empty = all)
+    # train on this share of the train engagements (a fixed draw, the same for every seed and
+    # nested across shares); vocabularies and the held-out pairs stay those of the full log
+    subsample: float = num(1.0, gt=0, le=1)
 
 
 @dataclass
@@ -63,6 +76,15 @@ class PretrainEvalConfig:
 
 
 @dataclass
+class PretrainSelectConfig:
+    """Keep the best evaluation point instead of the last one (early stopping for stage 1)."""
+
+    metric: str = setting("", check=_select_metric)  # "" = off (export the last point)
+    patience: int = num(0, ge=0)  # evaluations without improvement before stopping; 0 = never
+    min_delta: float = num(0.0, ge=0)  # improvement that counts
+
+
+@dataclass
 class PretrainConfig:
     name: str = ""  # run folder name under out_dir (default: derived from the config)
     out_dir: str = "runs"
@@ -81,3 +103,10 @@ class PretrainConfig:
     optim: OptimConfig = field(  # stage 1 keeps lazy row-wise Adam
         default_factory=lambda: OptimConfig(lr=5e-3, embedding_update="lazy"))
     eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
+    select: PretrainSelectConfig = field(default_factory=PretrainSelectConfig)
+
+    def validate(self, prefix: str) -> None:
+        m = SELECT_METRIC.fullmatch(self.select.metric)
+        if m and m.group(2) and int(m.group(2)) not in self.eval.ks:
+            raise ConfigError(f"config key '{prefix}select.metric': {self.select.metric} needs "
+                              f"K={m.group(2)} in {prefix}eval.ks (now {self.eval.ks})")

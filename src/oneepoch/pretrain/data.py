@@ -7,6 +7,12 @@ Vocabularies are built from the train split exactly like CTR vocabularies (frequ
 row 0 = out of vocabulary, see :func:`oneepoch.data.dataset.vocab_from_values`). Held-out
 pairs whose user or item never occurs in the train split cannot be ranked; they are counted
 (``heldout_unknown``) and left out of the metrics.
+
+``subsample`` < 1 trains on a share of the train engagements only (a sparser log of the same
+world): the draw is fixed (:data:`SUBSAMPLE_SEED`, whatever the run's seed) and nested (the
+10% sample lies inside the 30% one). Vocabularies, the catalogue ranked against and the
+held-out pairs stay those of the full log, so metrics at different shares are comparable; IDs
+absent from the sample keep their initial vectors and a count of 0.
 """
 
 from __future__ import annotations
@@ -20,6 +26,27 @@ import pyarrow.compute as pc
 
 from oneepoch.data.dataset import Vocab, read_split, vocab_from_values
 from oneepoch.data.schema import DataError, Schema, load_schema
+
+SUBSAMPLE_SEED = 20_240_920  # the fixed draw of `subsample` (independent of the run's seed)
+
+
+def subsample_mask(n: int, share: float) -> np.ndarray:
+    """Rows of an ``n``-row log kept at ``share``: exactly ``round(share * n)`` (at least 1)
+    rows, the same for every run and nested across shares (a row kept at 0.1 is kept at 0.3).
+
+        >>> m1, m3 = subsample_mask(1000, 0.1), subsample_mask(1000, 0.3)
+        >>> int(m1.sum()), int(m3.sum()), bool((m1 <= m3).all())
+        (100, 300, True)
+    """
+    if not 0 < share <= 1:
+        raise DataError(f"data.subsample: expected a share in (0, 1], got {share}")
+    keep = np.ones(n, dtype=bool)
+    if share < 1:
+        key = np.random.default_rng(SUBSAMPLE_SEED).random(n)
+        k = max(1, round(share * n))
+        keep[:] = False
+        keep[np.argsort(key, kind="stable")[:k]] = True
+    return keep
 
 
 @dataclass
@@ -70,7 +97,7 @@ def _filter_surfaces(t: pa.Table, schema: Schema, surfaces: list[str], where: st
 
 def load_engagements(directory: str | Path, train_split: str = "train", test_split: str = "test",
                      holdout: float = 0.02, surfaces: list[str] | None = None,
-                     seed: int = 0) -> EngagementData:
+                     seed: int = 0, subsample: float = 1.0) -> EngagementData:
     """Load an ``format: engagements`` data set and encode its pairs.
 
     Args:
@@ -79,6 +106,8 @@ def load_engagements(directory: str | Path, train_split: str = "train", test_spl
         test_split: held-out split; ``""`` holds out a random ``holdout`` share of train
             (seeded by ``seed``).
         surfaces: keep only engagements on these surfaces (needs a ``surface`` column).
+        subsample: train on this share of the train engagements (see the module doc); the
+            vocabularies and held-out pairs do not change.
     """
     directory = Path(directory)
     schema = load_schema(directory)
@@ -107,6 +136,14 @@ def load_engagements(directory: str | Path, train_split: str = "train", test_spl
     items = vocab_from_values("item", ti)
     test_user, test_item = users.encode(hu), items.encode(hi)
     known = (test_user > 0) & (test_item > 0)
-    return EngagementData(users, items, users.encode(tu), items.encode(ti), test_user[known],
+    train_user, train_item = users.encode(tu), items.encode(ti)
+    if subsample < 1:
+        keep = subsample_mask(len(train_user), subsample)
+        train_user, train_item = train_user[keep], train_item[keep]
+        users = Vocab(users.name, users.raw,
+                      np.bincount(train_user, minlength=users.size)[1:].astype(np.int64))
+        items = Vocab(items.name, items.raw,
+                      np.bincount(train_item, minlength=items.size)[1:].astype(np.int64))
+    return EngagementData(users, items, train_user, train_item, test_user[known],
                           test_item[known], int((~known).sum()), directory,
                           (str(directory),))

@@ -18,6 +18,15 @@ negative-sampling generator states, the evaluation rows so far and the step / ep
 safetensors + JSON (:mod:`oneepoch.training.checkpoint`). ``pretrain(cfg, run_dir,
 resume=True)`` continues from the latest one and ends with the tables and metrics of an
 uninterrupted run (each epoch's order depends only on (seed, epoch)); ``epochs=`` may be raised.
+
+**Keeping the best point** (``select.metric``, e.g. ``test_hit@3`` or ``test_full_loss``;
+losses are lower-is-better): the early-stopping hook of the remedies
+(:class:`~oneepoch.remedies.early_stopping.EarlyStopping`) keeps a copy of the tables at the
+best evaluation so far, stops after ``select.patience`` evaluations without an improvement
+(0 = train every epoch), and puts the best tables back at the end; the export is then the
+best point's tables (also written as ``RUN/checkpoints/final/``), and ``meta.json`` and
+``summary.json`` say which point (``selected: {epoch, step, metric, value}``). Without it the
+export is the last point (``selected`` names the last evaluation).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class PretrainResult:
     export_dir: Path | None
     seconds: float
     pairs_per_s: float
+    selected: dict[str, Any] | None = None  # the exported point (see selected_point)
 
 
 def run_name(cfg: PretrainConfig) -> str:
@@ -139,9 +149,22 @@ class Stage1Stepper:
         self.pairs_done = int(state["pairs_done"])
 
 
+def selected_point(rows: list[dict[str, Any]], hooks: Sequence[Hook],
+                   metric: str) -> dict[str, Any]:
+    """``{epoch, step, metric, value}`` of the exported point: the selecting hook's best row
+    (the hook that ``applies`` ``select``), else the last evaluation (``metric`` "last")."""
+    sel = [h for h in hooks if getattr(h, "applies", "") == "select"
+           and getattr(h, "best_row", None)]
+    row = sel[-1].best_row if sel else rows[-1]
+    key = sel[-1].key if sel else ""
+    return {"epoch": float(row["epoch"]), "step": int(row["step"]), "metric": key or "last",
+            "value": float(row[key]) if key and row.get(key) is not None else None,
+            "stopped_early": bool(sel and sel[-1].stopped)}
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
              data: EngagementData | None = None, resume: bool = False,
-             hooks: Sequence[Hook] = (), parallel: Any = None) -> PretrainResult:
+             hooks: Sequence[Hook | None] = (), parallel: Any = None) -> PretrainResult:
     """Train user and item ID tables on engagement pairs; see the module doc.
 
     ``parallel``: as for :func:`oneepoch.training.trainer.train` (a
@@ -150,8 +173,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
     With ``resume``, continue from the latest checkpoint of ``run_dir`` (from scratch when it
     has none); without, stale checkpoints of an earlier run in ``run_dir`` are removed. The
     loop, the run folder's checks and lock, checkpoints and resume are those of ``train``
-    (:class:`oneepoch.training.loop.Loop`); ``hooks`` plug in as there (e.g. the tracking
-    hook of :func:`oneepoch.tracking.tracking_hooks`).
+    (:class:`oneepoch.training.loop.Loop`). ``hooks`` plug into the loop (e.g. the tracking
+    hook of :func:`oneepoch.tracking.tracking_hooks`); ``select.metric`` needs the hook that
+    applies it (pretrain imports no remedy):
+    ``hooks=[oneepoch.remedies.early_stopping.select_hook(cfg)]``.
     """
     t0 = time.time()
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -170,7 +195,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path | None = None,
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, resume: bool,
-              t0: float, dp: Any, hooks: Sequence[Hook] = ()) -> PretrainResult:
+              t0: float, dp: Any, hooks: Sequence[Hook | None] = ()) -> PretrainResult:
     from oneepoch.embeddings import export_embeddings
 
     out_dir = run_dir
@@ -182,7 +207,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
             raise ValueError("data.path: no engagement data set given (a folder with "
                              "schema.yaml, format: engagements)")
         data = load_engagements(cfg.data.path, cfg.data.train_split, cfg.data.test_split,
-                                cfg.data.holdout, cfg.data.surfaces, cfg.seed)
+                                cfg.data.holdout, cfg.data.surfaces, cfg.seed,
+                                cfg.data.subsample)
     torch.manual_seed(cfg.seed)
     mc, lc = cfg.model, cfg.loss
     model = TwoTower(data.n_users, data.n_items, mc.dim, mc.init_std, mc.normalize,
@@ -222,8 +248,12 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         order = np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)
         return (order[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
 
+    hooks = [h for h in hooks if h is not None]  # select_hook(cfg) is None when off
+    if cfg.select.metric and not any(getattr(h, "applies", "") == "select" for h in hooks):
+        raise ValueError("select.metric: set, but no hook applies it; pass hooks="
+                         "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
+                         "(last in the list), or set select.metric=''")
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
-    hooks = list(hooks)
     for h in hooks:
         h.check(s)
     step: Any = stepper
@@ -247,6 +277,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         loop.run()
         loop.sync()
         rows = s.rows
+        selected = selected_point(rows, hooks, cfg.select.metric)
         export_dir = None
         if cfg.export:
             ut, it = model.tables()
@@ -256,7 +287,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
                 "normalized": mc.normalize, "loss": lc.type, "epochs": cfg.epochs,
                 "steps": s.step, "data_sources": list(data.sources),
                 "surfaces": cfg.data.surfaces, "train_pairs": n,
-                "eval": {k: v for k, v in rows[-1].items()
+                "subsample": cfg.data.subsample, "selected": selected,
+                "eval": {k: v for k, v in _row_at(rows, selected["step"]).items()
                          if isinstance(v, (int, float)) and v is not None},
                 "config": to_dict(cfg)})
         secs = time.time() - loop.t0
@@ -266,12 +298,19 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
                    "heldout_unknown": data.heldout_unknown, "users": data.n_users - 1,
                    "items": data.n_items - 1, "export": str(export_dir) if export_dir else None,
                    "step_path": step.path, "step_path_reason": step.reason,
-                   "finished": True, "last": rows[-1]}
+                   "finished": True, "last": rows[-1], "selected": selected}
         if dp is not None:
             summary["world_size"] = dp.ctx.world_size
+        for h in hooks:
+            summary.update({k: v for k, v in h.summary().items() if k != "selected"})
         atomic_write_json(run_dir / "summary.json", summary)
     finally:
         lock.release()
     if dp is not None and not dp.is_writer:  # rank 0 wrote the export
         export_dir = out_dir / "embeddings" if export_dir else None
-    return PretrainResult(out_dir, rows, export_dir, secs, pps)
+    return PretrainResult(out_dir, rows, export_dir, secs, pps, selected)
+
+
+def _row_at(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The last evaluation row at global step ``step`` (the exported point's metrics)."""
+    return next((r for r in reversed(rows) if r["step"] == step), rows[-1])

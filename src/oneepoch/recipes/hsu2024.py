@@ -4,7 +4,11 @@ world (or ``--data DIR`` holding ``engagements/`` and one CTR folder per surface
     >>> reproduce(ReproduceOptions(figure="2", seeds=1, quick=True, out="runs/r"))  # doctest: +SKIP
 
 * **Figure 2**: stage-1 held-out Hit@3 (full catalogue) per epoch, contrastive vs BCE, mean
-  +/- std over seeds, plus held-out full-catalogue loss and train-subset Hit@3.
+  +/- std over seeds, plus held-out full-catalogue loss and train-subset Hit@3, at several
+  densities of the log (the preset's ``densities``: shares of the train engagements, a fixed
+  nested draw, ``data.subsample``; the held-out pairs and the catalogue do not change), one
+  panel and one verdict per density (rule: :func:`figure2_verdict`). Choose the densities
+  with the override ``figure.densities=1,0.3,0.1``.
 * **Table 1**: per surface, the downstream model (paper A's Embedding & MLP, every field at the
   pre-training dim) as: ``no_id`` (no user_ID / item_ID / his_item_ID fields), ``random_id``
   (randomly initialised ID fields; at its best validation point and at its last epoch),
@@ -46,8 +50,8 @@ from oneepoch.pretrain.config import PretrainConfig
 from oneepoch.pretrain.train import pretrain
 from oneepoch.recipes import ReproduceOptions
 from oneepoch.remedies import hooks_from_config
+from oneepoch.remedies.early_stopping import select_hook
 from oneepoch.report import html as H
-from oneepoch.report.figures import plot_mean_std
 from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.tracking import tracking_hooks
 from oneepoch.training.hooks import Hook, State
@@ -75,6 +79,7 @@ class Preset:
     pretrain: list[str] = field(default_factory=list)  # overrides of STAGE1_CONFIG
     downstream: list[str] = field(default_factory=list)  # TrainConfig overrides
     single_stage_weight: float = 0.1
+    densities: tuple[float, ...] = (1.0,)  # Figure 2: shares of the log (first = Table 1's)
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,14 +90,16 @@ PRESETS: dict[str, Preset] = {
                        n_train=50_000, n_valid=10_000, n_test=10_000, engagement_ratio=20.0,
                        n_heldout=20_000),
         pretrain=[],  # configs/hsu2024_pretrain.yaml as it is
-        downstream=["epochs=3", "batch_size=512", "eval.per_epoch=5", "eval.train_rows=10000"]),
+        downstream=["epochs=3", "batch_size=512", "eval.per_epoch=5", "eval.train_rows=10000"],
+        densities=(1.0, 0.3, 0.1)),
     "quick": Preset(
         SurfacesConfig(world=SynthConfig(n_users=800, n_items=1_500, seed=0),
                        n_train=3_000, n_valid=1_000, n_test=1_000, engagement_ratio=10.0,
                        n_heldout=2_000),
         pretrain=["epochs=3", "batch_size=256", "loss.n_uniform=128", "model.dim=16",
                   "optim.lr=0.01", "eval.max_pairs=1000", "eval.train_pairs=1000"],
-        downstream=["epochs=2", "batch_size=256", "eval.per_epoch=2", "eval.train_rows=2000"]),
+        downstream=["epochs=2", "batch_size=256", "eval.per_epoch=2", "eval.train_rows=2000"],
+        densities=(1.0, 0.3)),
 }
 
 
@@ -108,7 +115,7 @@ def hit_at_k_grouped(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 
         >>> hit_at_k_grouped(np.array([1, 0, 0, 0, 1]), np.array([.1, .9, .8, .7, .5]),
         ...                  np.array([0, 0, 0, 0, 1]), k=3)
-        nan
+        0.0
         >>> hit_at_k_grouped(np.array([1, 0, 0, 0, 0, 1]), np.array([.1, .9, .8, .7, .5, .6]),
         ...                  np.array([0, 0, 0, 0, 1, 1]), k=1)
         0.5
@@ -176,18 +183,25 @@ def surfaces_of(root: Path) -> list[str]:
     return out
 
 
+def density_dir(density: float) -> str:
+    """Sub-folder of the stage-1 runs on a subsampled log ("" for the full log)."""
+    return "" if density >= 1 else f"d{density:g}"
+
+
 def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Preset,
-                 overrides: list[str]) -> Path:
-    """One (cached) stage-1 run; returns its folder."""
+                 overrides: list[str], density: float = 1.0) -> Path:
+    """One (cached) stage-1 run, on ``density`` x the log (``data.subsample``); returns its
+    folder."""
+    sub = [f"data.subsample={density}"] if density < 1 else []
     cfg = load_config(PretrainConfig, STAGE1_CONFIG, [
         f"data.path={data_root / 'engagements'}", f"loss.type={loss}", f"seed={seed}",
-        "threads=1", "progress=false", *preset.pretrain, *overrides])
-    run_dir = out / "pretrain" / f"{loss}-s{seed}"
+        "threads=1", "progress=false", *preset.pretrain, *sub, *overrides])
+    run_dir = out / "pretrain" / density_dir(density) / f"{loss}-s{seed}"
     policy = reuse(run_dir, to_dict(cfg))
     if policy != "skip":
         t = time.time()
-        res = pretrain(cfg, run_dir, resume=policy == "resume")
-        print(f"  pretrain {loss} seed {seed}: {time.time() - t:.0f} s, "
+        res = pretrain(cfg, run_dir, resume=policy == "resume", hooks=[select_hook(cfg)])
+        print(f"  pretrain {loss} seed {seed} log x{density:g}: {time.time() - t:.0f} s, "
               f"{res.pairs_per_s:,.0f} pairs/s, held-out Hit@3 {res.metrics[-1]['test_hit@3']:.4f}",
               flush=True)
     return run_dir
@@ -245,24 +259,56 @@ def best_and_last(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 # ----------------------------------------------------------------------------- verdicts
 
 
-def figure2_verdict(con: np.ndarray, bce: np.ndarray) -> tuple[str, list[str]]:
-    """Rule on mean held-out Hit@3 per epoch end (index 0 = before training).
+OVERFIT_DROP = 0.90  # "loses": the last epoch's held-out Hit@3 is below this share of its best
+IMPROVE_TOL = 0.98  # "keeps improving": the last epoch is within 2% of the best ...
+TRAIN_RISE = 1.05  # "train rose": train-subset Hit@3 at the last epoch > 1.05 x at the best
 
-    Contrastive "keeps improving": its final value is within 2% (relative) of its best and
-    above its value after epoch 1. BCE "overfits after the first epoch": its best is at
-    epoch <= 2 and its final value is more than 5% (relative) below that best. Both hold:
-    reproduces; one: partly; none: no.
+
+def curve_shape(held: np.ndarray, train: np.ndarray | None = None) -> tuple[str, str]:
+    """Shape of a held-out Hit@3 curve over epoch ends (index 0 = before training), and a
+    one-line account of it.
+
+    * ``overfits``: the last value is below 90% of the best while train-subset Hit@3 rose
+      (by more than 5%, relative) from the best epoch to the last (memorisation; without
+      ``train``, the drop alone);
+    * ``declines``: the same drop, but train Hit@3 did not rise (not memorisation: e.g. the
+      popularity demotion of uncorrected in-batch negatives);
+    * ``keeps improving``: the last value is within 2% of the best and above the value after
+      epoch 1;
+    * ``holds``: anything else (a plateau, or a drift of less than 10%).
     """
-    notes = []
-    c_best = float(con[1:].max())
-    c_ok = con[-1] >= 0.98 * c_best and con[-1] > con[1]
-    notes.append(f"contrastive: after epoch 1 {con[1]:.4f}, best {c_best:.4f} (epoch "
-                 f"{int(np.argmax(con[1:])) + 1}), final {con[-1]:.4f} -> keeps improving: "
-                 f"{'yes' if c_ok else 'no'}")
-    b_best_ep = int(np.argmax(bce[1:])) + 1
-    b_ok = b_best_ep <= 2 and bce[-1] < 0.95 * bce[b_best_ep]
-    notes.append(f"BCE: best {bce[b_best_ep]:.4f} at epoch {b_best_ep}, final {bce[-1]:.4f} -> "
-                 f"overfits after epoch 1-2: {'yes' if b_ok else 'no'}")
+    best_ep = int(np.argmax(held[1:])) + 1
+    best, last = float(held[best_ep]), float(held[-1])
+    rose = train is None or float(train[-1]) > TRAIN_RISE * float(train[best_ep])
+    if last < OVERFIT_DROP * best:
+        shape = "overfits" if rose else "declines"
+    elif last >= IMPROVE_TOL * best and last > float(held[1]):
+        shape = "keeps improving"
+    else:
+        shape = "holds"
+    tr = ("" if train is None else
+          f"; train Hit@3 {float(train[best_ep]):.4f} -> {float(train[-1]):.4f}")
+    return shape, (f"after epoch 1 {float(held[1]):.4f}, best {best:.4f} at epoch {best_ep}, "
+                   f"last {last:.4f} ({last / best * 100 if best else 0:.0f}% of best){tr}")
+
+
+def figure2_verdict(con: np.ndarray, bce: np.ndarray, con_train: np.ndarray | None = None,
+                    bce_train: np.ndarray | None = None) -> tuple[str, list[str]]:
+    """Paper B's Fig. 2 claim at one log density, on mean held-out (and train-subset) Hit@3
+    per epoch end (index 0 = before training); each curve is classified by
+    :func:`curve_shape`.
+
+    The claim has two parts: contrastive keeps generalising (its curve does not lose: it
+    keeps improving or holds, i.e. its last epoch is within 10% of its best), and BCE
+    overfits (its last epoch is below 90% of its best while its train-subset Hit@3 rose).
+    Both hold: reproduces (yes); one: partly; none: no.
+    """
+    c_shape, c_note = curve_shape(con, con_train)
+    b_shape, b_note = curve_shape(bce, bce_train)
+    c_ok = c_shape in ("keeps improving", "holds")
+    b_ok = b_shape == "overfits"
+    notes = [f"contrastive {c_shape}: {c_note} -> keeps generalising: {'yes' if c_ok else 'no'}",
+             f"BCE {b_shape}: {b_note} -> overfits: {'yes' if b_ok else 'no'}"]
     word = "yes" if c_ok and b_ok else "partly" if c_ok or b_ok else "no"
     return word, notes
 
@@ -305,61 +351,180 @@ def _ms(a: np.ndarray, digits: int = 3, pct: bool = False) -> str:
         f"{a.mean():.{digits}f} +/- {a.std():.{digits}f}"
 
 
-def figure2(out: Path, data_root: Path, preset: Preset, seeds: int, overrides: list[str]
-            ) -> Path:
+def _plot_panels(panels: dict[str, dict[str, tuple[np.ndarray, ...]]], path: Path) -> Path:
+    """One panel per density: held-out Hit@3 (solid, left axis) and train-subset Hit@3
+    (dashed, right axis) per epoch for each loss, mean +/- std bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"contrastive": "tab:blue", "bce": "tab:orange"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    handles: list[Any] = []
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+        ax2 = ax.twinx()
+        if not handles:
+            handles = [ax, ax2]
+        for loss, (x, hm, hs, tm, ts) in curves.items():
+            c = colors.get(loss, "k")
+            ax.plot(x, hm, color=c, lw=1.8, label=f"{loss} held-out")
+            ax.fill_between(x, hm - hs, hm + hs, color=c, alpha=0.18, lw=0)
+            ax2.plot(x, tm, color=c, lw=1.2, ls="--", label=f"{loss} train subset")
+            ax2.fill_between(x, tm - ts, tm + ts, color=c, alpha=0.08, lw=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("held-out Hit@3 (solid)")
+        ax2.set_ylabel("train-subset Hit@3 (dashed)")
+        ax.set_ylim(bottom=0)
+        ax2.set_ylim(bottom=0)
+    h1, l1 = handles[0].get_legend_handles_labels()
+    h2, l2 = handles[1].get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=4, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+EXTRA = ("test_full_loss", "train_hit@3", "test_recall@50", "tau")
+
+
+def _density_curves(out: Path, data_root: Path, preset: Preset, seeds: int,
+                    overrides: list[str], density: float) -> dict[str, Any]:
+    """Stage-1 runs of both losses at one density: per-epoch-end curves over seeds."""
     curves: dict[str, list[np.ndarray]] = {}
     extra: dict[str, dict[str, list[np.ndarray]]] = {}
-    speed = {}
+    speed: dict[str, list[float]] = {}
+    log: dict[str, float] = {}
     for loss in ("contrastive", "bce"):
         for seed in range(seeds):
-            rd = pretrain_run(out, data_root, loss, seed, preset, overrides)
+            rd = pretrain_run(out, data_root, loss, seed, preset, overrides, density)
             rows = read_metrics(rd)
             ends = [r for r in rows if abs(r["epoch"] - round(r["epoch"])) < 1e-9]
             curves.setdefault(loss, []).append(np.array([r["test_hit@3"] for r in ends]))
-            for k in ("test_full_loss", "train_hit@3", "test_recall@50", "tau"):
+            for k in EXTRA:
                 extra.setdefault(loss, {}).setdefault(k, []).append(
                     np.array([r[k] for r in ends]))
-            speed.setdefault(loss, []).append(
-                json.loads((rd / "summary.json").read_text())["pairs_per_s"])
+            summ = json.loads((rd / "summary.json").read_text())
+            speed.setdefault(loss, []).append(summ["pairs_per_s"])
+            log = {"train_pairs": summ["train_pairs"], "users": summ["users"],
+                   "items": summ["items"], "heldout_pairs": summ["heldout_pairs"]}
     mean = {k: np.mean(v, 0) for k, v in curves.items()}
     std = {k: np.std(v, 0) for k, v in curves.items()}
-    x = np.arange(len(mean["contrastive"]))
-    png = plot_mean_std({f"{k} (held-out)": (x, mean[k], std[k]) for k in mean},
-                        out / "figure2.png", ylabel="Hit@3 (full catalogue)",
-                        title="Paper B Fig. 2: stage-1 held-out Hit@3 per epoch")
-    word, notes = figure2_verdict(mean["contrastive"], mean["bce"])
-    header = ["epoch"] + [f"{k} Hit@3" for k in mean] + \
-        [f"{k} {m}" for k in mean for m in ("test_full_loss", "train_hit@3", "test_recall@50")]
-    table_rows = []
-    for e in x:
-        r: list[Any] = [int(e)]
-        r += [f"{mean[k][e]:.4f} +/- {std[k][e]:.4f}" for k in mean]
-        r += [float(np.mean(extra[k][m], 0)[e]) for k in mean
-              for m in ("test_full_loss", "train_hit@3", "test_recall@50")]
-        table_rows.append(r)
-    res = {"verdict": word, "notes": notes, "seeds": seeds,
-           "hit3_mean": {k: v.tolist() for k, v in mean.items()},
-           "hit3_std": {k: v.tolist() for k, v in std.items()},
-           "pairs_per_s": {k: float(np.mean(v)) for k, v in speed.items()},
-           "extra_mean": {k: {m: np.mean(v, 0).tolist() for m, v in d.items()}
+    tmean = {k: np.mean(extra[k]["train_hit@3"], 0) for k in mean}
+    word, notes = figure2_verdict(mean["contrastive"], mean["bce"], tmean["contrastive"],
+                                  tmean["bce"])
+    log["per_user"] = log["train_pairs"] / max(log["users"], 1)
+    log["per_item"] = log["train_pairs"] / max(log["items"], 1)
+    return {"density": density, "verdict": word, "notes": notes, "log": log,
+            "shapes": {k: curve_shape(mean[k], tmean[k])[0] for k in mean},
+            "hit3_mean": {k: v.tolist() for k, v in mean.items()},
+            "hit3_std": {k: v.tolist() for k, v in std.items()},
+            "hit3_runs": {k: [a.tolist() for a in v] for k, v in curves.items()},
+            "pairs_per_s": {k: float(np.mean(v)) for k, v in speed.items()},
+            "extra_mean": {k: {m: np.mean(v, 0).tolist() for m, v in d.items()}
+                           for k, d in extra.items()},
+            "extra_std": {k: {m: np.std(v, 0).tolist() for m, v in d.items()}
                           for k, d in extra.items()}}
+
+
+def where_claim_holds(per: list[dict[str, Any]]) -> str:
+    """One sentence on the densities where the claim reproduces."""
+    def dens(ws: tuple[str, ...]) -> str:
+        got = [f"x{d['density']:g} ({d['log']['per_user']:.0f} engagements per user)"
+               for d in per if d["verdict"] in ws]
+        return ", ".join(got) or "none"
+    return (f"Paper B's Figure 2 reproduces at log densities: {dens(('yes',))}; partly at: "
+            f"{dens(('partly',))}; not at: {dens(('no',))}.")
+
+
+def figure2(out: Path, data_root: Path, preset: Preset, seeds: int, overrides: list[str],
+            densities: tuple[float, ...] | None = None) -> Path:
+    densities = tuple(densities or preset.densities)
+    per = [_density_curves(out, data_root, preset, seeds, overrides, d) for d in densities]
+    panels = {}
+    for d in per:
+        x = np.arange(len(d["hit3_mean"]["contrastive"]))
+        panels[f"log x{d['density']:g} ({d['log']['per_user']:.1f} per user): "
+               f"{d['verdict']}"] = {
+            k: (x, np.array(d["hit3_mean"][k]), np.array(d["hit3_std"][k]),
+                np.array(d["extra_mean"][k]["train_hit@3"]),
+                np.array(d["extra_std"][k]["train_hit@3"])) for k in d["hit3_mean"]}
+    png = _plot_panels(panels, out / "figure2.png")
+    words = {d["verdict"] for d in per}
+    word = words.pop() if len(words) == 1 else "partly"
+    where = where_claim_holds(per)
+    first = per[0]
+    res = {"verdict": word, "where": where, "seeds": seeds, "densities": list(densities),
+           "rule": " ".join((figure2_verdict.__doc__ or "").split()),
+           "shape_rule": " ".join((curve_shape.__doc__ or "").split()),
+           # the first density's curves at the top level (Table 1's stage-1 runs)
+           "notes": first["notes"], "hit3_mean": first["hit3_mean"],
+           "hit3_std": first["hit3_std"], "pairs_per_s": first["pairs_per_s"],
+           "extra_mean": first["extra_mean"], "by_density": {f"{d['density']:g}": d
+                                                             for d in per}}
     _write_json(out / "figure2.json", res)
+    summary_rows = []
+    for d in per:
+        row: list[Any] = [f"x{d['density']:g}", f"{d['log']['train_pairs']:,}",
+                          f"{d['log']['per_user']:.1f}"]
+        for k in ("contrastive", "bce"):
+            m = np.array(d["hit3_mean"][k])
+            be = int(np.argmax(m[1:])) + 1
+            row += [f"{m[be]:.4f} (ep {be})", f"{m[-1]:.4f}", d["shapes"][k]]
+        row.append(d["verdict"])
+        summary_rows.append(row)
+    sections = [
+        ("Claim", f"<p>{H.esc(FIG2_CLAIM)}</p>"),
+        ("Verdict", H.verdict_box(f"Figure 2 reproduces: {word}") + f"<p>{H.esc(where)}</p>" +
+         H.table(["log", "train engagements", "per user", "contrastive best", "last",
+                  "shape", "BCE best", "last", "shape", "claim holds"], summary_rows) +
+         f"<p>Rule: {H.esc(res['rule'])}</p><p>Curve shapes: {H.esc(res['shape_rule'])}</p>"),
+        ("Measured", H.img(png, "Hit@3 per epoch, one panel per log density")),
+    ]
+    for d in per:
+        header = ["epoch"] + [f"{k} held-out Hit@3" for k in d["hit3_mean"]] + \
+            [f"{k} {m}" for k in d["hit3_mean"] for m in ("train_hit@3", "test_full_loss",
+                                                          "test_recall@50")]
+        table_rows = []
+        for e in range(len(d["hit3_mean"]["contrastive"])):
+            r: list[Any] = [e]
+            r += [f"{d['hit3_mean'][k][e]:.4f} +/- {d['hit3_std'][k][e]:.4f}"
+                  for k in d["hit3_mean"]]
+            r += [float(d["extra_mean"][k][m][e]) for k in d["hit3_mean"]
+                  for m in ("train_hit@3", "test_full_loss", "test_recall@50")]
+            table_rows.append(r)
+        sections.append((f"Log x{d['density']:g}: {d['log']['train_pairs']:,} engagements, "
+                         f"{d['log']['per_user']:.1f} per user, {d['log']['per_item']:.1f} per "
+                         f"item; claim holds: {d['verdict']}",
+                         "".join(f"<p>{H.esc(n)}</p>" for n in d["notes"]) +
+                         H.table(header, table_rows)))
     cfg_txt = yaml.safe_dump(to_dict(load_config(PretrainConfig, STAGE1_CONFIG, [
         *preset.pretrain, *overrides])), sort_keys=False)
-    H.write_page(out / "figure2.html", "Paper B, Figure 2: contrastive vs BCE pre-training", [
-        ("Claim", f"<p>{H.esc(FIG2_CLAIM)}</p>"),
-        ("Verdict", H.verdict_box(f"Figure 2 reproduces: {word}") +
-         "".join(f"<p>{H.esc(n)}</p>" for n in notes) +
-         f"<p>Rule: {H.esc(' '.join((figure2_verdict.__doc__ or '').split()))}</p>"),
-        ("Measured", H.img(png, "Hit@3 per epoch") + H.table(header, table_rows)),
-        ("Speed", f"<p>stage-1 training pairs/s (1 thread, shared machine): "
-                  f"{H.esc(json.dumps({k: round(v) for k, v in res['pairs_per_s'].items()}))}"
-                  "</p>"),
-        ("Stage-1 settings", f"<pre>{H.esc(cfg_txt)}</pre>"),
-    ])
+    speed = {f"x{d['density']:g}": {k: round(v) for k, v in d["pairs_per_s"].items()}
+             for d in per}
+    sections += [
+        ("Speed", "<p>stage-1 training pairs/s (1 thread, shared machine), by density: "
+                  f"{H.esc(json.dumps(speed))}</p>"),
+        ("Stage-1 settings", "<p>Lower densities train on a fixed, nested share of the train "
+                             "engagements (<code>data.subsample</code>); the held-out pairs, "
+                             "the vocabularies and the catalogue ranked against stay those of "
+                             f"the full log.</p><pre>{H.esc(cfg_txt)}</pre>"),
+    ]
+    H.write_page(out / "figure2.html", "Paper B, Figure 2: contrastive vs BCE pre-training "
+                 "across log densities", sections)
     print(f"Figure 2 reproduces: {word}")
-    for n in notes:
-        print("  " + n)
+    print("  " + where)
+    for d in per:
+        print(f"  log x{d['density']:g} ({d['log']['per_user']:.1f} engagements per user): "
+              f"{d['verdict']}")
+        for n in d["notes"]:
+            print("    " + n)
     return out / "figure2.html"
 
 
@@ -381,6 +546,8 @@ def table1(out: Path, data_root: Path, preset: Preset, seeds: int, overrides: li
                 per[method].append(best_and_last(read_metrics(rd)))
         res["surfaces"][surface] = per
         res.setdefault("uv_auc", {})[surface] = [uv_auc(e, data_root / surface) for e in exports]
+    res["stage1_selected"] = [json.loads((e / "meta.json").read_text()).get("selected")
+                              for e in exports]
     _write_json(out / "table1.json", res)
     return _table1_report(out, res, preset)
 
@@ -438,7 +605,8 @@ def _table1_report(out: Path, res: dict[str, Any], preset: Preset) -> Path:
     notes = ("<p>Every method trains several epochs; 'best' = the evaluation with the highest "
              "validation AUC (test metrics read there), 'last' = the final evaluation. Lifts are "
              "relative for Hit@3 and in AUC points, per seed against the same seed's baseline, "
-             f"mean +/- std over {res['seeds']} seed(s).</p><pre>"
+             f"mean +/- std over {res['seeds']} seed(s). Stage-1 export used (per seed): "
+             f"{H.esc(json.dumps(res.get('stage1_selected')))}.</p><pre>"
              f"{H.esc(yaml.safe_dump({'downstream': preset.downstream, 'pretrain': preset.pretrain, 'single_stage_weight': preset.single_stage_weight}))}</pre>")  # noqa: E501
     H.write_page(out / "table1.html", "Paper B, Table 1: two-stage ID pre-training downstream",
                  [*head, *sections, ("How it was measured", notes)])
@@ -474,10 +642,20 @@ def reproduce(args: ReproduceOptions) -> int:
               f"items found in the log: {cov})")
     seeds = max(1, args.seeds)
     overrides = list(args.overrides or [])
+    densities = None
+    for o in [o for o in overrides if o.startswith("figure.densities=")]:
+        overrides.remove(o)
+        try:
+            densities = tuple(float(x) for x in o.split("=", 1)[1].split(",") if x)
+        except ValueError as e:
+            raise ValueError(f"figure.densities: expected shares such as 1,0.3,0.1, got "
+                             f"{o.split('=', 1)[1]!r}") from e
+        if not densities or not all(0 < d <= 1 for d in densities):
+            raise ValueError(f"figure.densities: each share must be in (0, 1], got {o}")
     t0 = time.time()
     if args.figure:
         pre_ov = [o[len("pretrain."):] for o in overrides if o.startswith("pretrain.")]
-        p = figure2(out, data_root, preset, seeds, pre_ov)
+        p = figure2(out, data_root, preset, seeds, pre_ov, densities)
         print(f"report: {p}")
     if args.table:
         p = table1(out, data_root, preset, seeds, overrides)
@@ -486,5 +664,5 @@ def reproduce(args: ReproduceOptions) -> int:
     return 0
 
 
-__all__ = ["PRESETS", "Preset", "SlateMetrics", "best_and_last", "figure2_verdict",
+__all__ = ["PRESETS", "Preset", "SlateMetrics", "best_and_last", "curve_shape", "figure2_verdict",
            "hit_at_k_grouped", "reproduce", "table1_verdicts"]

@@ -11,6 +11,13 @@ point was (``selected``) with the test metrics measured there.
     >>> cfg = load_config(TrainConfig, "ctr", ["early_stop.metric=auc", "data.valid_share=0.1"])
     >>> EarlyStopping(cfg).key
     'valid_auc'
+
+Other loops select on their own key (``pretrain``'s ``select.metric``): pass ``key=`` (and
+optionally ``higher_is_better=``; a key ending in ``loss`` is lower-is-better by default)
+instead of a config.
+
+    >>> EarlyStopping(key="test_full_loss", setting="select.metric").sign
+    -1
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ from oneepoch.training.checkpoint import save_checkpoint
 from oneepoch.training.hooks import Hook, State
 
 METRICS = {"auc": +1, "logloss": -1}  # +1: higher is better
+
+
+def direction(key: str) -> int:
+    """+1 when a higher value of metric ``key`` is better, -1 for losses (``...loss``)."""
+    return -1 if key.endswith("loss") else +1
 
 
 class Selector:
@@ -84,7 +96,26 @@ class EarlyStopping(Hook):
 
     applies = "early_stop"
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig | None = None, *, key: str = "",
+                 higher_is_better: bool | None = None, patience: int = 0,
+                 min_delta: float = 0.0, final: str | None = "final",
+                 setting: str = "early_stop") -> None:
+        """From ``cfg.early_stop`` (``train``), or generic: select on row key ``key``,
+        stop after ``patience`` evaluations without improvement (0 = never stop), write the
+        restored best weights to ``RUN/checkpoints/<final>/`` (``None``: do not write);
+        ``setting`` is the setting named in error messages."""
+        self.setting, self.final = setting, final
+        self.report: tuple[str, ...] = ()
+        if cfg is None:
+            if not key:
+                raise ValueError(f"{setting}: EarlyStopping needs a config or a metric key")
+            if patience < 0 or min_delta < 0:
+                raise ValueError(f"{setting}: patience and min_delta must be >= 0")
+            self.applies = setting.split(".")[0]
+            sign = direction(key) if higher_is_better is None else (
+                1 if higher_is_better else -1)
+            self._setup(key, sign, patience, min_delta)
+            return
         es = cfg.early_stop
         if es.metric not in METRICS:
             raise ValueError(f"early_stop.metric: unknown metric {es.metric!r} "
@@ -95,8 +126,12 @@ class EarlyStopping(Hook):
             raise ValueError("early_stop: needs a validation split: set data.valid_split=NAME "
                              "(a split of the data set) or data.valid_share=0.1 (carved out of "
                              "train); it never selects on the test split")
-        self.sel = Selector(f"valid_{es.metric}", METRICS[es.metric], es.patience, es.min_delta)
-        self.key = self.sel.key
+        self.report = ("test_auc", "test_logloss", "test_gauc")
+        self._setup(f"valid_{es.metric}", METRICS[es.metric], es.patience, es.min_delta)
+
+    def _setup(self, key: str, sign: int, patience: int, min_delta: float) -> None:
+        self.sel = Selector(key, sign, patience, min_delta)
+        self.key, self.sign = key, sign
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.stopped = False
 
@@ -108,7 +143,8 @@ class EarlyStopping(Hook):
         try:
             better = self.sel.update(row, f"at step {s.step}")
         except ValueError as e:
-            raise ValueError(f"early_stop: {e} (is the validation split one class?)") from None
+            hint = " (is the validation split one class?)" if self.report else ""
+            raise ValueError(f"{self.setting}: {e}{hint}") from None
         if better:
             self.best_weights = {k: t.detach().clone() for k, t in s.model.state_dict().items()}
         elif self.sel.should_stop:
@@ -119,14 +155,16 @@ class EarlyStopping(Hook):
         if self.best_weights is None:
             return
         s.model.load_state_dict(self.best_weights)
+        if self.final is None:
+            return
         row = self.best_row or {}
-        save_checkpoint(s.run_dir / "checkpoints" / "final", {
+        save_checkpoint(s.run_dir / "checkpoints" / self.final, {
             "model": s.model.state_dict(), "step": int(row.get("step", 0)),
             "epoch": float(row.get("epoch", 0.0)), "selected_on": self.key})
 
     def summary(self) -> dict[str, Any]:
         row = self.best_row or {}
-        keep = ("step", "epoch", self.key, "test_auc", "test_logloss", "test_gauc")
+        keep = ("step", "epoch", self.key, *self.report)
         return {"selected": {k: row[k] for k in keep if k in row} | {"on": self.key},
                 "stopped_early": self.stopped}
 
@@ -138,3 +176,19 @@ class EarlyStopping(Hook):
         self.sel.load_state_dict(state)
         self.stopped = bool(state["stopped"])
         self.best_weights = dict(state["best_weights"]) or None
+
+
+def select_hook(cfg: Any) -> EarlyStopping | None:
+    """The hook applying ``pretrain``'s ``select.*`` settings (a
+    :class:`~oneepoch.pretrain.config.PretrainConfig`), or None when ``select.metric`` is off.
+
+        >>> from oneepoch.config import load_config
+        >>> from oneepoch.pretrain import PretrainConfig
+        >>> select_hook(load_config(PretrainConfig, "pretrain", ["select.metric=test_hit@3"])).key
+        'test_hit@3'
+    """
+    sc = cfg.select
+    if not sc.metric:
+        return None
+    return EarlyStopping(key=sc.metric, patience=sc.patience, min_delta=sc.min_delta,
+                         setting="select.metric")

@@ -256,3 +256,25 @@ def test_reading_runs_and_reports_needs_no_torch(world: Path, tmp_path: Path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(read_metrics(res.run_dir))
+
+
+def test_reuse_counts_settings_a_later_version_added_at_their_default(tmp_path: Path):
+    import yaml
+
+    from oneepoch.config import to_dict
+    from oneepoch.runfolder import RunConflict, reuse
+
+    cfg = load_config(TrainConfig, "ctr", ["epochs=2"])
+    old = to_dict(cfg)
+    del old["optim"]["row_decay_alpha"]  # written by a version without the setting
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    (run / "summary.json").write_text('{"finished": true}')
+    defaults = to_dict(TrainConfig())
+    assert reuse(run, to_dict(cfg), defaults) == "skip"
+    changed = load_config(TrainConfig, "ctr", ["epochs=2", "optim.row_decay_alpha=0.001"])
+    with pytest.raises(RunConflict, match="row_decay_alpha"):
+        reuse(run, to_dict(changed), defaults)
+    with pytest.raises(RunConflict):  # without the defaults a missing key is a difference
+        reuse(run, to_dict(cfg))

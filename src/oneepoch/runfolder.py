@@ -118,9 +118,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(run_dir: str | Path, config: dict[str, Any],
                 volatile: tuple[str, ...] = ("threads", "progress", "tracking",
-                                           "tracking_uri")) -> list[str] | None:
+                                           "tracking_uri"),
+                defaults: dict[str, Any] | None = None) -> list[str] | None:
     """Dotted keys whose value in ``RUN/config.yaml`` differs from ``config`` (``None`` when
-    the folder has no config); ``volatile`` keys do not change results and are ignored."""
+    the folder has no config); ``volatile`` keys do not change results and are ignored. A key
+    the old ``config.yaml`` lacks (a setting added by a later version) counts as equal when
+    ``config`` holds its default there (``defaults``: the settings class's defaults)."""
     import yaml
 
     p = Path(run_dir) / "config.yaml"
@@ -131,20 +134,23 @@ def config_diff(run_dir: str | Path, config: dict[str, Any],
     except (yaml.YAMLError, AttributeError):
         return ["config.yaml (unreadable)"]
     new = _flat(yaml.safe_load(yaml.safe_dump(config)))
+    base = _flat(yaml.safe_load(yaml.safe_dump(defaults))) if defaults else {}
     return sorted(k for k in set(old) | set(new)
-                  if k not in volatile and old.get(k) != new.get(k))
+                  if k not in volatile and old.get(k, base.get(k)) != new.get(k))
 
 
-def reuse(run_dir: str | Path, config: dict[str, Any]) -> str:
+def reuse(run_dir: str | Path, config: dict[str, Any],
+          defaults: dict[str, Any] | None = None) -> str:
     """What a recipe does with a run folder it wants to train with ``config``: ``"skip"`` a
     finished run with these settings, ``"resume"`` an unfinished one with these settings and
     an epoch checkpoint, ``"fresh"`` otherwise. A *finished* run with other settings is never
-    overwritten silently: :class:`RunConflict` names the settings that differ.
+    overwritten silently: :class:`RunConflict` names the settings that differ. Settings a
+    later version added count as equal at their ``defaults``, so runs survive an upgrade.
 
     >>> reuse("runs/never-made", {"epochs": 3})
     'fresh'
     """
-    diff = config_diff(run_dir, config)
+    diff = config_diff(run_dir, config, defaults=defaults)
     if is_finished(run_dir):
         if diff:
             raise RunConflict(f"{run_dir}: finished with other settings ({', '.join(diff)} "

@@ -197,7 +197,7 @@ def pretrain_run(out: Path, data_root: Path, loss: str, seed: int, preset: Prese
         f"data.path={data_root / 'engagements'}", f"loss.type={loss}", f"seed={seed}",
         "threads=1", "progress=false", *preset.pretrain, *sub, *overrides])
     run_dir = out / "pretrain" / density_dir(density) / f"{loss}-s{seed}"
-    policy = reuse(run_dir, to_dict(cfg))
+    policy = reuse(run_dir, to_dict(cfg), to_dict(type(cfg)()))
     if policy != "skip":
         t = time.time()
         res = pretrain(cfg, run_dir, resume=policy == "resume", hooks=[select_hook(cfg)])
@@ -223,7 +223,7 @@ def downstream_run(out: Path, data: CTRData, surface: str, method: str, seed: in
         raise ValueError(f"unknown method {method!r} (choose {METHODS})")
     cfg = load_config(TrainConfig, None, [*ov, *overrides])
     run_dir = out / "downstream" / surface / f"{method}-s{seed}"
-    policy = reuse(run_dir, to_dict(cfg))
+    policy = reuse(run_dir, to_dict(cfg), to_dict(type(cfg)()))
     if policy != "skip":
         t = time.time()
         train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg), SlateMetrics()],

@@ -38,6 +38,7 @@ from oneepoch.config import TrainConfig, load_config, to_dict
 from oneepoch.runfolder import read_metrics, reuse
 from oneepoch.training.hooks import Hook
 
+DEFAULTS = to_dict(TrainConfig())  # settings a later version adds count at their default
 PROBES = ("adistance", "updates", "collapse")
 
 
@@ -107,7 +108,7 @@ def spec_config(spec: RunSpec) -> TrainConfig:
 
 def check_same_config(spec: RunSpec) -> None:
     """Refuse to skip a finished run that was trained with other settings than ``spec``."""
-    reuse(spec.run_dir, to_dict(spec_config(spec)))
+    reuse(spec.run_dir, to_dict(spec_config(spec)), DEFAULTS)
 
 
 def _seed_from_checkpoint(src: Path, dst: Path) -> None:
@@ -133,7 +134,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
 
     cfg = spec_config(spec)
     run_dir = Path(spec.run_dir)
-    resume = reuse(run_dir, to_dict(cfg)) == "resume"  # a killed run continues
+    resume = reuse(run_dir, to_dict(cfg), DEFAULTS) == "resume"  # a killed run continues
     if spec.continue_from and not resume:
         _seed_from_checkpoint(Path(spec.continue_from), run_dir)
         resume = True
@@ -149,7 +150,7 @@ def run_specs(specs: Sequence[RunSpec], workers: int = 0, log: bool = True,
     (``0`` = one per core). Specs with ``continue_from`` wait until their source is finished.
     With ``fresh_processes`` each run gets a process of its own (so each run's peak RSS in its
     ``summary.json`` is its own). Returns one summary per run trained now."""
-    todo = [s for s in specs if reuse(s.run_dir, to_dict(spec_config(s))) != "skip"]
+    todo = [s for s in specs if reuse(s.run_dir, to_dict(spec_config(s)), DEFAULTS) != "skip"]
     skipped = len(specs) - len(todo)
     if log and skipped:
         print(f"skipping {skipped} finished run(s)", flush=True)

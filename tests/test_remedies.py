@@ -193,3 +193,5 @@ def test_honest_line_needs_a_gain_beyond_seed_noise():
     assert "freq-lr" in line and "meda" not in line and "3/3 seeds" in line
     assert honest_line([base, noisy]).startswith("none does here")
     assert not honest_line([base, arm("lazy", [0.8])]).startswith("beats")  # one seed: never
+    steady = arm("adamar", [0.7001, 0.7021, 0.6981])  # +0.01 pt on every seed: too small
+    assert honest_line([base, steady]).startswith("none does here")

@@ -11,8 +11,9 @@ Per arm, mean +/- std over seeds: the selected test AUC and where it was, the te
 each epoch end and the drop right after each boundary (the verdict's rule), the gain over
 the early-stopped baseline (paired by seed) and how many seeds beat it, train time and peak
 RSS. The last line names the remedies that beat early stopping beyond seed noise, or says
-that none does: a remedy beats it when the mean paired gain is positive and exceeds
-``t x std / sqrt(n)`` (one-sided 95% Student t for n seeds; with one seed nothing can).
+that none does: a remedy beats it when the mean paired gain is at least :data:`MIN_GAIN`
+(0.1 AUC points) and exceeds ``t x std / sqrt(n)`` (one-sided 95% Student t for n seeds; with
+one seed nothing can).
 
     >>> res = run_compare("data/ml100k", ["meda", "freq-lr"], epochs=4, seeds=3)  # doctest: +SKIP
     >>> print(res.line)                                                            # doctest: +SKIP
@@ -43,6 +44,7 @@ from oneepoch.runfolder import read_metrics, read_summary
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
        9: 1.833}
 VALID_SHARE = 0.1
+MIN_GAIN = 0.001  # 0.1 AUC points: a gain below this is not worth a remedy, however steady
 
 
 def t95(n: int) -> float:
@@ -155,7 +157,7 @@ def honest_line(arms: Sequence[ArmResult]) -> str:
         n = min(len(a.selected_auc), len(base.selected_auc))
         a.gain = [a.selected_auc[i] - base.selected_auc[i] for i in range(n)]
         m, s = ms(a.gain)
-        a.beats_noise = bool(n >= 2 and m > 0 and m > t95(n) * s / math.sqrt(n))
+        a.beats_noise = bool(n >= 2 and m >= MIN_GAIN and m > t95(n) * s / math.sqrt(n))
         if a.beats_noise:
             winners.append(f"{a.name} ({m * 100:+.2f} pt, {sum(g > 0 for g in a.gain)}/{n} "
                            "seeds)")
@@ -206,8 +208,8 @@ def write_outputs(out: Path, arms: list[ArmResult], runs: dict[str, list[Path]],
         ("Verdict", f"<p><b>{esc(line)}</b></p><p>Each arm's point is selected on the "
                     "validation split; the gain is the paired difference of selected test AUC "
                     "to the early-stopped baseline, seed by seed. A remedy beats it beyond "
-                    "seed noise when the mean gain exceeds the one-sided 95% Student-t bound "
-                    "of the paired differences.</p>"),
+                    "seed noise when the mean gain is at least 0.1 AUC points and exceeds the "
+                    "one-sided 95% Student-t bound of the paired differences.</p>"),
         ("Test AUC (mean ± std over seeds)", img(png, title)),
         ("Per arm (mean ± std over seeds)", table(header, rows)),
         ("Arms", what)])

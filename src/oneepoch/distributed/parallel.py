@@ -31,8 +31,7 @@ rank's numbers up to float summation order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from oneepoch.data.batcher import Batcher
 from oneepoch.distributed.env import DistContext
 from oneepoch.training.hooks import Hook, State, changes_loss
+from oneepoch.training.loop import OneBatchStep
 from oneepoch.training.optim import Optimizer, _row_grads, coalesce_rows
 
 
@@ -159,7 +159,7 @@ class GradientSync:
         return loss
 
 
-class DataParallelStep:
+class DataParallelStep(OneBatchStep):
     """The CTR step on this rank's slice of each global batch (a
     :class:`~oneepoch.training.loop.Step`): forward and backward on the slice, gradients
     summed over the ranks, then the optimizer's own update."""
@@ -187,16 +187,6 @@ class DataParallelStep:
         mean = self.sync(loss_sum, len(local) / max(n, 1))
         self.opt.step()
         return mean
-
-    def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
-        rows = next(batches, None)
-        return [] if rows is None else [self.one(rows)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def check_hooks(ctx: DistContext, hooks: Sequence[Hook]) -> None:

@@ -71,6 +71,27 @@ class Step(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class OneBatchStep:
+    """A :class:`Step` that trains one batch per call (``one(rows) -> loss``, defined by the
+    subclass) and keeps no state of its own."""
+
+    path = "autograd"
+    reason = ""
+
+    def one(self, rows: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
+        rows = next(batches, None)
+        return [] if rows is None else [self.one(rows)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def eval_points(steps_per_epoch: int, epochs: int, per_epoch: int, every_steps: int = 0,
                 at_start: bool = True) -> set[int]:
     """Global steps after which to evaluate: ``per_epoch`` evenly spaced points per epoch

@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from oneepoch.data.batcher import Batcher
 from oneepoch.training.fused import FusedStep
 from oneepoch.training.hooks import Hook, State, changes_loss
+from oneepoch.training.loop import OneBatchStep
 from oneepoch.training.optim import Optimizer
 
 
-class AutogradStep:
+class AutogradStep(OneBatchStep):
     """One batch per call through autograd: forward, BCE, hooks' loss terms, backward, step."""
-
-    path = "autograd"
 
     def __init__(self, model: torch.nn.Module, opt: Optimizer, batcher: Batcher,
                  hooks: Sequence[Hook], state: State, reason: str = "") -> None:
@@ -45,16 +44,6 @@ class AutogradStep:
         loss.backward()
         self.opt.step()
         return float(loss.detach())
-
-    def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
-        rows = next(batches, None)
-        return [] if rows is None else [self.one(rows)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class FusedPath:

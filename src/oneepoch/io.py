@@ -99,6 +99,20 @@ def follow_umask(path: str | Path, mode: int = 0o666) -> None:
 
 
 @contextmanager
+def _storage_errors(tmp: Path, path: Path) -> Iterator[None]:
+    """A storage failure inside the block (disk full, permission denied, ...) becomes a
+    :class:`StorageError` naming the final ``path``, not the temporary ``tmp``."""
+    try:
+        yield
+    except StorageError as e:  # from a nested writer
+        raise _renamed(e, tmp, path) from e
+    except Exception as e:
+        if _is_storage_failure(e, path.parent):
+            raise storage_error(e, path) from e
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a unique temporary sibling of ``path`` to write; when the block succeeds it is
     renamed to ``path``, otherwise removed. A storage failure (disk full, permission denied,
@@ -110,14 +124,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = temp_sibling(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except StorageError as e:  # from a nested writer: name the final path, not the temporary
-        raise _renamed(e, tmp, path) from e
-    except Exception as e:
-        if _is_storage_failure(e, path.parent):
-            raise storage_error(e, path) from e
-        raise
+        with _storage_errors(tmp, path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -199,28 +208,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except OSError as e:
         raise storage_error(e, path, "cannot create the folder") from e
     try:
-        yield tmp
-        old = None
-        if path.is_symlink() or path.exists():
-            if not path.is_dir():
-                raise StorageError(f"{path}: is a file, not a folder: remove it or choose "
-                                   "another path")
-            # move the old folder aside first: a kill between the two renames leaves it
-            # recoverable (hidden beside the new one) rather than deleted
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except StorageError as e:  # from a nested writer: name the final path, not the temporary
-        raise _renamed(e, tmp, path) from e
-    except Exception as e:
-        if _is_storage_failure(e, path.parent):
-            raise storage_error(e, path) from e
-        raise
+        with _storage_errors(tmp, path):
+            yield tmp
+            _replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put folder ``tmp`` at ``path``; an old folder there is moved aside first, then removed."""
+    old = None
+    if path.is_symlink() or path.exists():
+        if not path.is_dir():
+            raise StorageError(f"{path}: is a file, not a folder: remove it or choose "
+                               "another path")
+        # move the old folder aside first: a kill between the two renames leaves it
+        # recoverable (hidden beside the new one) rather than deleted
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_writable_dir(path: str | Path, setting: str = "out_dir",

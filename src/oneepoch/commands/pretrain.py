@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
-    from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
+    from oneepoch.distributed import run_as_rank
     from oneepoch.distributed.launch import launch_local
     from oneepoch.pretrain import PretrainConfig, pretrain
     from oneepoch.remedies.early_stopping import select_hook
@@ -48,19 +47,12 @@ def run(args: argparse.Namespace) -> int:
             ["--shard-tables", args.shard_tables] if args.shard_tables else []),
             *args.overrides])
     cfg, run_dir = config_and_run_dir(args, PretrainConfig)
-    par = None
-    try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
-        par = DataParallelRun.from_env("cpu", cfg.threads, args.shard_tables)
-        res = pretrain(cfg, run_dir, resume=run_dir is not None, parallel=par,
-                       hooks=[*tracking_hooks(cfg, report=False), select_hook(cfg)])
-    except DistributedError as e:  # a rank stopped, or the ranks could not meet
-        print(f"oneepoch pretrain: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if par is not None:
-            par.close()
-    if env_rank() != 0:  # rank 0 reports for a distributed run
-        return 0
+    res, rc = run_as_rank("pretrain", lambda par: pretrain(
+        cfg, run_dir, resume=run_dir is not None, parallel=par,
+        hooks=[*tracking_hooks(cfg, report=False), select_hook(cfg)]),
+        "cpu", cfg.threads, args.shard_tables or "")
+    if rc is not None:  # another rank (rank 0 reports), or a rank failed
+        return rc
     last = res.metrics[-1]
     ks = cfg.eval.ks
     best = max(res.metrics, key=lambda r: r[f"test_hit@{ks[0]}"])

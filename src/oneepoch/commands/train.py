@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
     from oneepoch.config import TrainConfig
-    from oneepoch.distributed import DataParallelRun, DistributedError, env_rank
+    from oneepoch.distributed import run_as_rank
     from oneepoch.distributed.launch import launch_local
     from oneepoch.remedies import hooks_from_config
     from oneepoch.report.run_report import build_report
@@ -38,19 +37,11 @@ def run(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, ["train", "--config", args.config, *(
             ["--resume", args.resume] if args.resume else []), *args.overrides])
     cfg, run_dir = config_and_run_dir(args, TrainConfig)
-    par = None
-    try:  # one rank of several when launched by torchrun (or --nproc); None otherwise
-        par = DataParallelRun.from_env(cfg.device, cfg.threads)
-        res = train(cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
-                    resume=run_dir is not None, parallel=par)
-    except DistributedError as e:  # a rank stopped, or the ranks could not meet
-        print(f"oneepoch train: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if par is not None:
-            par.close()
-    if env_rank() != 0:  # rank 0 reports for a distributed run
-        return 0
+    res, rc = run_as_rank("train", lambda par: train(
+        cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
+        resume=run_dir is not None, parallel=par), cfg.device, cfg.threads)
+    if rc is not None:  # another rank (rank 0 reports), or a rank failed
+        return rc
     report = build_report([res.run_dir])
     print(res.verdict.line())
     print(f"run: {res.run_dir}\nreport: {report}")

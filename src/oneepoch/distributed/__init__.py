@@ -168,5 +168,27 @@ class DataParallelRun:
         self.ctx.close()
 
 
+def run_as_rank(command: str, work: Callable[[DataParallelRun | None], Any], device: str = "cpu",
+                threads: int = 0, shard_tables: str = "") -> tuple[Any, int | None]:
+    """Run a command's ``work(parallel)`` as this process's rank (``parallel`` is ``None`` when
+    not launched by torchrun); returns ``(result, None)`` where the command reports (one
+    process, or rank 0), ``(None, 0)`` on the other ranks, ``(None, 1)`` after printing the
+    error when a rank stopped or the ranks could not meet."""
+    import sys
+
+    par = None
+    try:
+        par = DataParallelRun.from_env(device, threads, shard_tables)
+        result = work(par)
+    except DistributedError as e:
+        print(f"oneepoch {command}: error: {e}", file=sys.stderr)
+        return None, 1
+    finally:
+        if par is not None:
+            par.close()
+    return (result, None) if env_rank() == 0 else (None, 0)
+
+
 __all__ = ["DEFAULT_TIMEOUT_S", "DataParallelRun", "DataParallelStep", "DistContext",
-           "DistributedError", "env_rank", "from_env", "launched", "rank_bounds", "rank_slice"]
+           "DistributedError", "env_rank", "from_env", "launched", "rank_bounds", "rank_slice",
+           "run_as_rank"]

@@ -58,7 +58,24 @@ def local_loss(fn: Any, u_all: torch.Tensor, i_all: torch.Tensor, a: int, b: int
                             lc.in_batch, lc.chunk)
 
 
-class DataParallelStage1:
+class _WrapsStage1:
+    """What a distributed stage-1 step keeps of the one-process stepper it wraps
+    (``self.inner``): its clock (pairs/s) and its state (generator, counters)."""
+
+    inner: Any
+
+    @property
+    def pairs_per_s(self) -> float | None:
+        return self.inner.pairs_per_s
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class DataParallelStage1(_WrapsStage1):
     """The loop's step for stage 1 on several ranks (wraps one process's
     :class:`~oneepoch.pretrain.train.Stage1Stepper`: its generator, clock and state)."""
 
@@ -96,18 +113,8 @@ class DataParallelStage1:
         st.pairs_done += n
         return [mean]
 
-    @property
-    def pairs_per_s(self) -> float | None:
-        return self.inner.pairs_per_s
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
-class ShardedStage1:
+class ShardedStage1(_WrapsStage1):
     """Stage 1 with the user and item tables sharded by TorchRec (:class:`~oneepoch.distributed.
     sharded.ShardedTables`), the optimizer fused into FBGEMM's backward (SGD / Adagrad).
 
@@ -212,13 +219,3 @@ class ShardedStage1:
         st.train_secs += time.perf_counter() - ts
         st.pairs_done += n
         return [float(buf[-1])]
-
-    @property
-    def pairs_per_s(self) -> float | None:
-        return self.inner.pairs_per_s
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)

@@ -17,6 +17,34 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL_WORLD = dict(n_users=20_000, n_items=100_000, n_train=100_000, n_test=20_000)
 
 
+def kernel_paths() -> list:
+    """``path`` parameters for a test run through the PyTorch twins and the native kernels."""
+    from oneepoch import kernels
+
+    return ["torch", pytest.param("native", marks=pytest.mark.skipif(
+        not kernels.available(), reason="no C compiler here"))]
+
+
+def kernel_path(name: str):
+    """A context in which ``name`` (``torch`` or ``native``) computes the kernels."""
+    import contextlib
+
+    from oneepoch import kernels
+
+    return kernels.disabled() if name == "torch" else contextlib.nullcontext()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread (a busy machine's thread pool costs more than the work)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A very small synthetic data set (seconds to train) for mechanics tests."""

@@ -4,13 +4,13 @@ and alpha = 0 leaving today's numbers bitwise."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import kernel_path, kernel_paths
 from oneepoch import kernels
 from oneepoch.config import OptimConfig, TrainConfig, load_config
 from oneepoch.data.batcher import Batch, Batcher
@@ -19,20 +19,8 @@ from oneepoch.training.optim import DenseAdamCatchUp, RowWiseOptimizer, row_deca
 
 R, D = 40, 6
 B1, B2, EPS = 0.9, 0.999, 1e-8
-PATHS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    not kernels.available(), reason="no C compiler here"))]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _path(name: str):
-    return kernels.disabled() if name == "torch" else contextlib.nullcontext()
+PATHS = kernel_paths()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schedule(steps: int, seed: int = 1) -> list[torch.Tensor]:
@@ -160,7 +148,7 @@ def test_lazy_adamar_equals_the_eager_reference(path):
     ref = _eager(w0, tgt, sched, lr, alpha, "lazy", row_lr)
     mine = _Mine(w0, lr, alpha, "lazy", row_lr)
     gaps = []
-    with _path(path):
+    with kernel_path(path):
         for t, rows in enumerate(sched):
             mine.step(rows, tgt)
             if t in (40, 199, steps - 1):
@@ -184,7 +172,7 @@ def test_dense_adamar_is_within_its_bound_of_the_eager_reference(path):
     sched = _schedule(steps)
     ref = _eager(w0, tgt, sched, lr, alpha, "dense")
     mine = _Mine(w0, lr, alpha, "dense")
-    with _path(path):
+    with kernel_path(path):
         for t, rows in enumerate(sched):
             mine.step(rows, tgt)
             if t in (99, steps - 1):
@@ -200,7 +188,7 @@ def test_dense_adamar_is_within_its_bound_of_the_eager_reference(path):
 def test_state_dict_round_trip_continues_bitwise(path, mode):
     w0, tgt = _init()
     sched = _schedule(200)
-    with _path(path):
+    with kernel_path(path):
         straight = _Mine(w0, 1e-2, 0.02, mode)
         for t, rows in enumerate(sched):
             straight.step(rows, tgt)
@@ -232,7 +220,7 @@ def test_alpha_zero_changes_nothing(path, mode):
     w0, tgt = _init()
     sched = _schedule(150)
     runs = []
-    with _path(path):
+    with kernel_path(path):
         for alpha in (0.0, 1e-30):
             mine = _Mine(w0, 1e-2, alpha, mode)
             for rows in sched:

@@ -3,12 +3,11 @@ row-wise cost) against an eager reference, sync(), resume, the fused step, and l
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import kernel_path, kernel_paths
 from oneepoch import kernels
 from oneepoch.config import OptimConfig, TrainConfig, load_config
 from oneepoch.data.batcher import Batch, Batcher
@@ -16,21 +15,8 @@ from oneepoch.models.embedding import FieldEmbedding
 from oneepoch.training.optim import DenseAdamCatchUp, RowWiseOptimizer
 
 R, D, STEPS, LR = 40, 6, 200, 1e-2
-PATHS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    not kernels.available(), reason="no C compiler here"))]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (a busy machine's thread pool costs more than the work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _path(name: str):
-    return kernels.disabled() if name == "torch" else contextlib.nullcontext()
+PATHS = kernel_paths()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schedule(steps: int = STEPS, seed: int = 1) -> list[torch.Tensor]:
@@ -102,7 +88,7 @@ def test_dense_matches_torch_adam_on_a_dense_table(path, wd):
     sched = _schedule()
     ref = _reference(w0, tgt, sched, wd)
     mine, lazy = _Mine(w0, wd=wd), _Mine(w0, "lazy", wd=wd)
-    with _path(path):
+    with kernel_path(path):
         for t, rows in enumerate(sched):
             mine.step(rows, tgt)
             lazy.step(rows, tgt)
@@ -124,7 +110,7 @@ def test_rows_untouched_lag_until_sync_then_match(path):
     sched = _schedule(120)
     ref = _reference(w0, tgt, sched)
     mine = _Mine(w0)
-    with _path(path):
+    with kernel_path(path):
         for rows in sched:
             mine.step(rows, tgt)
         last = mine.opt.state["last_step"]
@@ -142,7 +128,7 @@ def test_rows_untouched_lag_until_sync_then_match(path):
 def test_state_dict_round_trip_continues_bitwise(path):
     w0, tgt = _init()
     sched = _schedule()
-    with _path(path):
+    with kernel_path(path):
         straight = _Mine(w0)
         for rows in sched:
             straight.step(rows, tgt)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint install clean
+.PHONY: demo test test-fast bench lint install install-distributed clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,18 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The distributed extra on a CPU machine (TorchRec's own fbgemm-gpu dependency is the GPU
+# build, which does not load beside torch 2.13; see docs/distributed.md): torchrec and the
+# CPU build of FBGEMM without their declared dependencies, then TorchRec's other ones.
+DIST_STAMP := $(VENV)/.distributed
+$(DIST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps "torchrec==1.8.0" "fbgemm-gpu-cpu==1.8.0"
+	$(BIN)/python -m pip install -q pyre-extensions tensordict "torchmetrics==1.0.3" tqdm
+	$(BIN)/python -c "from oneepoch.distributed.plan import require_torchrec; require_torchrec()"
+	@touch $(DIST_STAMP)
+
+install-distributed: $(DIST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/oneepoch demo

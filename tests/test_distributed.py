@@ -231,9 +231,14 @@ def test_plan_tables_parse_and_refuse_bad_specs():
             parse_tables(bad)
 
 
-@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
-def test_plan_without_the_extra_says_what_to_install(capsys):
+def _without_torchrec(monkeypatch):
+    """Make ``import torchrec`` fail here, as on a machine without the extra."""
+    monkeypatch.setitem(sys.modules, "torchrec", None)
+
+
+def test_plan_without_the_extra_says_what_to_install(capsys, monkeypatch):
     from oneepoch.cli import main
+    _without_torchrec(monkeypatch)
     assert main(["plan", "--tables", "item=1e6:8", "--world-size", "2"]) == 2
     assert 'pip install "oneepoch[distributed]"' in capsys.readouterr().err
 
@@ -331,9 +336,9 @@ def test_torchrec_sharded_sgd_step_and_dcp_checkpoint_resharded_to_one(tmp_path,
         np.testing.assert_array_equal(whole[n].numpy(), t[f"got.{n}"].numpy())
 
 
-@pytest.mark.skipif(torchrec_loads(), reason="torchrec is installed here")
 def test_sharding_asked_without_the_extra_is_a_clear_error(monkeypatch):
     from oneepoch.distributed import DataParallelRun
+    _without_torchrec(monkeypatch)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match=r"pip install \"oneepoch\[distributed\]\""):

@@ -11,15 +11,17 @@ Gradients. Each rank's loss is its rows' summed BCE divided by the *global* batc
 sum of the ranks' gradients is the gradient of the global batch's mean loss, the number one
 process computes. Per step, two collectives (none on one process):
 
-* dense layers: one ``all_reduce`` (sum) of one flat buffer holding every dense gradient, the
-  loss, the float buffers (Dice's running statistics, weighted by the rank's share of the
-  batch) and each rank's count of table rows -- what DistributedDataParallel does in buckets;
-  one buffer keeps the uneven last batch exact (DDP divides by ``W`` whatever the slice
-  sizes) and the loss and counts in the same message;
-* ID tables: per table, one ``all_gather`` of each rank's (unique rows, summed row
-  gradients), padded to the largest rank's count, then summed per row on every rank. Cost
-  per step: ``W x max unique rows x (dim + 2) x 4`` bytes, independent of the table's size
-  (a dense all-reduce of the table would move ``rows x dim x 4`` bytes per step).
+* dense layers: one flat buffer holding every dense gradient, the loss, the float buffers
+  (Dice's running statistics, weighted by the rank's share of the batch) and the rank's count
+  of table rows, summed over the ranks -- what DistributedDataParallel does in buckets; one
+  buffer keeps the uneven last batch exact (DDP divides by ``W`` whatever the slice sizes).
+  On up to :data:`GATHER_SUM_MAX_WORLD` ranks the sum is an ``all_gather`` and a local sum
+  in rank order (on gloo a small ``all_reduce`` costs two to three times as much: ~2 ms
+  against ~0.8 ms on this 2-core machine); on more ranks, an ``all_reduce``;
+* ID tables: one ``all_gather`` of each rank's (unique rows, summed row gradients) of every
+  table, each table padded to the largest rank's count, then summed per row on every rank.
+  Cost per step: ``W x max unique rows x (dim + 2) x 4`` bytes per table, independent of
+  the table's size (a dense all-reduce of the table would move ``rows x dim x 4`` bytes).
 
 The optimizer then steps once per global step on every rank with the same global (rows,
 gradient) pairs, so whatever the row-wise optimizer does -- Adam, the remedies' per-row
@@ -78,6 +80,11 @@ def gather_array(ctx: DistContext, a: np.ndarray) -> np.ndarray:
     return torch.cat(gather_rows(ctx, torch.from_numpy(np.ascontiguousarray(a)))).numpy()
 
 
+# Up to this many ranks the dense sum is an all_gather and a local sum: on gloo a small
+# all_reduce costs two to three times an all_gather of the same buffer (latency, not bytes).
+GATHER_SUM_MAX_WORLD = 8
+
+
 class GradientSync:
     """Sums the gradients of one step over the ranks (see the module doc)."""
 
@@ -87,14 +94,40 @@ class GradientSync:
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.bytes_last = 0
 
+    def _dense_sum(self, head: torch.Tensor, n_tables: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """The ranks' ``head`` buffers summed (the last ``n_tables`` entries excepted: this
+        rank's row count per table) and every rank's row counts ``[rank][table]``."""
+        ctx, w = self.ctx, self.ctx.world_size
+        k = head.numel() - n_tables
+        if w <= GATHER_SUM_MAX_WORLD:
+            out = [torch.empty_like(head) for _ in range(w)]
+            with ctx.collective("all_gather of the dense gradients"):
+                dist.all_gather(out, head)
+            total = out[0][:k].clone()
+            for o in out[1:]:  # rank order: the same sum on every rank
+                total += o[:k]
+            counts = [[int(c) for c in o[k:].round()] for o in out]
+            self.bytes_last = head.numel() * 4 * w
+            return total, counts
+        slots = head.new_zeros(k + n_tables * w)  # counts in per-rank slots, then one all_reduce
+        slots[:k] = head[:k]
+        slots[k + ctx.rank * n_tables:k + (ctx.rank + 1) * n_tables] = head[k:]
+        with ctx.collective("all_reduce of the dense gradients"):
+            dist.all_reduce(slots)
+        self.bytes_last = slots.numel() * 4
+        cs = slots[k:].round().to(torch.int64).view(w, n_tables)
+        return slots[:k], [[int(c) for c in row] for row in cs]
+
     def __call__(self, loss_sum: float, share: float) -> float:
         """Synchronise after this rank's backward; returns the global batch's mean loss.
         ``loss_sum``: this rank's loss (already divided by the global batch size);
         ``share``: this rank's fraction of the global batch's rows.
 
-        Two collectives per step: one ``all_reduce`` of the dense gradients, the loss, the
-        running statistics and every rank's count of table rows; then, per table, one
-        ``all_gather`` of the (row, gradient) pairs padded to the largest count."""
+        Two collectives per step, whatever the number of tables: the dense gradients, the
+        loss, the running statistics and this rank's count of table rows (an ``all_gather``
+        summed locally on up to :data:`GATHER_SUM_MAX_WORLD` ranks, else an ``all_reduce``);
+        then one ``all_gather`` of every table's (row, gradient) pairs, each table padded to
+        its largest count."""
         ctx, w = self.ctx, self.ctx.world_size
         if w == 1:  # this rank's gradients are the global batch's
             self.bytes_last = 0
@@ -111,17 +144,13 @@ class GradientSync:
                 rows, grads = got
             packed.append(torch.cat([rows.contiguous().view(torch.float32).view(-1, 2),
                                      grads.to(torch.float32)], 1))  # row ids as raw bits
-        counts = torch.zeros(len(tables) * w, dtype=torch.float32)
-        for t, pk in enumerate(packed):
-            counts[t * w + ctx.rank] = pk.shape[0]
         flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
                 for p in self.dense]
         flat += [b.reshape(-1) * share for b in self.buffers]
-        flat += [torch.tensor([loss_sum], dtype=torch.float32), counts]
-        buf = torch.cat([t.to(torch.float32) for t in flat])
-        with ctx.collective("all_reduce of the dense gradients"):
-            dist.all_reduce(buf)
-        moved = buf.numel() * 4
+        flat += [torch.tensor([loss_sum], dtype=torch.float32),
+                 torch.tensor([pk.shape[0] for pk in packed], dtype=torch.float32)]
+        buf, counts = self._dense_sum(torch.cat([t.to(torch.float32) for t in flat]),
+                                      len(tables))
         a = 0
         for p in self.dense:
             k = p.numel()
@@ -133,17 +162,23 @@ class GradientSync:
                 b.copy_(buf[a:a + k].view_as(b))
                 a += k
         loss = float(buf[a])
-        sizes = buf[a + 1:].round().to(torch.int64).view(len(tables), w) if tables else None
-        # ID tables: (rows, gradient) pairs of every rank, summed per row
-        for t, (o, pk) in enumerate(zip(tables, packed, strict=True)):
-            n = [int(x) for x in sizes[t]]
-            pad = pk.new_zeros((max(n), pk.shape[1]))
-            pad[:pk.shape[0]] = pk
-            out = [torch.empty_like(pad) for _ in range(w)]
-            with ctx.collective("all_gather of the table rows"):
-                dist.all_gather(out, pad)
-            parts = torch.cat([x[:k] for x, k in zip(out, n, strict=True)])
-            moved += pad.numel() * 4 * w
+        if not tables:
+            return loss
+        # ID tables: every rank's (rows, gradient) pairs of every table in one message
+        tops = [max(counts[r][t] for r in range(w)) for t in range(len(tables))]
+        widths = [pk.shape[1] for pk in packed]
+        mine = torch.cat([torch.cat([pk, pk.new_zeros(top - pk.shape[0], pk.shape[1])]
+                                    ).reshape(-1) for pk, top in zip(packed, tops, strict=True)])
+        out = [torch.empty_like(mine) for _ in range(w)]
+        with ctx.collective("all_gather of the table rows"):
+            dist.all_gather(out, mine)
+        self.bytes_last += mine.numel() * 4 * w
+        at = 0
+        for t, o in enumerate(tables):
+            size = tops[t] * widths[t]
+            parts = torch.cat([x[at:at + size].view(tops[t], widths[t])[:counts[r][t]]
+                               for r, x in enumerate(out)])
+            at += size
             if parts.shape[0] == 0:
                 continue
             all_rows = parts[:, :2].contiguous().view(torch.int64).view(-1)
@@ -155,7 +190,6 @@ class GradientSync:
             else:
                 o.param.grad = torch.sparse_coo_tensor(r.unsqueeze(0), g, o.param.shape,
                                                        check_invariants=False)
-        self.bytes_last = moved
         return loss
 
 

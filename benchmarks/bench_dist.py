@@ -4,13 +4,17 @@ path, and the distributed path at 1 process against the single-process path ``tr
 (the fused native step for the base model). Writes benchmarks/results/dist.json.
 
     python benchmarks/bench_dist.py [--rows 400000] [--steps 40] [--rounds 3]
-        [--stage1-rows 1000000] [--stage1-steps 6]
+        [--batches 1024,8192] [--stage1-rows 1000000] [--stage1-steps 6]
 
 Each configuration is a fresh launch (ranks as subprocesses with RANK/WORLD_SIZE/MASTER_*
 set, as torchrun would); after warm-up, rank 0 times ``--steps`` global batches between two
 barriers. The configurations alternate round by round (single, distributed x1, distributed
 x2, ...), so each round's three share the machine's state; speed-ups are medians of the
-per-round ratios. Tables are replicated (data-parallel): the sharding plan used is
+per-round ratios. The base model is timed at each global batch of ``--batches`` (the paper's
+1024 first): the speed-up depends on how much of a step is split across ranks, so the worker
+also reports, on the distributed path, the share of rank 0's step spent synchronising the
+gradients and in the row-wise update (which every rank does for the whole global batch).
+Tables are replicated (data-parallel): the sharding plan used is
 ``data_parallel`` for every table. With the distributed extra installed, stage 1 is also timed
 once on 2 processes with TorchRec-sharded tables (the planner's plan, Adagrad fused in FBGEMM).
 """
@@ -33,6 +37,18 @@ from oneepoch.io import atomic_write_json
 RESULTS = Path(__file__).parent / "results"
 
 
+def _timer(spent: dict[str, float]):
+    """``timed(fn, key)``: ``fn`` adding its wall time to ``spent[key]``."""
+    def timed(fn, key):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return run
+    return timed
+
+
 def ctr_worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
@@ -45,7 +61,8 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     from oneepoch.training.trainer import build, epoch_order, prepare_data
 
     torch.set_num_threads(1)
-    cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", "threads=1"])
+    cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", "threads=1",
+                                           f"batch_size={args.batch}"])
     dp = DataParallelRun.from_env(cfg.device, 1) if args.path == "dist" else None
     data = prepare_data(cfg)
     model, opt = build(cfg, data)
@@ -54,11 +71,19 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     s = State(cfg, data, model, opt, Path("."), batcher.steps())
     step = build_step(model, opt, batcher, [], s) if dp is None else \
         dp.build_step(model, opt, batcher, [], s)
+    spent = {"sync": 0.0, "update": 0.0}
+    timed = _timer(spent)
+
+    if dp is not None:  # where rank 0's step goes
+        step.sync = timed(step.sync, "sync")
+        step.opt.step = timed(step.opt.step, "update")
+    reps = -(-(args.steps + 5) * cfg.batch_size // len(tr)) + 1
     order = epoch_order(len(tr), 0, "every", 0)
-    it = batcher.epoch_rows(np.concatenate([order] * 4))
+    it = batcher.epoch_rows(np.concatenate([order] * reps))
     step.run(it, 5)
     if dp is not None:
         dp.ctx.barrier()
+    spent.update(sync=0.0, update=0.0)
     t = time.perf_counter()
     done = 0
     while done < args.steps:
@@ -69,6 +94,9 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     out = {"samples_per_s": args.steps * cfg.batch_size / secs, "step": step.path,
            "batch": cfg.batch_size, "table_rows": int(model.embedding.table_rows)
            if hasattr(model, "embedding") else None}
+    if dp is not None:
+        out["sync_share"] = spent["sync"] / secs
+        out["update_share"] = spent["update"] / secs
     if dp is not None:
         out["world_size"] = dp.ctx.world_size
         dp.close()
@@ -111,10 +139,17 @@ def stage1_worker(args: argparse.Namespace) -> dict:
     opt = build_optimizer(model, cfg.optim)
     inner = Stage1Stepper(Stage1Step(model, cfg, _Data()), opt, _Data(), 0)
     step = inner if dp is None else dp.stage1_step(inner)
+    spent = {"sync": 0.0, "update": 0.0}
+    timed = _timer(spent)
+
+    if dp is not None and not shard:
+        step.sync = timed(step.sync, "sync")
+        step.opt.step = timed(step.opt.step, "update")
     it = (np.arange(a, a + b) for a in range(0, n, b))
     step.run(it, 1)
     if dp is not None:
         dp.ctx.barrier()
+    spent.update(sync=0.0, update=0.0)
     t = time.perf_counter()
     for _ in range(args.stage1_steps):
         step.run(it, 1)
@@ -122,6 +157,9 @@ def stage1_worker(args: argparse.Namespace) -> dict:
         dp.ctx.barrier()
     secs = time.perf_counter() - t
     out = {"pairs_per_s": args.stage1_steps * b / secs, "step": step.path}
+    if dp is not None and not shard:
+        out["sync_share"] = spent["sync"] / secs
+        out["update_share"] = spent["update"] / secs
     if shard:
         out["plan"] = {n: t["sharding"] for n, t in step.tables.plan_dict().items()}
     if dp is not None:
@@ -148,8 +186,9 @@ def free_port() -> int:
 def launch(args: argparse.Namespace, what: str, path: str, world: int) -> dict:
     """One configuration: ``world`` ranks (or one plain process); rank 0's result."""
     cmd = [sys.executable, __file__, "--worker", what, "--path", path, "--data", args.data,
-           "--steps", str(args.steps), "--stage1-rows", str(args.stage1_rows),
-           "--stage1-batch", str(args.stage1_batch), "--stage1-steps", str(args.stage1_steps)]
+           "--steps", str(args.steps), "--batch", str(args.batch),
+           "--stage1-rows", str(args.stage1_rows), "--stage1-batch", str(args.stage1_batch),
+           "--stage1-steps", str(args.stage1_steps)]
     port, procs = free_port(), []
     for r in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -170,6 +209,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=400_000, help="synthetic training rows")
     p.add_argument("--steps", type=int, default=40, help="timed global batches (base model)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", default="1024,8192",
+                   help="global batch sizes of the base model (the paper's 1024 first)")
+    p.add_argument("--batch", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--stage1-rows", type=int, default=1_000_000, help="rows of each table")
     p.add_argument("--stage1-batch", type=int, default=4096, help="pairs (= uniform negatives)")
     p.add_argument("--stage1-steps", type=int, default=6)
@@ -194,14 +236,23 @@ def main() -> None:
                                   "gradients summed across ranks)"}
     load: list[float] = []
     out["loadavg"] = load
-    for what, key, unit in (("ctr", "samples_per_s", "samples/s"),
-                            ("stage1", "pairs_per_s", "pairs/s")):
+    batches = [int(b) for b in a.batches.split(",") if b.strip()]
+    jobs = [("ctr", b) for b in batches] + [("stage1", a.stage1_batch)]
+    for what, batch in jobs:
         if a.only and a.only != what:
             continue
+        key, unit = ("samples_per_s", "samples/s") if what == "ctr" else ("pairs_per_s",
+                                                                          "pairs/s")
+        a.batch = batch
         rounds: dict[str, list[float]] = {f"{pa}x{w}": [] for pa, w in configs}
+        shares: dict[str, list[float]] = {"sync_share": [], "update_share": []}
         for _ in range(a.rounds):
             for pa, w in configs:
-                rounds[f"{pa}x{w}"].append(launch(a, what, pa, w)[key])
+                res = launch(a, what, pa, w)
+                rounds[f"{pa}x{w}"].append(res[key])
+                if (pa, w) == ("dist", 2) and "sync_share" in res:
+                    for k in shares:
+                        shares[k].append(res[k])
                 load.append(round(os.getloadavg()[0], 2))  # a shared machine: say how busy
         if what == "stage1" and torchrec_loads():  # TorchRec-sharded tables, FBGEMM Adagrad
             res = launch(a, what, "sharded", 2)
@@ -214,13 +265,23 @@ def main() -> None:
                                                      strict=True))
         ratio = statistics.median(x / y for x, y in zip(rounds["distx1"], rounds["singlex1"],
                                                         strict=True))
-        out[what] = {"unit": unit, "rounds": rounds, "median": med,
-                     "speedup_2_over_1_dist": sp, "dist1_over_single": ratio}
+        entry = {"unit": unit, "batch": batch, "rounds": rounds, "median": med,
+                 "speedup_2_over_1_dist": sp, "dist1_over_single": ratio}
+        entry.update({k: statistics.median(v) for k, v in shares.items() if v})
+        if what == "stage1":
+            out["stage1"] = entry
+        else:
+            out.setdefault("ctr_by_batch", []).append(entry)
+            if batch == batches[0]:
+                out["ctr"] = entry
         name = "base model (paper A)" if what == "ctr" else "stage 1 (two-tower)"
-        print(f"{name}: one process {med['singlex1']:,.0f} {unit}; distributed x1 "
-              f"{med['distx1']:,.0f}, x2 {med['distx2']:,.0f} {unit}; speed-up 2 over 1 "
-              f"process {sp:.2f}x (target >= 1.7x); distributed x1 / one process "
-              f"{ratio:.2f} (medians of {a.rounds} rounds)")
+        where = (f"; at 2 processes rank 0 spends {entry['sync_share']:.0%} of its step "
+                 f"synchronising and {entry['update_share']:.0%} in the row-wise update"
+                 if "sync_share" in entry else "")
+        print(f"{name}, global batch {batch}: one process {med['singlex1']:,.0f} {unit}; "
+              f"distributed x1 {med['distx1']:,.0f}, x2 {med['distx2']:,.0f} {unit}; speed-up "
+              f"2 over 1 process {sp:.2f}x (target >= 1.7x); distributed x1 / one process "
+              f"{ratio:.2f} (medians of {a.rounds} rounds){where}")
     print(f"sharding plan used: {out['sharding_plan']}")
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "dist.json", out)

@@ -187,15 +187,20 @@ def main() -> None:
     dist = load("dist")
     out += ["", "## Across processes (gloo, one thread per process)", ""]
     if dist:
-        out += ["| model | one process | distributed x1 | distributed x2 | x2 / x1 "
-                "| x1 / one process |", "|---|---:|---:|---:|---:|---:|"]
-        for key, name in (("ctr", "base model (samples/s)"), ("stage1", "stage 1 (pairs/s)")):
-            d = dist.get(key)
+        out += ["| model | global batch | one process | distributed x1 | distributed x2 "
+                "| x2 / x1 | x1 / one process | x2: sync, update share of the step |",
+                "|---|---:|---:|---:|---:|---:|---:|---|"]
+        rows = dist.get("ctr_by_batch") or ([dist["ctr"]] if dist.get("ctr") else [])
+        for d, name in [*((d, "base model (samples/s)") for d in rows),
+                        (dist.get("stage1"), "stage 1 (pairs/s)")]:
             if d:
                 m = d["median"]
-                out.append(f"| {name} | {m['singlex1']:,.0f} | {m['distx1']:,.0f} "
-                           f"| {m['distx2']:,.0f} | {d['speedup_2_over_1_dist']:.2f}x "
-                           f"| {d['dist1_over_single']:.2f} |")
+                where = (f"{d['sync_share']:.0%}, {d['update_share']:.0%}"
+                         if "sync_share" in d else "")
+                out.append(f"| {name} | {d.get('batch', '')} | {m['singlex1']:,.0f} "
+                           f"| {m['distx1']:,.0f} | {m['distx2']:,.0f} "
+                           f"| {d['speedup_2_over_1_dist']:.2f}x "
+                           f"| {d['dist1_over_single']:.2f} | {where} |")
         sh = dist.get("stage1_sharded_x2")
         if sh:
             out += ["", f"Stage 1 with TorchRec-sharded tables on 2 processes ({sh['plan']}, "

@@ -66,6 +66,10 @@ class DataParallelRun:
         if shard_tables:
             from oneepoch.distributed.plan import require_torchrec
             require_torchrec()  # before joining: a clear error on every rank
+            if not launched():
+                raise ValueError(f"--shard-tables {shard_tables}: shards the ID tables across "
+                                 "the processes of a distributed run; launch with --nproc N "
+                                 "or torchrun (docs/distributed.md)")
         ctx = from_env(device, threads)
         return None if ctx is None else cls(ctx, shard_tables)
 

@@ -14,6 +14,8 @@ through :meth:`ShardedTables.lookup_bags`).
 
 Shardings. On CPU ranks TorchRec 1.8 offers table-wise, column-wise and data-parallel;
 row-wise and table-row-wise need CUDA ranks (``oneepoch plan --device cuda`` shows them).
+``auto`` lets the planner choose among the sharded types (not data-parallel, which it picks
+for small tables: that is the replicated path, where FBGEMM's fused update does not run).
 
 Optimizers. FBGEMM's CPU kernels fuse ``sgd`` (exact SGD) and ``adagrad`` (exact Adagrad, and
 ``rowwise_adagrad``) into the backward pass; they have no Adam, so ``adam`` (and ``rmsprop``)
@@ -94,9 +96,12 @@ class ShardedTables:
             fused = {"optimizer": getattr(EmbOptimType, FUSED[optim]), "learning_rate": lr,
                      "eps": eps}
             sharder = EmbeddingBagCollectionSharder(fused_params=fused)
-            cons = None if sharding == "auto" else {
-                n: ParameterConstraints(sharding_types=[sharding]) for n, _, _ in tables}
             device = "cuda" if ctx.backend == "nccl" else "cpu"
+            # auto: the planner's choice among the sharded types (it picks data-parallel
+            # for small tables, which is the replicated path, not FBGEMM's fused update)
+            kinds = [sharding] if sharding != "auto" else [
+                k for k in SHARDINGS[1:] if device == "cuda" or k in cpu_types]
+            cons = {n: ParameterConstraints(sharding_types=kinds) for n, _, _ in tables}
             topo = Topology(world_size=ctx.world_size, compute_device=device,
                             local_world_size=ctx.local_world_size)
             planner = EmbeddingShardingPlanner(topology=topo, constraints=cons)

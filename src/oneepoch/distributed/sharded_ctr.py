@@ -29,10 +29,11 @@ whole copy of the table per rank: this shards the update work and the lookups, n
 
 Refused before the run folder is written (:func:`check_sharded_train`): optimizers FBGEMM's CPU
 kernels do not fuse (``adam``, ``rmsprop``), momentum and weight decay (not in the fused
-kernels), frozen tables, and the remedies whose per-row rules need oneepoch's row-wise
-optimizer or edit rows between steps (``meda``, ``freq_lr``, ``freeze_after`` of the
-embedding, ``init.embeddings`` with a learning-rate scale other than 1): those run on
-replicated tables.
+kernels), embedding dimensions that are not a multiple of 4 (FBGEMM's tables need one; so
+``model.type=lr``, one weight per ID, stays replicated), frozen tables, and the remedies
+whose per-row rules need oneepoch's row-wise optimizer or edit rows between steps
+(``meda``, ``freq_lr``, ``freeze_after`` of the embedding, ``init.embeddings`` with a
+learning-rate scale other than 1): those run on replicated tables.
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ def _row_rule(cfg: Any, applies: str) -> str:
 def check_sharded_train(cfg: Any, hooks: Sequence[Hook]) -> None:
     """Refuse, before anything is written, what ``train --shard-tables`` cannot run (see the
     module doc); each error names the setting and the way out."""
-    oc = cfg.optim
+    oc, mc = cfg.optim, cfg.model
     check_fused_optim(oc.name)
+    dim = 1 if mc.type == "lr" else mc.emb_dim
+    if dim % 4:
+        raise ValueError(f"model.type={mc.type}, embedding dim {dim}: FBGEMM's fused tables "
+                         "need a dimension that is a multiple of 4 (model.type=lr has one "
+                         f"weight per ID); set model.emb_dim to one, or {_FIX}")
     for key, v in (("optim.momentum", oc.momentum), ("optim.weight_decay", oc.weight_decay)):
         if v:
             raise ValueError(f"{key}={v:g}: FBGEMM's fused {oc.name} on sharded tables has no "

@@ -444,3 +444,18 @@ def test_shard_tables_without_a_distributed_launch_is_a_clear_error(monkeypatch)
     with pytest.raises(ValueError, match="--shard-tables auto: shards the ID tables .* "
                        "--nproc N or torchrun"):
         DataParallelRun.from_env("cpu", shard_tables="auto")
+
+
+def test_sharded_ctr_step_refuses_the_update_norm_probe():
+    """The update-norm probe reads the optimizer's applied updates: on sharded tables FBGEMM
+    applies them inside backward, so the step refuses it (naming the probe)."""
+    from oneepoch.config import ModelConfig, OptimConfig
+    from oneepoch.distributed.sharded_ctr import ShardedCTRStep
+    from oneepoch.models.ctr import build_model
+    from oneepoch.training.optim import build_optimizer
+
+    model = build_model(ModelConfig(), {"item": 10}, ["item"], n_single=1)
+    opt = build_optimizer(model, OptimConfig(name="sgd"))
+    opt.track_updates = True
+    with pytest.raises(ValueError, match="update-norm probe"):
+        ShardedCTRStep(None, model, opt, None)  # type: ignore[arg-type]

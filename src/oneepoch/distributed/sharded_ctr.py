@@ -117,6 +117,10 @@ class ShardedCTRStep(OneBatchStep):
         if emb is None or not hasattr(model, "head") or not hasattr(emb, "field_vocabs"):
             raise ValueError("--shard-tables: needs a CTR model with a FieldEmbedding and a "
                              "head (model.type=dnn or lr)")
+        if opt.track_updates:  # set by the update-norm probe in on_train_start
+            raise ValueError("the update-norm probe (updates) measures the optimizer's applied "
+                             "updates, which FBGEMM applies inside backward on sharded tables; "
+                             f"{_FIX}")
         self.ctx, self.model, self.opt, self.batcher, self.emb = ctx, model, opt, batcher, emb
         oc = opt.cfg
         used = list(dict.fromkeys(emb.field_vocabs))  # vocabularies some field reads

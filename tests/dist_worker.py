@@ -1,7 +1,8 @@
 """One rank of a distributed test run (started by tests/test_distributed.py with RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
-SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "log_rows": path or null
+SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
+(tables sharded; "" or absent: replicated), "log_rows": path or null
 (each training batch's rows, per rank), "die": {"rank": r, "step": k} or {"epoch": e} (every
 rank) or null}.
 """
@@ -57,7 +58,7 @@ def main() -> None:
 
         Batcher.get = logged
     hooks = [Die(spec["die"])] if spec.get("die") else []
-    par = DataParallelRun.from_env(cfg.device)
+    par = DataParallelRun.from_env(cfg.device, shard_tables=spec.get("shard", ""))
     try:
         res = train(cfg, hooks=hooks, parallel=par)
     finally:

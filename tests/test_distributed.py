@@ -365,3 +365,102 @@ def test_sharded_stage1_stopped_after_epoch_1_on_two_resumes_on_one(tmp_path):
         for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
             if y[k] is not None:
                 assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])
+
+
+@needs_torchrec
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_train_with_sharded_tables_matches_one_process(tiny_synth, tmp_path, one_process,
+                                                       sharding):
+    """``train --shard-tables`` on 2 ranks (one TorchRec table per vocabulary, SGD fused in
+    FBGEMM) gives the one-process replicated run's metrics and weights, within the module's
+    tolerances (float summation order); the plan file places every vocabulary's table."""
+    _, res1 = one_process
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "sh2"), "shard": sharding}
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / "sh2"
+    compare_rows(read_metrics(run), res1.metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step_path"] == "distributed-sharded"
+    plan = json.loads((run / "sharding_plan.json").read_text())
+    vocabs = ["user_age", "user_gender", "item_ID", "item_cate", "scene_ID"]
+    assert plan["asked"] == sharding and sorted(plan["tables"]) == sorted(vocabs)
+    for t in plan["tables"].values():
+        assert t["sharding"] == sharding and set(t["ranks"]) <= {0, 1} and t["ranks"]
+        assert {s["rank"] for s in t["shards"]} == set(t["ranks"])
+    if sharding == "table_wise":  # whole tables, spread over both ranks
+        assert {r for t in plan["tables"].values() for r in t["ranks"]} == {0, 1}
+    # the checkpoints hold the whole table, refreshed from the shards: one process's
+    w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
+    w2 = load_checkpoint(list_checkpoints(run)[-1])["model"]
+    assert set(w1) == set(w2)
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), atol=1e-5, err_msg=k)
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_train_sharded_on_two_stopped_after_epoch_1_resumes_on_one(tiny_synth, tmp_path,
+                                                                   one_process):
+    """Epoch 1 on 2 ranks with sharded tables (its checkpoint: the mirror of the shards),
+    epoch 2 on one process: the uninterrupted one-process run's metrics (SGD)."""
+    _, res1 = one_process
+    spec = {"overrides": overrides(tiny_synth, tmp_path, "shk"), "die": {"epoch": 1},
+            "shard": "table_wise"}
+    res = launch(tmp_path, [spec, spec])
+    assert all(r.returncode == 9 for r in res), [r.stderr[-2000:] for r in res]
+    run = tmp_path / "shk"
+    cfg = load_config(TrainConfig, run / "config.yaml", [])
+    compare_rows(train(cfg, run, resume=True).metrics, res1.metrics)
+
+
+@needs_torchrec
+@pytest.mark.parametrize("setting,says", [
+    ("optim.name=adam", r"optim.name='adam'.*not Adam.*drop --shard-tables"),
+    ("meda.enabled=true", r"meda: re-initialises table rows.*drop --shard-tables"),
+    ("freq_lr.threshold=5", r"freq_lr: scales each row's learning rate"),
+    ("optim.momentum=0.9", r"optim.momentum=0.9: FBGEMM's fused sgd"),
+    ("model.type=lr", r"multiple of 4")])
+def test_train_sharded_refuses_what_it_cannot_run_before_writing(tiny_synth, tmp_path,
+                                                                  monkeypatch, setting, says):
+    """Adam, the remedies' per-row rules (and other settings the fused tables lack) are a
+    clear error naming the setting, raised before the run folder is written."""
+    from oneepoch.distributed import DataParallelRun
+    from oneepoch.remedies import hooks_from_config
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                 "ONEEPOCH_DIST_TIMEOUT": str(TIMEOUT_S)}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(TrainConfig, None, [*overrides(tiny_synth, tmp_path, "refused"), setting])
+    par = DataParallelRun.from_env("cpu", shard_tables="auto")
+    try:
+        with pytest.raises(ValueError, match=says):
+            train(cfg, hooks=hooks_from_config(cfg), parallel=par)
+    finally:
+        par.close()
+    assert not (tmp_path / "refused").exists()
+
+
+@needs_torchrec
+def test_shard_tables_without_a_distributed_launch_is_a_clear_error(monkeypatch):
+    from oneepoch.distributed import DataParallelRun
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="--shard-tables auto: shards the ID tables .* "
+                       "--nproc N or torchrun"):
+        DataParallelRun.from_env("cpu", shard_tables="auto")
+
+
+def test_sharded_ctr_step_refuses_the_update_norm_probe():
+    """The update-norm probe reads the optimizer's applied updates: on sharded tables FBGEMM
+    applies them inside backward, so the step refuses it (naming the probe)."""
+    from oneepoch.config import ModelConfig, OptimConfig
+    from oneepoch.distributed.sharded_ctr import ShardedCTRStep
+    from oneepoch.models.ctr import build_model
+    from oneepoch.training.optim import build_optimizer
+
+    model = build_model(ModelConfig(), {"item": 10}, ["item"], n_single=1)
+    opt = build_optimizer(model, OptimConfig(name="sgd"))
+    opt.track_updates = True
+    with pytest.raises(ValueError, match="update-norm probe"):
+        ShardedCTRStep(None, model, opt, None)  # type: ignore[arg-type]

@@ -16,6 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file or built-in preset name (default: ctr = paper A's base)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--shard-tables", metavar="SHARDING", default="",
+                   choices=["", "auto", "table_wise", "column_wise"],
+                   help="under torchrun / --nproc: shard the model's ID tables (one per "
+                   "vocabulary) with TorchRec (auto = its planner's choice); needs the "
+                   "distributed extra and optim.name=sgd or adagrad")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train data-parallel on N local processes (as torchrun "
                    "--nproc_per_node N); see docs/distributed.md")
@@ -35,11 +40,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc:
         return launch_local(args.nproc, ["train", "--config", args.config, *(
-            ["--resume", args.resume] if args.resume else []), *args.overrides])
+            ["--resume", args.resume] if args.resume else []), *(
+            ["--shard-tables", args.shard_tables] if args.shard_tables else []),
+            *args.overrides])
     cfg, run_dir = config_and_run_dir(args, TrainConfig)
     res, rc = run_as_rank("train", lambda par: train(
         cfg, run_dir, hooks=[*hooks_from_config(cfg), *tracking_hooks(cfg)],
-        resume=run_dir is not None, parallel=par), cfg.device, cfg.threads)
+        resume=run_dir is not None, parallel=par), cfg.device, cfg.threads,
+        args.shard_tables or "")
     if rc is not None:  # another rank (rank 0 reports), or a rank failed
         return rc
     report = build_report([res.run_dir])

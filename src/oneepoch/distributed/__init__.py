@@ -55,17 +55,21 @@ class DataParallelRun:
     def __init__(self, ctx: DistContext, shard_tables: str = "") -> None:
         self.ctx = ctx
         self.scratch: Path | None = None
-        self.shard_tables = shard_tables  # "" = replicated; else a TorchRec sharding (stage 1)
+        self.shard_tables = shard_tables  # "" = replicated; else a TorchRec sharding
 
     @classmethod
     def from_env(cls, device: str = "cpu", threads: int = 0, shard_tables: str = ""
                  ) -> DataParallelRun | None:
         """This process's place in a torchrun run (``None`` when not launched). With
-        ``shard_tables`` (auto, table_wise, column_wise), stage 1's tables are sharded by
-        TorchRec (the distributed extra)."""
+        ``shard_tables`` (auto, table_wise, column_wise), the ID tables (stage 1's, or the
+        CTR model's) are sharded by TorchRec (the distributed extra)."""
         if shard_tables:
             from oneepoch.distributed.plan import require_torchrec
             require_torchrec()  # before joining: a clear error on every rank
+            if not launched():
+                raise ValueError(f"--shard-tables {shard_tables}: shards the ID tables across "
+                                 "the processes of a distributed run; launch with --nproc N "
+                                 "or torchrun (docs/distributed.md)")
         ctx = from_env(device, threads)
         return None if ctx is None else cls(ctx, shard_tables)
 
@@ -87,8 +91,13 @@ class DataParallelRun:
         out.mkdir()
         return out
 
-    def check(self, hooks: Sequence[Any]) -> None:
+    def check(self, hooks: Sequence[Any], state: Any = None) -> None:
+        """Refuse, before the run folder is written, what this run cannot do across ranks
+        (with sharded tables and the run's ``state``: also what they cannot run)."""
         check_hooks(self.ctx, hooks)
+        if self.shard_tables and state is not None:
+            from oneepoch.distributed.sharded_ctr import check_sharded_train
+            check_sharded_train(state.cfg, hooks)
 
     def open_run(self, open_run: Callable[..., Any], run_dir: Path, config: dict[str, Any],
                  resume: bool, model: torch.nn.Module, steps_per_epoch: int,
@@ -114,27 +123,51 @@ class DataParallelRun:
             self.write_plan(run_dir, model)
         return lock, msg[1]
 
-    def write_plan(self, run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
-        """Print and write ``RUN/sharding_plan.json``: where each ID table lives (here:
-        replicated on every rank, data-parallel)."""
-        groups = dict(model.param_groups()) if hasattr(model, "param_groups") else {}
-        names = {id(p): n for n, p in model.named_parameters()}
-        tables = {names[id(p)]: {"rows": int(p.shape[0]), "dim": int(p.shape[1]),
-                                 "sharding": "data_parallel",
-                                 "ranks": list(range(self.ctx.world_size))}
-                  for p in groups.get("embedding", []) if p.dim() == 2}
-        plan = {"world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "tables": tables, "how": "every table replicated on every rank; row "
-                "gradients all-gathered and summed each step (docs/distributed.md)"}
+    def write_plan(self, run_dir: Path, model: torch.nn.Module | None = None,
+                   sharded: Any = None) -> dict[str, Any]:
+        """Print and write ``RUN/sharding_plan.json``: where each ID table lives, replicated
+        on every rank (data-parallel: ``model``'s tables) or as TorchRec placed the
+        ``sharded`` tables (a :class:`~oneepoch.distributed.sharded.ShardedTables`)."""
+        if sharded is not None:
+            tables = sharded.plan_dict()
+            plan = {"world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                    "asked": self.shard_tables, "tables": tables,
+                    "how": "TorchRec DistributedModelParallel; optimizer fused in FBGEMM"}
+            line = "TorchRec sharding plan: " + ", ".join(
+                f"{n} {t['sharding']} on ranks {t['ranks']}" for n, t in tables.items())
+        else:
+            groups = dict(model.param_groups()) if hasattr(model, "param_groups") else {}
+            names = {id(p): n for n, p in model.named_parameters()} if model else {}
+            tables = {names[id(p)]: {"rows": int(p.shape[0]), "dim": int(p.shape[1]),
+                                     "sharding": "data_parallel",
+                                     "ranks": list(range(self.ctx.world_size))}
+                      for p in groups.get("embedding", []) if p.dim() == 2}
+            plan = {"world_size": self.ctx.world_size, "backend": self.ctx.backend,
+                    "tables": tables, "how": "every table replicated on every rank; row "
+                    "gradients all-gathered and summed each step (docs/distributed.md)"}
+            line = "sharding plan: " + ", ".join(
+                f"{n} {t['rows']:,}x{t['dim']} data_parallel" for n, t in tables.items())
         atomic_write_json(run_dir / "sharding_plan.json", plan)
-        print(f"{self.ctx.world_size} processes ({self.ctx.backend}); sharding plan: "
-              + ", ".join(f"{n} {t['rows']:,}x{t['dim']} data_parallel" for n, t in
-                          tables.items()), flush=True)
+        print(f"{self.ctx.world_size} processes ({self.ctx.backend}); {line}", flush=True)
         return plan
 
+    def _sharded_plan(self, tables: Any) -> None:
+        """Rank 0 writes the sharded tables' plan into the run folder (once it is open)."""
+        run_dir = getattr(self, "_run_dir", None)
+        if self.ctx.is_writer and run_dir is not None:
+            self.write_plan(run_dir, sharded=tables)
+
     def build_step(self, model: torch.nn.Module, opt: Any, batcher: Any, hooks: Sequence[Any],
-                   state: Any) -> DataParallelStep:
-        return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
+                   state: Any) -> Any:
+        """The CTR step on this rank: replicated tables, or (``shard_tables``) the model's ID
+        tables sharded by TorchRec, whose ``refresh`` must be the loop's ``sync``."""
+        if not self.shard_tables:
+            return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
+        from oneepoch.distributed.sharded_ctr import build_sharded_step
+        step = build_sharded_step(self.ctx, model, opt, batcher, hooks, state,
+                                  self.shard_tables)
+        self._sharded_plan(step.tables)
+        return step
 
     def stage1_step(self, stepper: Any) -> Any:
         """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``); with sharded
@@ -143,16 +176,7 @@ class DataParallelRun:
         if not self.shard_tables:
             return DataParallelStage1(self.ctx, stepper)
         step = ShardedStage1(self.ctx, stepper, self.shard_tables)
-        run_dir = getattr(self, "_run_dir", None)
-        if self.ctx.is_writer and run_dir is not None:
-            tables = step.tables.plan_dict()
-            atomic_write_json(run_dir / "sharding_plan.json", {
-                "world_size": self.ctx.world_size, "backend": self.ctx.backend,
-                "asked": self.shard_tables, "tables": tables,
-                "how": "TorchRec DistributedModelParallel; optimizer fused in FBGEMM"})
-            print(f"{self.ctx.world_size} processes ({self.ctx.backend}); TorchRec sharding "
-                  "plan: " + ", ".join(f"{n} {t['sharding']} on ranks {t['ranks']}"
-                                       for n, t in tables.items()), flush=True)
+        self._sharded_plan(step.tables)
         return step
 
     def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:

@@ -3,7 +3,10 @@
 checkpoints through ``torch.distributed.checkpoint`` (which reshards on load).
 
 Used by stage 1's sharded step (:class:`~oneepoch.distributed.stage1.ShardedStage1`,
-``pretrain --shard-tables``); ``train`` keeps replicated tables (:mod:`.parallel`).
+``pretrain --shard-tables``: one feature per table, one ID per bag) and the CTR model's
+(:class:`~oneepoch.distributed.sharded_ctr.ShardedCTRStep`, ``train --shard-tables``: one
+table per vocabulary, whose features are the fields using it, mean-pooled bags of any length
+through :meth:`ShardedTables.lookup_bags`).
 
     >>> t = ShardedTables(ctx, [("user", 10**6, 64)], "sgd", 0.1)  # doctest: +SKIP
     >>> vecs = t.lookup({"user": u_rows})    # this rank's rows     # doctest: +SKIP
@@ -11,6 +14,8 @@ Used by stage 1's sharded step (:class:`~oneepoch.distributed.stage1.ShardedStag
 
 Shardings. On CPU ranks TorchRec 1.8 offers table-wise, column-wise and data-parallel;
 row-wise and table-row-wise need CUDA ranks (``oneepoch plan --device cuda`` shows them).
+``auto`` lets the planner choose among the sharded types (not data-parallel, which it picks
+for small tables: that is the replicated path, where FBGEMM's fused update does not run).
 
 Optimizers. FBGEMM's CPU kernels fuse ``sgd`` (exact SGD) and ``adagrad`` (exact Adagrad, and
 ``rowwise_adagrad``) into the backward pass; they have no Adam, so ``adam`` (and ``rmsprop``)
@@ -40,18 +45,29 @@ FUSED = {"sgd": "EXACT_SGD", "adagrad": "EXACT_ADAGRAD",
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise")
 
 
+def check_fused_optim(optim: str) -> None:
+    """Refuse an optimizer FBGEMM cannot fuse into the sharded tables' backward pass."""
+    if optim not in FUSED:
+        raise ValueError(
+            f"optim.name={optim!r}: FBGEMM's CPU kernels fuse {sorted(FUSED)} into the "
+            "backward pass of sharded tables, not Adam or RMSprop; use one of those, or "
+            "replicated tables (the default: drop --shard-tables), where oneepoch's row-wise "
+            "Adam and the remedies' per-row rules run")
+
+
 class ShardedTables:
     """Tables ``[(name, rows, dim)]`` sharded over the ranks of ``ctx`` by TorchRec's planner
-    (``sharding="auto"``) or one forced sharding type; one ID per row of each feature (sum
-    pooling of a single ID = its vector)."""
+    (``sharding="auto"``) or one forced sharding type. By default each table has one feature
+    of its own name, sum-pooled (one ID per bag: its vector, :meth:`lookup`); ``features``
+    (table -> feature names) lets several features share a table and ``pooling="mean"``
+    averages bags of several IDs (:meth:`lookup_bags`; an empty bag gives zeros)."""
 
     def __init__(self, ctx: DistContext, tables: list[tuple[str, int, int]], optim: str,
-                 lr: float, sharding: str = "auto", eps: float = 1e-8) -> None:
-        if optim not in FUSED:
-            raise ValueError(
-                f"optim.name={optim!r}: FBGEMM's CPU kernels fuse {sorted(FUSED)} into the "
-                "backward pass of sharded tables, not Adam or RMSprop; use one of those, or "
-                "replicated tables (the default), where oneepoch's row-wise Adam runs")
+                 lr: float, sharding: str = "auto", eps: float = 1e-8,
+                 features: dict[str, list[str]] | None = None, pooling: str = "sum") -> None:
+        check_fused_optim(optim)
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling: {pooling!r} (choose sum or mean)")
         cpu_types = ("auto", "table_wise", "column_wise")
         if ctx is not None and ctx.backend != "nccl" and sharding not in cpu_types:
             raise ValueError(f"sharding: {sharding!r} needs CUDA ranks; TorchRec 1.8 shards "
@@ -70,17 +86,22 @@ class ShardedTables:
             from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
             self.ctx, self.tables = ctx, list(tables)
-            self.names = [t[0] for t in tables]
+            feats = features or {n: [n] for n, _, _ in tables}
+            self.names = [f for n, _, _ in tables for f in feats[n]]  # the lookups' keys
+            pool = PoolingType.MEAN if pooling == "mean" else PoolingType.SUM
             ebc = EmbeddingBagCollection(tables=[
                 EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r,
-                                   feature_names=[n], pooling=PoolingType.SUM)
+                                   feature_names=feats[n], pooling=pool)
                 for n, r, d in tables], device=torch.device("meta"))
             fused = {"optimizer": getattr(EmbOptimType, FUSED[optim]), "learning_rate": lr,
                      "eps": eps}
             sharder = EmbeddingBagCollectionSharder(fused_params=fused)
-            cons = None if sharding == "auto" else {
-                n: ParameterConstraints(sharding_types=[sharding]) for n in self.names}
             device = "cuda" if ctx.backend == "nccl" else "cpu"
+            # auto: the planner's choice among the sharded types (it picks data-parallel
+            # for small tables, which is the replicated path, not FBGEMM's fused update)
+            kinds = [sharding] if sharding != "auto" else [
+                k for k in SHARDINGS[1:] if device == "cuda" or k in cpu_types]
+            cons = {n: ParameterConstraints(sharding_types=kinds) for n, _, _ in tables}
             topo = Topology(world_size=ctx.world_size, compute_device=device,
                             local_world_size=ctx.local_world_size)
             planner = EmbeddingShardingPlanner(topology=topo, constraints=cons)
@@ -131,8 +152,6 @@ class ShardedTables:
 
     def lookup(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Vectors ``[n_f, dim]`` of this rank's rows of each feature (any count per rank)."""
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
         empty = torch.zeros(0, dtype=torch.int64)
         vals = [rows[n].reshape(-1).to(torch.int64) if n in rows else empty
                 for n in self.names]
@@ -140,12 +159,22 @@ class ShardedTables:
         lengths = torch.zeros(len(vals), size, dtype=torch.int64)
         for k, v in enumerate(vals):
             lengths[k, :v.shape[0]] = 1
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.names, values=torch.cat(vals),
-                                                  lengths=lengths.reshape(-1))
-        with self.ctx.collective("sharded embedding lookup"):
-            out = self.dmp(kjt).to_dict()
+        out = self.lookup_bags(torch.cat(vals), lengths)
         return {n: out[n][:v.shape[0]] for n, v in zip(self.names, vals, strict=True)
                 if n in rows}
+
+    def lookup_bags(self, values: torch.Tensor, lengths: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """Pooled vectors ``{feature: [size, dim]}`` of bags of IDs: ``lengths[k, i]`` IDs in
+        bag ``i`` of feature ``k`` (features in :attr:`names` order; every feature has the
+        same number ``size`` of bags, pad with empty ones), ``values`` the IDs (table rows),
+        feature by feature, bag by bag. Differentiable: backward updates the shards."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.names, values=values,
+                                                  lengths=lengths.reshape(-1))
+        with self.ctx.collective("sharded embedding lookup"):
+            return self.dmp(kjt).to_dict()
 
     def save(self, path: str | Path) -> None:
         """Every rank writes its shards with ``torch.distributed.checkpoint``."""

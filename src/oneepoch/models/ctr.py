@@ -32,9 +32,13 @@ class EmbeddingMLP(nn.Module):
         """EMB(x): pooled embeddings ``[B, F, dim]``."""
         return self.embedding(batch)
 
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` of the pooled field vectors ``[B, F, dim]`` (the part after the
+        embedding; sharded tables look the vectors up elsewhere and call this)."""
+        return self.mlp(pooled.reshape(pooled.shape[0], -1))
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        e = self.embedding(batch)
-        return self.mlp(e.reshape(e.shape[0], -1))
+        return self.head(self.embedding(batch))
 
     def param_groups(self) -> Iterator[tuple[str, list[nn.Parameter]]]:
         yield "embedding", [self.embedding.weight]
@@ -54,8 +58,12 @@ class LogisticRegression(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.embedding(batch)
 
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` of the pooled field weights ``[B, F, 1]``."""
+        return pooled.sum(dim=(1, 2)) + self.bias
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.embedding(batch).sum(dim=(1, 2)) + self.bias
+        return self.head(self.embedding(batch))
 
     def param_groups(self) -> Iterator[tuple[str, list[nn.Parameter]]]:
         yield "embedding", [self.embedding.weight]

@@ -243,7 +243,7 @@ def setup_run(cfg: TrainConfig, run_dir: str | Path | None = None, hooks: Sequen
         h.check(s)
     pred = predict
     if parallel is not None:
-        parallel.check(hooks)
+        parallel.check(hooks, s)
         pred = parallel.predict(predict)  # each rank a slice, then gathered
 
     def evaluate_now() -> dict[str, Any]:
@@ -301,10 +301,14 @@ def _train(cfg: TrainConfig, run_dir: str | Path | None, hooks: Sequence[Hook], 
         lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model,
                                s.steps_per_epoch, cfg.device)
         make_step = lambda: dp.build_step(model, opt, r.batcher, hooks, s)  # noqa: E731
+
+    def sync() -> None:  # a step with a mirror of the tables refreshes it (as in pretrain)
+        (getattr(loop.step, "refresh", None) or getattr(opt, "sync", lambda: None))()
+
     try:
         loop = Loop(s, make_step, hooks, r.batches,
                     r.evaluate, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
-                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
+                    cfg.checkpoint_keep, sync=sync,
                     progress=cfg.progress and (dp is None or dp.is_writer),
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:

@@ -1,0 +1,232 @@
+"""CTR training with the model's ID tables sharded by TorchRec (``train --shard-tables``).
+
+Tables. The model's :class:`~oneepoch.models.embedding.FieldEmbedding` holds every vocabulary
+in one table at its own row range; here each vocabulary (used by some field) becomes one
+TorchRec table of that range's rows, whose features are the fields using it (``item_ID`` and
+``his_item_ID`` share the item table). Bags are mean-pooled, as ``FieldEmbedding`` pools: a
+sequence field's bag is its true-length IDs (an empty one gives zeros), a single-ID field's bag
+one ID (its vector). TorchRec's planner places the tables (table-wise: whole tables on ranks;
+column-wise: column slices on ranks).
+
+Step (:class:`ShardedCTRStep`, built by ``DataParallelRun.build_step``). Rank ``r`` takes its
+:func:`~oneepoch.distributed.parallel.rank_slice` of the global batch of ``n`` rows, looks its
+bags up through the sharded tables (TorchRec's all-to-all brings the pooled vectors from the
+shards that own them; every rank looks up ``ceil(n / W)`` bags per field, padded with empty
+ones, so a rank with a short or empty slice still joins), runs the model's dense part
+(``model.head``) on the ``[rows, fields, dim]`` vectors; loss = its rows' summed BCE / ``n``.
+Backward updates the shards in FBGEMM (SGD / Adagrad fused; the loss is multiplied by
+``ShardedTables.grad_scale`` because TorchRec divides table gradients by the world size); the
+dense gradients, the loss and the float buffers (Dice's running statistics, weighted by the
+rank's share) go in one ``all_reduce`` of one flat buffer, then the dense optimizer steps.
+
+Mirror. The model's own table is a mirror of the shards: pushed into them at the first step
+(the fresh initialisation, ``init_from``, or a resumed checkpoint's table) and refreshed from
+them by :meth:`ShardedCTRStep.refresh` (a gather to rank 0 and a broadcast), which the trainer
+calls as the loop's ``sync`` before evaluation and checkpoints. So evaluation (each rank a
+slice of the rows, predictions gathered), checkpoints (the whole table, safetensors) and resume
+(on any number of processes, sharded or not) are the replicated path's. The mirror costs one
+whole copy of the table per rank: this shards the update work and the lookups, not the memory.
+
+Refused before the run folder is written (:func:`check_sharded_train`): optimizers FBGEMM's CPU
+kernels do not fuse (``adam``, ``rmsprop``), momentum and weight decay (not in the fused
+kernels), embedding dimensions that are not a multiple of 4 (FBGEMM's tables need one; so
+``model.type=lr``, one weight per ID, stays replicated), frozen tables, and the remedies
+whose per-row rules need oneepoch's row-wise optimizer or edit rows between steps
+(``meda``, ``freq_lr``, ``freeze_after`` of the embedding, ``init.embeddings`` with a
+learning-rate scale other than 1): those run on replicated tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from oneepoch.data.batcher import Batcher
+from oneepoch.distributed.env import DistContext
+from oneepoch.distributed.parallel import rank_slice
+from oneepoch.distributed.sharded import check_fused_optim
+from oneepoch.training.hooks import Hook, State
+from oneepoch.training.loop import OneBatchStep
+from oneepoch.training.optim import Optimizer
+
+_FIX = "drop --shard-tables (replicated tables run it)"
+
+
+def _row_rule(cfg: Any, applies: str) -> str:
+    """Why the hook applying setting ``applies`` cannot run on sharded tables ("" if it can)."""
+    if applies == "meda":
+        return "re-initialises table rows and their optimizer state between epochs"
+    if applies == "freq_lr":
+        return "scales each row's learning rate (a per-row rule of oneepoch's row-wise update)"
+    if applies == "freeze_after" and "embedding" in cfg.freeze_after.groups:
+        return "sets the table's learning rate to 0 (freeze_after.groups=embedding)"
+    if applies == "init.embeddings" and (cfg.init.mode == "frozen" or cfg.init.lr_scale != 1):
+        return ("scales the pre-trained rows' learning rate (init.mode=frozen or "
+                "init.lr_scale != 1)")
+    return ""
+
+
+def check_sharded_train(cfg: Any, hooks: Sequence[Hook]) -> None:
+    """Refuse, before anything is written, what ``train --shard-tables`` cannot run (see the
+    module doc); each error names the setting and the way out."""
+    oc, mc = cfg.optim, cfg.model
+    check_fused_optim(oc.name)
+    dim = 1 if mc.type == "lr" else mc.emb_dim
+    if dim % 4:
+        raise ValueError(f"model.type={mc.type}, embedding dim {dim}: FBGEMM's fused tables "
+                         "need a dimension that is a multiple of 4 (model.type=lr has one "
+                         f"weight per ID); set model.emb_dim to one, or {_FIX}")
+    for key, v in (("optim.momentum", oc.momentum), ("optim.weight_decay", oc.weight_decay)):
+        if v:
+            raise ValueError(f"{key}={v:g}: FBGEMM's fused {oc.name} on sharded tables has no "
+                             f"{key.split('.')[1].replace('_', ' ')}; set {key}=0 or {_FIX}")
+    if "embedding" in cfg.freeze:
+        raise ValueError(f"freeze=[embedding]: sharded tables always train; {_FIX}")
+    for h in hooks:
+        applies = getattr(h, "applies", "")
+        why = _row_rule(cfg, applies)
+        if why:
+            raise ValueError(f"{applies}: {why}, which sharded tables (the update fused in "
+                             f"FBGEMM) do not support; {_FIX}")
+
+
+def table_name(vocab: str, k: int) -> str:
+    """A TorchRec table name for vocabulary ``vocab`` (its own name when it is a plain
+    identifier: the name is a key of the module's state dict)."""
+    return vocab if re.fullmatch(r"[A-Za-z_]\w*", vocab) else f"vocab{k}"
+
+
+class ShardedCTRStep(OneBatchStep):
+    """The CTR step with the model's ID tables sharded by TorchRec (a
+    :class:`~oneepoch.training.loop.Step`; see the module doc). Its :meth:`refresh` must be
+    the loop's ``sync``."""
+
+    path = "distributed-sharded"
+
+    def __init__(self, ctx: DistContext, model: torch.nn.Module, opt: Optimizer,
+                 batcher: Batcher, sharding: str = "auto") -> None:
+        from oneepoch.distributed.sharded import ShardedTables
+
+        emb = getattr(model, "embedding", None)
+        if emb is None or not hasattr(model, "head") or not hasattr(emb, "field_vocabs"):
+            raise ValueError("--shard-tables: needs a CTR model with a FieldEmbedding and a "
+                             "head (model.type=dnn or lr)")
+        if opt.track_updates:  # set by the update-norm probe in on_train_start
+            raise ValueError("the update-norm probe (updates) measures the optimizer's applied "
+                             "updates, which FBGEMM applies inside backward on sharded tables; "
+                             f"{_FIX}")
+        self.ctx, self.model, self.opt, self.batcher, self.emb = ctx, model, opt, batcher, emb
+        oc = opt.cfg
+        used = list(dict.fromkeys(emb.field_vocabs))  # vocabularies some field reads
+        self.vocab_table = {v: table_name(v, k) for k, v in enumerate(used)}
+        self.features = [f"field{f}" for f in range(emb.n_fields)]
+        feats: dict[str, list[str]] = {}
+        for f, v in enumerate(emb.field_vocabs):
+            feats.setdefault(self.vocab_table[v], []).append(self.features[f])
+        tables = [(self.vocab_table[v], emb.vocab_sizes[v], emb.dim) for v in used]
+        # oneepoch's row-wise Adagrad (as torch's) adds 1e-10 to the root; FBGEMM takes eps
+        self.tables = ShardedTables(ctx, tables, oc.name, oc.lr * oc.emb_lr_scale, sharding,
+                                    1e-10 if oc.name == "adagrad" else oc.eps, feats, "mean")
+        # KJT keys come table by table; field f's place among them
+        self.order = [self.tables.names.index(k) for k in self.features]
+        self.field_offsets = torch.tensor([emb.vocab_offsets[v] for v in emb.field_vocabs],
+                                          dtype=torch.int64)
+        self.dense = [p for p in opt.dense_params if p.requires_grad]
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.pushed = False
+        self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
+                       f"sharded by TorchRec ({sharding}, one table per vocabulary); optimizer "
+                       f"{oc.name} fused in FBGEMM")
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """The model's table (fresh, loaded or resumed) into the shards."""
+        w = self.emb.weight.detach()
+        self.tables.load_full({t: w[self.emb.rows(v)] for v, t in self.vocab_table.items()})
+        self.pushed = True
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Refresh the model's whole table from the shards (every rank; the loop's sync)."""
+        if not self.pushed:
+            return
+        w = self.emb.weight
+        for v, t in self.vocab_table.items():
+            full = self.tables.gather_full(t)
+            if self.ctx.rank == 0:
+                w[self.emb.rows(v)] = full
+        with self.ctx.collective("broadcast of the embedding table"):
+            dist.broadcast(w.data, src=0)
+
+    def _bags(self, local: np.ndarray, size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """This rank's batch, and the KJT values and lengths ``[features, size]`` of its
+        bags (field-major as ``FieldEmbedding.bag_inputs``, which also checks the IDs)."""
+        nf = self.emb.n_fields
+        lengths = torch.zeros(nf, size, dtype=torch.int64)
+        if not len(local):
+            return None, torch.zeros(0, dtype=torch.int64), lengths
+        batch = self.batcher.get(local)
+        flat, _, sizes = self.emb.bag_inputs(batch, with_sizes=True)
+        sizes = sizes.view(nf, len(local))
+        per_field = sizes.sum(1)
+        values = flat - torch.repeat_interleave(self.field_offsets, per_field,
+                                                output_size=flat.shape[0])  # vocabulary IDs
+        lengths[:, :len(local)] = sizes
+        if self.order != list(range(nf)):  # fields regrouped by table, as the keys are
+            starts = torch.cumsum(per_field, 0) - per_field
+            values = torch.cat([values[int(starts[f]):int(starts[f] + per_field[f])]
+                                for f in np.argsort(self.order)])
+            lengths = lengths[torch.from_numpy(np.argsort(self.order))]
+        return batch, values, lengths
+
+    def one(self, rows: np.ndarray) -> float:
+        if not self.pushed:
+            self.push()
+        n, w = len(rows), self.ctx.world_size
+        local = rank_slice(rows, self.ctx.rank, w)
+        size = max(1, -(-n // w))  # bags per feature on every rank
+        batch, values, lengths = self._bags(local, size)
+        out = self.tables.lookup_bags(values, lengths)
+        pooled = torch.stack([out[k] for k in self.features], 1)  # [size, fields, dim]
+        for p in self.dense:
+            p.grad = None
+        if batch is None:  # an empty slice still joins the backward's all-to-all
+            loss = pooled.sum() * 0.0
+        else:
+            logits = self.model.head(pooled[:len(local)])
+            loss = F.binary_cross_entropy_with_logits(logits, batch.label, reduction="sum") / n
+        scale = self.tables.grad_scale
+        (loss * scale).backward()  # the tables' update happens here
+        share = len(local) / max(n, 1)
+        flat = [p.grad.reshape(-1) / scale if p.grad is not None else p.new_zeros(p.numel())
+                for p in self.dense]
+        flat += [b.reshape(-1) * share for b in self.buffers]
+        flat.append(loss.detach().reshape(1))
+        buf = torch.cat([t.to(torch.float32) for t in flat])
+        with self.ctx.collective("all_reduce of the dense gradients"):
+            dist.all_reduce(buf)
+        k = 0
+        for p in self.dense:
+            p.grad = buf[k:k + p.numel()].view_as(p).to(p.dtype)
+            k += p.numel()
+        with torch.no_grad():
+            for b in self.buffers:
+                b.copy_(buf[k:k + b.numel()].view_as(b))
+                k += b.numel()
+        if self.opt.dense is not None:
+            self.opt.dense.step()
+        return float(buf[-1])
+
+
+def build_sharded_step(ctx: DistContext, model: torch.nn.Module, opt: Optimizer,
+                       batcher: Batcher, hooks: Sequence[Hook], state: State,
+                       sharding: str) -> ShardedCTRStep:
+    """The sharded step, after checking the run can use it."""
+    check_sharded_train(state.cfg, hooks)
+    return ShardedCTRStep(ctx, model, opt, batcher, sharding)

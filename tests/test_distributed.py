@@ -464,3 +464,19 @@ def test_sharded_ctr_step_refuses_the_update_norm_probe():
     opt.track_updates = True
     with pytest.raises(ValueError, match="update-norm probe"):
         ShardedCTRStep(None, model, opt, None)  # type: ignore[arg-type]
+
+
+def test_nproc_checks_the_settings_once_before_launching(tiny_synth, tmp_path, capsys):
+    """Bad settings (and sharding what FBGEMM cannot fuse) stop ``--nproc`` in the parent:
+    one error, exit 2, no rank started, no run folder."""
+    from oneepoch.cli import main
+    base = [f"data.path={tiny_synth}", f"out_dir={tmp_path}", "name=never"]
+    assert main(["train", "--nproc", "2", *base, "epochs=0"]) == 2
+    assert main(["train", "--nproc", "0", *base]) == 2
+    assert main(["pretrain", "--nproc", "2", "epochs=0", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'epochs': got 0") == 2 and "--nproc: 0" in err
+    if torchrec_loads():
+        assert main(["train", "--nproc", "2", "--shard-tables", "auto", *base]) == 2
+        assert capsys.readouterr().err.count("optim.name='adam'") == 1
+    assert not (tmp_path / "never").exists()

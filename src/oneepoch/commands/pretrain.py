@@ -41,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.remedies.early_stopping import select_hook
     from oneepoch.tracking import tracking_hooks
 
-    if args.nproc:
+    if args.nproc is not None:
+        config_and_run_dir(args, PretrainConfig)  # bad settings: one error, no launch
+        if args.shard_tables:
+            from oneepoch.distributed.plan import require_torchrec
+            require_torchrec()
         return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
             ["--resume", args.resume] if args.resume else []), *(
             ["--shard-tables", args.shard_tables] if args.shard_tables else []),

@@ -38,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.tracking import tracking_hooks
     from oneepoch.training.trainer import train
 
-    if args.nproc:
+    if args.nproc is not None:
+        cfg, _ = config_and_run_dir(args, TrainConfig)  # bad settings: one error, no launch
+        if args.shard_tables:
+            from oneepoch.distributed.plan import require_torchrec
+            from oneepoch.distributed.sharded_ctr import check_sharded_train
+            require_torchrec()
+            check_sharded_train(cfg, hooks_from_config(cfg))
         return launch_local(args.nproc, ["train", "--config", args.config, *(
             ["--resume", args.resume] if args.resume else []), *(
             ["--shard-tables", args.shard_tables] if args.shard_tables else []),

@@ -1,9 +1,10 @@
 """One rank of a distributed test run (started by tests/test_distributed.py with RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
-SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "log_rows": path or null
-(each training batch's rows, per rank), "die": {"rank": r, "step": k} or {"epoch": e} (every
-rank) or null}.
+SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
+(stage 1) or absent, "resume": true (stage 1: continue from the run folder's last checkpoint),
+"log_rows": path or null (each training batch's rows, per rank), "die": {"rank": r, "step": k}
+or {"epoch": e} (every rank) or null}.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main() -> None:
     if spec.get("pretrain"):
         from oneepoch.pretrain import PretrainConfig, pretrain
         par = DataParallelRun.from_env("cpu", shard_tables=spec.get("shard", ""))
-        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par)
+        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par,
+                       resume=bool(spec.get("resume")),
+                       hooks=[Die(spec["die"])] if spec.get("die") else [])
         par.close()
         print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir)}))
         return

@@ -144,6 +144,7 @@ class DataParallelRun:
             return DataParallelStage1(self.ctx, stepper)
         step = ShardedStage1(self.ctx, stepper, self.shard_tables)
         run_dir = getattr(self, "_run_dir", None)
+        step.root = run_dir  # every rank writes its shards of a checkpoint there
         if self.ctx.is_writer and run_dir is not None:
             tables = step.tables.plan_dict()
             atomic_write_json(run_dir / "sharding_plan.json", {

@@ -18,8 +18,10 @@ sliced) come from the same seeded generator on every rank, so they equal one pro
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,10 +127,19 @@ class ShardedStage1(_WrapsStage1):
     the global batch size. The model's own tables are a mirror of the shards, refreshed by
     :meth:`refresh` (before evaluation, checkpoints and the export: pass it as the loop's
     ``sync``), and pushed into the shards at the first step (the one-process initialisation,
-    or a resumed checkpoint's tables). Contrastive loss with in-batch negatives only.
+    or the tables and Adagrad accumulators of a one-process checkpoint). Contrastive loss with
+    in-batch negatives only.
+
+    Checkpoints (the loop calls :meth:`save_checkpoint` and :meth:`load_tables`): every rank
+    writes its shards of the tables and of FBGEMM's optimizer state with
+    ``torch.distributed.checkpoint`` into ``checkpoints/.epoch-NNN.tables.tmp`` of the run
+    folder (``root``, shared by the ranks); after a barrier rank 0 writes the rest of the
+    checkpoint and moves that folder into it as ``tables.dcp/``, atomically. At resume each rank
+    reads its shards (DCP reshards from any number of processes and any sharding).
     """
 
     path = "distributed-sharded"
+    NAMES = {"user": "user_weight", "item": "item_weight"}  # table -> the model's parameter
 
     def __init__(self, ctx: DistContext, stepper: Any, sharding: str = "auto") -> None:
         from oneepoch.distributed.sharded import ShardedTables
@@ -140,11 +151,13 @@ class ShardedStage1(_WrapsStage1):
             raise ValueError("sharded tables: stage 1 supports loss.type=contrastive with "
                              "loss.in_batch=true")
         m = self.model
+        eps = 1e-10 if oc.name == "adagrad" else oc.eps  # oneepoch's Adagrad rule (as torch's)
         self.tables = ShardedTables(ctx, [("user", *m.user_weight.shape),
                                           ("item", *m.item_weight.shape)],
-                                    oc.name, oc.lr * oc.emb_lr_scale, sharding, oc.eps)
+                                    oc.name, oc.lr * oc.emb_lr_scale, sharding, eps)
         self.dense = [p for p in self.opt.dense_params if p.requires_grad]
         self.pushed = False
+        self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
                        f"sharded by TorchRec ({sharding}); optimizer {oc.name} fused in FBGEMM")
 
@@ -160,16 +173,67 @@ class ShardedStage1(_WrapsStage1):
             with self.ctx.collective(f"broadcast of table {name}"):
                 dist.broadcast(w.data, src=0)
 
+    def _current(self) -> dict[str, Any]:
+        """The model's and the one-process optimizer's state (the mirror's side)."""
+        return {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+
+    def _push(self) -> None:
+        """The model's tables (fresh or resumed) and the one-process optimizer's Adagrad
+        accumulators (zero, or a one-process checkpoint's) into the shards."""
+        cur = self._current()
+        whole = {f"model/{p}": cur["model"][p] for p in self.NAMES.values()}
+        whole.update({f"optim/sparse/{p}/{k}": v for p in self.NAMES.values()
+                      for k, v in cur["optim"]["sparse"][p].items()
+                      if isinstance(v, torch.Tensor)})
+        self.tables.load_whole(whole, self.NAMES)
+        self.pushed = True
+
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write the loop's checkpoint ``path`` (see the class doc): the tables and their
+        optimizer state by every rank with DCP, the rest (``state`` without them) by rank 0."""
+        from oneepoch.training.checkpoint import save_checkpoint
+
+        if not self.pushed:
+            self._push()
+        if self.root is None:
+            raise RuntimeError("ShardedStage1.root: the run folder shared by the ranks is not "
+                               "set (DataParallelRun.stage1_step sets it)")
+        tmp = self.root / "checkpoints" / f".{path.name}.tables.tmp"
+        if self.ctx.is_writer:  # an earlier attempt's files (e.g. of another world size)
+            shutil.rmtree(tmp, ignore_errors=True)
+        with self.ctx.collective("barrier before writing the sharded tables"):
+            dist.barrier()
+        self.tables.save(tmp, self.NAMES)
+        with self.ctx.collective("barrier after writing the sharded tables"):
+            dist.barrier()
+        if self.ctx.is_writer:
+            save_checkpoint(path, state, tables=tmp)
+
+    def load_tables(self, path: str | Path) -> dict[str, Any]:
+        """Read this rank's shards of a checkpoint's ``tables.dcp/`` (written on any number of
+        processes) and refresh the mirror; returns the entries it holds as the model's and the
+        one-process optimizer's current values (for the loop's restore)."""
+        from oneepoch.training.checkpoint import dcp_shapes
+
+        self.tables.load(path, self.NAMES)
+        self.pushed = True
+        self.refresh()
+        out, cur = {}, self._current()
+        for key in dcp_shapes(path):
+            node: Any = cur
+            for part in key.split("/"):
+                node = node[part]
+            out[key] = node
+        return out
+
     def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
         from torch.distributed.nn.functional import all_gather
 
         rows = next(batches, None)
         if rows is None:
             return []
-        if not self.pushed:  # the model's tables (fresh or resumed) into the shards
-            self.tables.load_full({"user": self.model.user_weight.detach(),
-                                   "item": self.model.item_weight.detach()})
-            self.pushed = True
+        if not self.pushed:
+            self._push()
         st, fn, m, w = self.inner, self.fn, self.model, self.ctx.world_size
         lc = fn.cfg.loss
         ts = time.perf_counter()

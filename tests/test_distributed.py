@@ -376,8 +376,13 @@ def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim
         assert not any(k.endswith(("user_weight", "item_weight", "square_avg"))
                        for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
     if world == 2:
-        ok(launch(tmp_path, [{**spec, "die": None, "resume": True}] * 2))
+        res = launch(tmp_path, [{**spec, "die": None, "resume": True}] * 2)
+        ok(res)
         rows = read_metrics(run)
+        held = [json.loads(r.stdout.strip().splitlines()[-1])["table_rows"] for r in res]
+        whole = load_checkpoint(list_checkpoints(one.run_dir)[-1])["model"]
+        assert held == [{k: whole[k].shape[0] for k in ("user_weight", "item_weight")},
+                        {"user_weight": 0, "item_weight": 0}]  # rank 0's mirror only
     else:
         cfg = load_config(PretrainConfig, run / "config.yaml", [])
         rows = pretrain(cfg, run, resume=True).metrics

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,15 @@ class ShardedStage1(_WrapsStage1):
     uniform negatives (TorchRec's all-to-all fetches them from the owning shards), then an
     autograd all-gather of the item vectors gives every rank the global batch's candidates
     (in-batch negatives across ranks; the gradients flow back to the owning shards). logQ uses
-    the global batch size. The model's own tables are a mirror of the shards, refreshed by
-    :meth:`refresh` (before evaluation, checkpoints and the export: pass it as the loop's
-    ``sync``), and pushed into the shards at the first step (the one-process initialisation,
-    or the tables and Adagrad accumulators of a one-process checkpoint). Contrastive loss with
-    in-batch negatives only.
+    the global batch size. Contrastive loss with in-batch negatives only.
+
+    Whole tables. The model's tables (the one-process initialisation, or a one-process
+    checkpoint's tables and Adagrad accumulators) are pushed into the shards at the first step;
+    then only rank 0 keeps a whole copy, a mirror of the shards refreshed by :meth:`refresh`
+    (a gather to rank 0 before evaluation, checkpoints and the export: pass it as the loop's
+    ``sync``); the other ranks' model tables and every rank's one-process optimizer state of
+    them shrink to 0 rows. So rank 0 evaluates (:meth:`on_writer`: every rank gets its
+    metrics) and writes the export.
 
     Checkpoints (the loop calls :meth:`save_checkpoint` and :meth:`load_tables`): every rank
     writes its shards of the tables and of FBGEMM's optimizer state with
@@ -163,15 +167,32 @@ class ShardedStage1(_WrapsStage1):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Refresh the model's whole tables from the shards (every rank)."""
+        """Refresh rank 0's whole tables from the shards (a collective: every rank calls it)."""
         if not self.pushed:
             return
         for name, w in (("user", self.model.user_weight), ("item", self.model.item_weight)):
             full = self.tables.gather_full(name)
             if self.ctx.rank == 0:
                 w.copy_(full)
-            with self.ctx.collective(f"broadcast of table {name}"):
-                dist.broadcast(w.data, src=0)
+
+    def on_writer(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` (e.g. the evaluation, which reads the whole tables) run on rank 0 only; every
+        rank returns its result."""
+        def run() -> Any:
+            msg = [fn() if self.ctx.rank == 0 else None]
+            with self.ctx.collective("sending rank 0's evaluation"):
+                dist.broadcast_object_list(msg, src=0)
+            return msg[0]
+        return run
+
+    def _drop_copies(self) -> None:
+        """Once the shards hold the tables: the model's whole tables shrink to 0 rows except on
+        rank 0 (the mirror), and the one-process optimizer's state of them on every rank."""
+        for p in self.NAMES.values():
+            w, o = getattr(self.model, p), self.opt.sparse[p]
+            if self.ctx.rank != 0:
+                w.data = w.data.new_empty(0, *w.shape[1:])
+            o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
 
     def _current(self) -> dict[str, Any]:
         """The model's and the one-process optimizer's state (the mirror's side)."""
@@ -187,6 +208,7 @@ class ShardedStage1(_WrapsStage1):
                       if isinstance(v, torch.Tensor)})
         self.tables.load_whole(whole, self.NAMES)
         self.pushed = True
+        self._drop_copies()
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Write the loop's checkpoint ``path`` (see the class doc): the tables and their
@@ -211,13 +233,14 @@ class ShardedStage1(_WrapsStage1):
 
     def load_tables(self, path: str | Path) -> dict[str, Any]:
         """Read this rank's shards of a checkpoint's ``tables.dcp/`` (written on any number of
-        processes) and refresh the mirror; returns the entries it holds as the model's and the
+        processes) and refresh rank 0's mirror; returns the entries it holds as the model's and the
         one-process optimizer's current values (for the loop's restore)."""
         from oneepoch.training.checkpoint import dcp_shapes
 
         self.tables.load(path, self.NAMES)
         self.pushed = True
         self.refresh()
+        self._drop_copies()
         out, cur = {}, self._current()
         for key in dcp_shapes(path):
             node: Any = cur

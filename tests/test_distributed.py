@@ -395,3 +395,18 @@ def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim
     for kind in ("user", "item"):
         np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
                                    getattr(a, kind).weight.numpy(), atol=1e-4)
+
+
+def test_sharded_stage1_refuses_select_metric_saying_why(tmp_path):
+    from types import SimpleNamespace
+
+    from oneepoch.pretrain import PretrainConfig, pretrain
+    from oneepoch.remedies.early_stopping import select_hook
+
+    cfg = load_config(PretrainConfig, "pretrain", [*stage1_world(tmp_path), "name=sel",
+                                                   "select.metric=test_hit@3"])
+    dp = SimpleNamespace(shard_tables="table_wise", run_dir=lambda p: p,
+                         set_threads=lambda t: None, fail=lambda e: None)
+    with pytest.raises(ValueError, match="select.metric: not supported with --shard-tables"):
+        pretrain(cfg, parallel=dp, hooks=[select_hook(cfg)])
+    assert not (tmp_path / "sel").exists()

@@ -161,15 +161,19 @@ class ShardedStage1(_WrapsStage1):
                                     oc.name, oc.lr * oc.emb_lr_scale, sharding, eps)
         self.dense = [p for p in self.opt.dense_params if p.requires_grad]
         self.pushed = False
+        self.steps, self.refreshed = 0, -1  # steps run; self.steps at the last refresh
         self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
                        f"sharded by TorchRec ({sharding}); optimizer {oc.name} fused in FBGEMM")
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Refresh rank 0's whole tables from the shards (a collective: every rank calls it)."""
-        if not self.pushed:
+        """Refresh rank 0's whole tables from the shards (a collective: every rank calls it);
+        nothing to do when no step ran since the last refresh (e.g. the checkpoint after an
+        epoch end's evaluation)."""
+        if not self.pushed or self.refreshed == self.steps:
             return
+        self.refreshed = self.steps
         for name, w in (("user", self.model.user_weight), ("item", self.model.item_weight)):
             full = self.tables.gather_full(name)
             if self.ctx.rank == 0:
@@ -257,6 +261,7 @@ class ShardedStage1(_WrapsStage1):
             return []
         if not self.pushed:
             self._push()
+        self.steps += 1
         st, fn, m, w = self.inner, self.fn, self.model, self.ctx.world_size
         lc = fn.cfg.loss
         ts = time.perf_counter()

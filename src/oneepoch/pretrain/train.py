@@ -253,6 +253,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         raise ValueError("select.metric: set, but no hook applies it; pass hooks="
                          "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
                          "(last in the list), or set select.metric=''")
+    if cfg.select.metric and dp is not None and dp.shard_tables:
+        raise ValueError("select.metric: not supported with --shard-tables yet (the best "
+                         "point's tables would have to be kept sharded); set select.metric='' "
+                         "or train with replicated tables")
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
     for h in hooks:
         h.check(s)

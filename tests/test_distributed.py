@@ -347,13 +347,14 @@ STAGE1_OPTIM = {"sgd": ["optim.name=sgd", "optim.lr=0.5"],
 @needs_torchrec
 @pytest.mark.slow
 @pytest.mark.parametrize("optim,world", [("sgd", 1), ("sgd", 2), ("adagrad", 1),
-                                         ("adagrad", 2)])
+                                         ("adagrad", 2), ("adagrad", "2-replicated")])
 def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim, world):
     """Epoch 1 on 2 ranks with TorchRec-sharded tables, killed; the checkpoint holds the
     tables and FBGEMM's Adagrad accumulators as DCP shards (not in the safetensors file);
-    epoch 2 on 2 ranks (sharded, each reads its shards) or on one process (whole tables and
-    accumulators from DCP): the metrics and export of an uninterrupted one-process run
-    (sharded SGD and Adagrad apply oneepoch's rules) within 1e-4."""
+    epoch 2 on 2 ranks (sharded, each reads its shards; or replicated, each reads them whole)
+    or on one process (whole tables and accumulators from DCP): the metrics and export of an
+    uninterrupted one-process run (sharded SGD and Adagrad apply oneepoch's rules) within
+    1e-4."""
     from safetensors import safe_open
 
     from oneepoch.embeddings import load_embeddings
@@ -375,7 +376,10 @@ def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim
     with safe_open(str(ck / "tensors.safetensors"), "pt") as f:
         assert not any(k.endswith(("user_weight", "item_weight", "square_avg"))
                        for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
-    if world == 2:
+    if world == "2-replicated":
+        ok(launch(tmp_path, [{**spec, "die": None, "resume": True, "shard": ""}] * 2))
+        rows = read_metrics(run)
+    elif world == 2:
         res = launch(tmp_path, [{**spec, "die": None, "resume": True}] * 2)
         ok(res)
         rows = read_metrics(run)
@@ -395,6 +399,27 @@ def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim
     for kind in ("user", "item"):
         np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
                                    getattr(a, kind).weight.numpy(), atol=1e-4)
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_sharded_on_two(tmp_path):
+    """Epoch 1 on one process (Adagrad), epoch 2 on 2 ranks with sharded tables: the tables and
+    the Adagrad accumulators are pushed into the shards; the uninterrupted run's metrics."""
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = [*stage1_world(tmp_path), *STAGE1_OPTIM["adagrad"]]
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p2", "epochs=1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": "table_wise",
+            "resume": True}
+    ok(launch(tmp_path, [spec, spec]))
+    rows = read_metrics(tmp_path / "p2")
+    assert [r["step"] for r in rows] == [r["step"] for r in one.metrics]
+    for x, y in zip(rows, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x["step"], x[k], y[k])
 
 
 def test_sharded_stage1_refuses_select_metric_saying_why(tmp_path):

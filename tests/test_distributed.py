@@ -379,8 +379,9 @@ def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim
     if world == "2-replicated":
         ok(launch(tmp_path, [{**spec, "die": None, "resume": True, "shard": ""}] * 2))
         rows = read_metrics(run)
-    elif world == 2:
-        res = launch(tmp_path, [{**spec, "die": None, "resume": True}] * 2)
+    elif world == 2:  # SGD: resumed with another sharding type (DCP reshards)
+        shard = "column_wise" if optim == "sgd" else "table_wise"
+        res = launch(tmp_path, [{**spec, "die": None, "resume": True, "shard": shard}] * 2)
         ok(res)
         rows = read_metrics(run)
         held = [json.loads(r.stdout.strip().splitlines()[-1])["table_rows"] for r in res]

@@ -2,9 +2,9 @@
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
 SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
-(tables sharded; "" or absent: replicated), "log_rows": path or null
-(each training batch's rows, per rank), "die": {"rank": r, "step": k} or {"epoch": e} (every
-rank) or null}.
+(tables sharded; "" or absent: replicated), "resume": true (stage 1: continue from the run
+folder's last checkpoint), "log_rows": path or null (each training batch's rows, per rank),
+"die": {"rank": r, "step": k} or {"epoch": e} (every rank) or null}.
 """
 
 from __future__ import annotations
@@ -38,14 +38,28 @@ class Die(Hook):
             os._exit(9)
 
 
+class Rows(Hook):
+    """Records the rows of each of the model's ID tables this rank holds at the end."""
+
+    rows: dict = {}
+
+    def on_train_end(self, s) -> None:
+        self.rows = {n: int(p.shape[0]) for g, ps in s.model.param_groups() if g == "embedding"
+                     for n, p in s.model.named_parameters() if any(p is q for q in ps)}
+
+
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     if spec.get("pretrain"):
         from oneepoch.pretrain import PretrainConfig, pretrain
         par = DataParallelRun.from_env("cpu", shard_tables=spec.get("shard", ""))
-        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par)
+        rows = Rows()
+        res = pretrain(load_config(PretrainConfig, "pretrain", spec["overrides"]), parallel=par,
+                       resume=bool(spec.get("resume")),
+                       hooks=[rows, *([Die(spec["die"])] if spec.get("die") else [])])
         par.close()
-        print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir)}))
+        print(json.dumps({"rank": os.environ["RANK"], "export": str(res.export_dir),
+                          "table_rows": rows.rows}))
         return
     cfg = load_config(TrainConfig, None, spec["overrides"])
     if spec.get("log_rows"):

@@ -345,26 +345,102 @@ def test_sharding_asked_without_the_extra_is_a_clear_error(monkeypatch):
         DataParallelRun.from_env("cpu", shard_tables="auto")
 
 
+STAGE1_OPTIM = {"sgd": ["optim.name=sgd", "optim.lr=0.5"],
+                "adagrad": ["optim.name=adagrad", "optim.lr=0.1"]}
+
+
 @needs_torchrec
 @pytest.mark.slow
-def test_sharded_stage1_stopped_after_epoch_1_on_two_resumes_on_one(tmp_path):
-    """Epoch 1 on 2 ranks with TorchRec-sharded tables, epoch 2 on one process from its
-    checkpoint: the metrics of an uninterrupted one-process run (SGD)."""
+@pytest.mark.parametrize("optim,world", [("sgd", 1), ("sgd", 2), ("adagrad", 1),
+                                         ("adagrad", 2), ("adagrad", "2-replicated")])
+def test_sharded_stage1_killed_after_epoch_1_on_two_resumes_on_m(tmp_path, optim, world):
+    """Epoch 1 on 2 ranks with TorchRec-sharded tables, killed; the checkpoint holds the
+    tables and FBGEMM's Adagrad accumulators as DCP shards (not in the safetensors file);
+    epoch 2 on 2 ranks (sharded, each reads its shards; or replicated, each reads them whole)
+    or on one process (whole tables and accumulators from DCP): the metrics and export of an
+    uninterrupted one-process run (sharded SGD and Adagrad apply oneepoch's rules) within
+    1e-4."""
+    from safetensors import safe_open
+
+    from oneepoch.embeddings import load_embeddings
     from oneepoch.pretrain import PretrainConfig, pretrain
 
-    over = stage1_world(tmp_path)
+    over = [*stage1_world(tmp_path), *STAGE1_OPTIM[optim]]
     one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
-    spec = {"pretrain": True, "overrides": [*over, "name=p2", "epochs=1"],
-            "shard": "table_wise"}
-    ok(launch(tmp_path, [spec, spec]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": "table_wise",
+            "die": {"epoch": 1}}
+    res = launch(tmp_path, [spec, spec])
+    assert all(r.returncode == 9 for r in res), [r.stderr[-2000:] for r in res]
     run = tmp_path / "p2"
-    cfg = load_config(PretrainConfig, run / "config.yaml", ["epochs=2"])
-    resumed = pretrain(cfg, run, resume=True)
-    assert [r["step"] for r in resumed.metrics] == [r["step"] for r in one.metrics]
-    for x, y in zip(resumed.metrics, one.metrics, strict=True):
+    [ck] = list_checkpoints(run)
+    held = json.loads((ck / "state.json").read_text())["tables_dcp"]["tensors"]
+    assert sorted(held) == sorted(["model/user_weight", "model/item_weight"] + (
+        ["optim/sparse/user_weight/square_avg", "optim/sparse/item_weight/square_avg"]
+        if optim == "adagrad" else []))
+    assert (ck / "tables.dcp" / ".metadata").is_file()
+    with safe_open(str(ck / "tensors.safetensors"), "pt") as f:
+        assert not any(k.endswith(("user_weight", "item_weight", "square_avg"))
+                       for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    if world == "2-replicated":
+        ok(launch(tmp_path, [{**spec, "die": None, "resume": True, "shard": ""}] * 2))
+        rows = read_metrics(run)
+    elif world == 2:  # SGD: resumed with another sharding type (DCP reshards)
+        shard = "column_wise" if optim == "sgd" else "table_wise"
+        res = launch(tmp_path, [{**spec, "die": None, "resume": True, "shard": shard}] * 2)
+        ok(res)
+        rows = read_metrics(run)
+        held = [json.loads(r.stdout.strip().splitlines()[-1])["table_rows"] for r in res]
+        whole = load_checkpoint(list_checkpoints(one.run_dir)[-1])["model"]
+        assert held == [{k: whole[k].shape[0] for k in ("user_weight", "item_weight")},
+                        {"user_weight": 0, "item_weight": 0}]  # rank 0's mirror only
+    else:
+        cfg = load_config(PretrainConfig, run / "config.yaml", [])
+        rows = pretrain(cfg, run, resume=True).metrics
+    assert [r["step"] for r in rows] == [r["step"] for r in one.metrics]
+    for x, y in zip(rows, one.metrics, strict=True):
         for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
             if y[k] is not None:
-                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])
+                assert abs(x[k] - y[k]) < 1e-4, (k, x["step"], x[k], y[k])
+    a, b = load_embeddings(one.export_dir), load_embeddings(run / "embeddings")
+    for kind in ("user", "item"):
+        np.testing.assert_allclose(getattr(b, kind).weight.numpy(),
+                                   getattr(a, kind).weight.numpy(), atol=1e-4)
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_sharded_on_two(tmp_path):
+    """Epoch 1 on one process (Adagrad), epoch 2 on 2 ranks with sharded tables: the tables and
+    the Adagrad accumulators are pushed into the shards; the uninterrupted run's metrics."""
+    from oneepoch.pretrain import PretrainConfig, pretrain
+
+    over = [*stage1_world(tmp_path), *STAGE1_OPTIM["adagrad"]]
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p1"]))
+    pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=p2", "epochs=1"]))
+    spec = {"pretrain": True, "overrides": [*over, "name=p2"], "shard": "table_wise",
+            "resume": True}
+    ok(launch(tmp_path, [spec, spec]))
+    rows = read_metrics(tmp_path / "p2")
+    assert [r["step"] for r in rows] == [r["step"] for r in one.metrics]
+    for x, y in zip(rows, one.metrics, strict=True):
+        for k in ("test_full_loss", "train_loss", "tau", "test_hit@3"):
+            if y[k] is not None:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x["step"], x[k], y[k])
+
+
+def test_sharded_stage1_refuses_select_metric_saying_why(tmp_path):
+    from types import SimpleNamespace
+
+    from oneepoch.pretrain import PretrainConfig, pretrain
+    from oneepoch.remedies.early_stopping import select_hook
+
+    cfg = load_config(PretrainConfig, "pretrain", [*stage1_world(tmp_path), "name=sel",
+                                                   "select.metric=test_hit@3"])
+    dp = SimpleNamespace(shard_tables="table_wise", run_dir=lambda p: p,
+                         set_threads=lambda t: None, fail=lambda e: None)
+    with pytest.raises(ValueError, match="select.metric: not supported with --shard-tables"):
+        pretrain(cfg, parallel=dp, hooks=[select_hook(cfg)])
+    assert not (tmp_path / "sel").exists()
 
 
 @needs_torchrec

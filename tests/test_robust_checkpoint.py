@@ -124,13 +124,10 @@ def test_cli_resume_from_garbage_checkpoint_exits_2(tmp_path, tiny_synth, capsys
     assert len(err.splitlines()) == 1 and "epoch-001/tensors.safetensors" in err
 
 
-def test_cli_pretrain_resume_from_truncated_checkpoint_exits_2(tmp_path, capsys):
+def _engagements(tmp_path):
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from oneepoch.config import load_config, to_dict
-    from oneepoch.pretrain import PretrainConfig
 
     data = tmp_path / "eng"
     data.mkdir()
@@ -140,6 +137,14 @@ def test_cli_pretrain_resume_from_truncated_checkpoint_exits_2(tmp_path, capsys)
                                  "item_id": rng.integers(0, 50, n)}), data / f"{split}.parquet")
     (data / "schema.yaml").write_text("format: engagements\nuser: user_id\nitem: item_id\n"
                                       "splits: {train: train.parquet, test: test.parquet}\n")
+    return data
+
+
+def test_cli_pretrain_resume_from_truncated_checkpoint_exits_2(tmp_path, capsys):
+    from oneepoch.config import load_config, to_dict
+    from oneepoch.pretrain import PretrainConfig
+
+    data = _engagements(tmp_path)
     run = tmp_path / "run"
     ck = save_checkpoint(run / "checkpoints" / "epoch-001", STATE)
     _truncate(ck / "tensors.safetensors")
@@ -151,3 +156,76 @@ def test_cli_pretrain_resume_from_truncated_checkpoint_exits_2(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and "epoch-001/tensors.safetensors" in err
+
+
+def _write_dcp(path, tensors):
+    """A DCP folder of whole tensors, written by this one process (as the ranks of a sharded
+    run write their shards)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(tensors), checkpoint_id=str(path), no_dist=True)
+
+
+def test_checkpoint_with_dcp_tables_round_trips_and_refuses_a_missing_folder(tmp_path):
+    from safetensors import safe_open
+
+    from oneepoch.training.checkpoint import put_tensors, read_dcp
+
+    tables = tmp_path / "checkpoints" / ".tables.tmp"
+    _write_dcp(tables, {"model/emb.weight": STATE["model"]["emb.weight"]})
+    ck = save_checkpoint(tmp_path / "checkpoints" / "epoch-001", STATE, tables=tables)
+    assert not tables.exists() and (ck / "tables.dcp" / ".metadata").is_file()
+    with safe_open(str(ck / "tensors.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["model.b"]  # the table is in tables.dcp only
+    got = load_checkpoint(ck, required=("model",))
+    assert got["tables_dcp"]["shapes"] == {"model/emb.weight": (4, 3)}
+    whole = put_tensors(got, read_dcp(got["tables_dcp"]["path"]))
+    for k, v in STATE["model"].items():
+        assert torch.equal(whole["model"][k], v)
+    (ck / "tables.dcp" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"tables.dcp: missing or incomplete.*damaged"):
+        load_checkpoint(ck)
+
+
+def test_pretrain_resumes_on_one_process_from_dcp_tables(tmp_path, capsys):
+    """A checkpoint whose tables and Adagrad accumulators are DCP tensors (as a sharded run
+    writes them) resumes on one process, whole: the uninterrupted run's metrics exactly; the
+    same checkpoint without its tables.dcp/ is refused as damaged (exit code 2)."""
+    from oneepoch.config import load_config
+    from oneepoch.pretrain import PretrainConfig, pretrain
+    from oneepoch.training.checkpoint import list_checkpoints
+
+    over = [f"data.path={_engagements(tmp_path)}", "epochs=2", "batch_size=64", "model.dim=4",
+            "threads=1", "progress=false", "optim.name=adagrad", "optim.lr=0.1",
+            f"out_dir={tmp_path}", "checkpoint_keep=0"]
+    one = pretrain(load_config(PretrainConfig, "pretrain", [*over, "name=one"]))
+    ck = list_checkpoints(one.run_dir)[0]
+    state = load_checkpoint(ck)
+    held = {"model/user_weight": state["model"]["user_weight"],
+            "model/item_weight": state["model"]["item_weight"],
+            "optim/sparse/user_weight/square_avg":
+                state["optim"]["sparse"]["user_weight"]["square_avg"],
+            "optim/sparse/item_weight/square_avg":
+                state["optim"]["sparse"]["item_weight"]["square_avg"]}
+    assert all(float(v.abs().sum()) > 0 for v in held.values())
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text((one.run_dir / "config.yaml").read_text())
+    _write_dcp(run / "checkpoints" / ".tables.tmp", held)
+    save_checkpoint(run / "checkpoints" / ck.name, state, tables=run / "checkpoints" /
+                    ".tables.tmp")
+    cfg = load_config(PretrainConfig, run / "config.yaml", [])
+    resumed = pretrain(cfg, run, resume=True)
+    assert resumed.metrics == [{**r, "elapsed_s": resumed.metrics[i]["elapsed_s"],
+                                "pairs_per_s": resumed.metrics[i]["pairs_per_s"]}
+                               for i, r in enumerate(one.metrics)]
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "epoch-002")
+    shutil.rmtree(run / "checkpoints" / ck.name / "tables.dcp")
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tables.dcp: missing" in err, err

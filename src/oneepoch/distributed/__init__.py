@@ -176,6 +176,7 @@ class DataParallelRun:
         if not self.shard_tables:
             return DataParallelStage1(self.ctx, stepper)
         step = ShardedStage1(self.ctx, stepper, self.shard_tables)
+        step.root = getattr(self, "_run_dir", None)  # every rank writes its checkpoint shards there
         self._sharded_plan(step.tables)
         return step
 

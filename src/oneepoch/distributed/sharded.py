@@ -176,27 +176,71 @@ class ShardedTables:
         with self.ctx.collective("sharded embedding lookup"):
             return self.dmp(kjt).to_dict()
 
-    def save(self, path: str | Path) -> None:
-        """Every rank writes its shards with ``torch.distributed.checkpoint``."""
+    def checkpoint_state(self, names: dict[str, str] | None = None) -> dict[str, Any]:
+        """This rank's shards of the tables and of the fused optimizer's state, under the keys
+        of oneepoch's checkpoints (see :mod:`oneepoch.training.checkpoint`): ``model/<name>``
+        for a table and ``optim/sparse/<name>/<state>`` for its optimizer state, ``name`` the
+        model's parameter of the table (``names``: table -> parameter; default the table's
+        name). FBGEMM's exact Adagrad accumulator (``momentum1``, the running sum of squared
+        gradients per element) is oneepoch's Adagrad ``square_avg``: the same update rule, so a
+        one-process run continues it. In place: loading into it sets the shards."""
+        names = names or {n: n for n in self.names}
+        out: dict[str, Any] = {}
+        for key, v in self.dmp.state_dict().items():
+            out[f"model/{names[key.split('.')[-2]]}"] = v
+        for key, st in self.dmp.fused_optimizer.state_dict()["state"].items():
+            table = names[key.split(".")[-2]]
+            for k, v in st.items():
+                k = k.split(".")[-1]
+                if k == "momentum1" and len(v.size()) == 2:  # exact (not row-wise) Adagrad
+                    k = "square_avg"
+                out[f"optim/sparse/{table}/{k}"] = v
+        return out
+
+    @torch.no_grad()
+    def load_whole(self, whole: dict[str, torch.Tensor],
+                   names: dict[str, str] | None = None) -> None:
+        """Set this rank's shards of the tables and of the fused optimizer's state from whole
+        tensors under :meth:`checkpoint_state`'s keys (those present in ``whole``)."""
+        for key, v in self.checkpoint_state(names).items():
+            if key in whole:
+                for sh in v.local_shards():
+                    at = tuple(slice(o, o + n) for o, n in zip(sh.metadata.shard_offsets,
+                                                               sh.metadata.shard_sizes,
+                                                               strict=True))
+                    sh.tensor.copy_(whole[key][at])
+
+    def save(self, path: str | Path, names: dict[str, str] | None = None) -> None:
+        """Every rank writes its shards of the tables and of the fused optimizer's state
+        (:meth:`checkpoint_state`) with ``torch.distributed.checkpoint`` into folder ``path``
+        (the same folder for every rank: a file system they share)."""
         import torch.distributed.checkpoint as dcp
 
         with self.ctx.collective("torch.distributed.checkpoint save"):
-            dcp.save(self.dmp.state_dict(), checkpoint_id=str(path))
+            dcp.save(self.checkpoint_state(names), checkpoint_id=str(path))
 
-    def load(self, path: str | Path) -> None:
-        """Read a checkpoint written by :meth:`save` at any world size (DCP reshards)."""
+    def load(self, path: str | Path, names: dict[str, str] | None = None) -> None:
+        """Read a checkpoint written by :meth:`save` at any world size or sharding (DCP
+        reshards): the tables and, when the checkpoint has it, the fused optimizer's state."""
         import torch.distributed.checkpoint as dcp
 
-        sd = self.dmp.state_dict()
+        from oneepoch.training.checkpoint import dcp_shapes
+
+        have = set(dcp_shapes(path))
+        sd = {k: v for k, v in self.checkpoint_state(names).items() if k in have}
         with self.ctx.collective("torch.distributed.checkpoint load"):
             dcp.load(sd, checkpoint_id=str(path))
 
 
 def load_tables(path: str | Path, tables: list[tuple[str, int, int]]) -> dict[str, torch.Tensor]:
-    """Whole tables from a :meth:`ShardedTables.save` checkpoint, in one process without a
-    process group (e.g. to resume sharded training on one process, or to export)."""
-    import torch.distributed.checkpoint as dcp
+    """Whole tables from a :meth:`ShardedTables.save` checkpoint (saved without ``names``), in
+    one process without a process group (e.g. to resume sharded training on one process, or to
+    export)."""
+    from oneepoch.training.checkpoint import read_dcp
 
-    sd = {f"embedding_bags.{n}.weight": torch.zeros(r, d) for n, r, d in tables}
-    dcp.load(sd, checkpoint_id=str(path))
-    return {n: sd[f"embedding_bags.{n}.weight"] for n, _, _ in tables}
+    whole = read_dcp(path)
+    out = {n: whole[f"model/{n}"] for n, _, _ in tables}
+    for n, r, d in tables:
+        if tuple(out[n].shape) != (r, d):
+            raise ValueError(f"{path}: table {n} is {tuple(out[n].shape)} there, not {(r, d)}")
+    return out

@@ -18,8 +18,10 @@ sliced) come from the same seeded generator on every rank, so they equal one pro
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,13 +124,26 @@ class ShardedStage1(_WrapsStage1):
     uniform negatives (TorchRec's all-to-all fetches them from the owning shards), then an
     autograd all-gather of the item vectors gives every rank the global batch's candidates
     (in-batch negatives across ranks; the gradients flow back to the owning shards). logQ uses
-    the global batch size. The model's own tables are a mirror of the shards, refreshed by
-    :meth:`refresh` (before evaluation, checkpoints and the export: pass it as the loop's
-    ``sync``), and pushed into the shards at the first step (the one-process initialisation,
-    or a resumed checkpoint's tables). Contrastive loss with in-batch negatives only.
+    the global batch size. Contrastive loss with in-batch negatives only.
+
+    Whole tables. The model's tables (the one-process initialisation, or a one-process
+    checkpoint's tables and Adagrad accumulators) are pushed into the shards at the first step;
+    then only rank 0 keeps a whole copy, a mirror of the shards refreshed by :meth:`refresh`
+    (a gather to rank 0 before evaluation, checkpoints and the export: pass it as the loop's
+    ``sync``); the other ranks' model tables and every rank's one-process optimizer state of
+    them shrink to 0 rows. So rank 0 evaluates (:meth:`on_writer`: every rank gets its
+    metrics) and writes the export.
+
+    Checkpoints (the loop calls :meth:`save_checkpoint` and :meth:`load_tables`): every rank
+    writes its shards of the tables and of FBGEMM's optimizer state with
+    ``torch.distributed.checkpoint`` into ``checkpoints/.epoch-NNN.tables.tmp`` of the run
+    folder (``root``, shared by the ranks); after a barrier rank 0 writes the rest of the
+    checkpoint and moves that folder into it as ``tables.dcp/``, atomically. At resume each rank
+    reads its shards (DCP reshards from any number of processes and any sharding).
     """
 
     path = "distributed-sharded"
+    NAMES = {"user": "user_weight", "item": "item_weight"}  # table -> the model's parameter
 
     def __init__(self, ctx: DistContext, stepper: Any, sharding: str = "auto") -> None:
         from oneepoch.distributed.sharded import ShardedTables
@@ -140,25 +155,103 @@ class ShardedStage1(_WrapsStage1):
             raise ValueError("sharded tables: stage 1 supports loss.type=contrastive with "
                              "loss.in_batch=true")
         m = self.model
+        eps = 1e-10 if oc.name == "adagrad" else oc.eps  # oneepoch's Adagrad rule (as torch's)
         self.tables = ShardedTables(ctx, [("user", *m.user_weight.shape),
                                           ("item", *m.item_weight.shape)],
-                                    oc.name, oc.lr * oc.emb_lr_scale, sharding, oc.eps)
+                                    oc.name, oc.lr * oc.emb_lr_scale, sharding, eps)
         self.dense = [p for p in self.opt.dense_params if p.requires_grad]
         self.pushed = False
+        self.steps, self.refreshed = 0, -1  # steps run; self.steps at the last refresh
+        self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
                        f"sharded by TorchRec ({sharding}); optimizer {oc.name} fused in FBGEMM")
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Refresh the model's whole tables from the shards (every rank)."""
-        if not self.pushed:
+        """Refresh rank 0's whole tables from the shards (a collective: every rank calls it);
+        nothing to do when no step ran since the last refresh (e.g. the checkpoint after an
+        epoch end's evaluation)."""
+        if not self.pushed or self.refreshed == self.steps:
             return
+        self.refreshed = self.steps
         for name, w in (("user", self.model.user_weight), ("item", self.model.item_weight)):
             full = self.tables.gather_full(name)
             if self.ctx.rank == 0:
                 w.copy_(full)
-            with self.ctx.collective(f"broadcast of table {name}"):
-                dist.broadcast(w.data, src=0)
+
+    def on_writer(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` (e.g. the evaluation, which reads the whole tables) run on rank 0 only; every
+        rank returns its result."""
+        def run() -> Any:
+            msg = [fn() if self.ctx.rank == 0 else None]
+            with self.ctx.collective("sending rank 0's evaluation"):
+                dist.broadcast_object_list(msg, src=0)
+            return msg[0]
+        return run
+
+    def _drop_copies(self) -> None:
+        """Once the shards hold the tables: the model's whole tables shrink to 0 rows except on
+        rank 0 (the mirror), and the one-process optimizer's state of them on every rank."""
+        for p in self.NAMES.values():
+            w, o = getattr(self.model, p), self.opt.sparse[p]
+            if self.ctx.rank != 0:
+                w.data = w.data.new_empty(0, *w.shape[1:])
+            o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
+
+    def _current(self) -> dict[str, Any]:
+        """The model's and the one-process optimizer's state (the mirror's side)."""
+        return {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+
+    def _push(self) -> None:
+        """The model's tables (fresh or resumed) and the one-process optimizer's Adagrad
+        accumulators (zero, or a one-process checkpoint's) into the shards."""
+        cur = self._current()
+        whole = {f"model/{p}": cur["model"][p] for p in self.NAMES.values()}
+        whole.update({f"optim/sparse/{p}/{k}": v for p in self.NAMES.values()
+                      for k, v in cur["optim"]["sparse"][p].items()
+                      if isinstance(v, torch.Tensor)})
+        self.tables.load_whole(whole, self.NAMES)
+        self.pushed = True
+        self._drop_copies()
+
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write the loop's checkpoint ``path`` (see the class doc): the tables and their
+        optimizer state by every rank with DCP, the rest (``state`` without them) by rank 0."""
+        from oneepoch.training.checkpoint import save_checkpoint
+
+        if not self.pushed:
+            self._push()
+        if self.root is None:
+            raise RuntimeError("ShardedStage1.root: the run folder shared by the ranks is not "
+                               "set (DataParallelRun.stage1_step sets it)")
+        tmp = self.root / "checkpoints" / f".{path.name}.tables.tmp"
+        if self.ctx.is_writer:  # an earlier attempt's files (e.g. of another world size)
+            shutil.rmtree(tmp, ignore_errors=True)
+        with self.ctx.collective("barrier before writing the sharded tables"):
+            dist.barrier()
+        self.tables.save(tmp, self.NAMES)
+        with self.ctx.collective("barrier after writing the sharded tables"):
+            dist.barrier()
+        if self.ctx.is_writer:
+            save_checkpoint(path, state, tables=tmp)
+
+    def load_tables(self, path: str | Path) -> dict[str, Any]:
+        """Read this rank's shards of a checkpoint's ``tables.dcp/`` (written on any number of
+        processes) and refresh rank 0's mirror; returns the entries it holds as the model's and the
+        one-process optimizer's current values (for the loop's restore)."""
+        from oneepoch.training.checkpoint import dcp_shapes
+
+        self.tables.load(path, self.NAMES)
+        self.pushed = True
+        self.refresh()
+        self._drop_copies()
+        out, cur = {}, self._current()
+        for key in dcp_shapes(path):
+            node: Any = cur
+            for part in key.split("/"):
+                node = node[part]
+            out[key] = node
+        return out
 
     def run(self, batches: Iterator[np.ndarray], limit: int) -> list[float]:
         from torch.distributed.nn.functional import all_gather
@@ -166,10 +259,9 @@ class ShardedStage1(_WrapsStage1):
         rows = next(batches, None)
         if rows is None:
             return []
-        if not self.pushed:  # the model's tables (fresh or resumed) into the shards
-            self.tables.load_full({"user": self.model.user_weight.detach(),
-                                   "item": self.model.item_weight.detach()})
-            self.pushed = True
+        if not self.pushed:
+            self._push()
+        self.steps += 1
         st, fn, m, w = self.inner, self.fn, self.model, self.ctx.world_size
         lc = fn.cfg.loss
         ts = time.perf_counter()

@@ -253,6 +253,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         raise ValueError("select.metric: set, but no hook applies it; pass hooks="
                          "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
                          "(last in the list), or set select.metric=''")
+    if cfg.select.metric and dp is not None and dp.shard_tables:
+        raise ValueError("select.metric: not supported with --shard-tables yet (the best "
+                         "point's tables would have to be kept sharded); set select.metric='' "
+                         "or train with replicated tables")
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
     for h in hooks:
         h.check(s)
@@ -263,8 +267,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model, steps_per_epoch)
         step = dp.stage1_step(stepper)
     sync = getattr(step, "refresh", None) or getattr(opt, "sync", lambda: None)  # sharded
+    evaluate = getattr(step, "on_writer", lambda f: f)(evaluate_now)  # sharded: on rank 0
     try:
-        loop = Loop(s, step, hooks, batches, evaluate_now, cfg.epochs,
+        loop = Loop(s, step, hooks, batches, evaluate, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
                     cfg.checkpoint_keep, sync=sync,
                     progress=cfg.progress and (dp is None or dp.is_writer),
@@ -279,7 +284,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         rows = s.rows
         selected = selected_point(rows, hooks, cfg.select.metric)
         export_dir = None
-        if cfg.export:
+        if cfg.export and (dp is None or dp.is_writer):
             ut, it = model.tables()
             export_dir = export_embeddings(run_dir / "embeddings", ut, it, data.users,
                                            data.items, {
@@ -307,7 +312,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
     finally:
         lock.release()
     if dp is not None and not dp.is_writer:  # rank 0 wrote the export
-        export_dir = out_dir / "embeddings" if export_dir else None
+        export_dir = out_dir / "embeddings" if cfg.export else None
     return PretrainResult(out_dir, rows, export_dir, secs, pps, selected)
 
 

@@ -5,12 +5,23 @@ A checkpoint is a folder ``checkpoints/epoch-NNN/`` holding ``tensors.safetensor
 half-written checkpoint. A damaged one (truncated, empty or garbage tensors, a ``state.json`` of
 the wrong structure, tensors whose shapes do not fit the model) is a :class:`CheckpointError`
 naming the file and what to do.
+
+Sharded tables (``pretrain --shard-tables``) are not in ``tensors.safetensors``: every rank
+writes its shards of them, and of the optimizer state fused with them, with
+``torch.distributed.checkpoint`` (DCP) into ``tables.dcp/`` inside the checkpoint folder
+(:func:`save_checkpoint`'s ``tables``). Its tensors are named by their place in the state,
+``/``-joined (``model/user_weight``, ``optim/sparse/user_weight/square_avg``), and ``state.json``
+lists them, so a process that holds whole tables reads them back whole into their places
+(:func:`read_dcp`, :func:`put_tensors`; no process group needed), and a sharded one reads its
+shards (DCP reshards to any number of processes).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +34,7 @@ from oneepoch.io import atomic_dir, write_safetensors
 _TENSOR = "__tensor__"
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
+TABLES_DIR = "tables.dcp"  # sharded tables, written by torch.distributed.checkpoint
 
 
 class CheckpointError(ValueError):
@@ -53,10 +65,19 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a nested state (tensors anywhere inside) to the folder ``path`` atomically."""
+def save_checkpoint(path: str | Path, state: dict[str, Any],
+                    tables: str | Path | None = None) -> Path:
+    """Write a nested state (tensors anywhere inside) to the folder ``path`` atomically.
+
+    ``tables``: a finished DCP folder (every rank's shards written) that becomes the
+    checkpoint's ``tables.dcp/``; the entries of ``state`` it holds are left out of
+    ``tensors.safetensors``, and ``state.json`` names them (``tables_dcp``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if tables is not None:
+        shapes = dcp_shapes(tables)
+        state = {**drop_tensors(state, list(shapes)),
+                 "tables_dcp": {"dir": TABLES_DIR, "tensors": sorted(shapes)}}
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     with atomic_dir(path) as tmp:
@@ -65,7 +86,61 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
                           {k: v.clone() if v.storage_offset() or not v.is_contiguous() else v
                            for k, v in tensors.items()})
         (tmp / STATE_FILE).write_text(json.dumps(skeleton, indent=1))
+        if tables is not None:
+            os.replace(tables, tmp / TABLES_DIR)
     return path
+
+
+def dcp_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensors of a DCP folder and their whole shapes (reads its ``.metadata`` only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(path)).read_metadata()
+    return {k: tuple(m.size) for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
+
+
+def read_dcp(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder, whole, in this process (whatever number of processes
+    wrote it; no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(path)).read_metadata()
+    sd = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+          for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
+    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    return sd
+
+
+def drop_tensors(state: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``state`` without the entries at ``keys`` (``/``-joined paths; a missing one is
+    skipped); the dicts along the paths are copied, ``state`` is unchanged."""
+    out = dict(state)
+    for key in keys:
+        node, parts = out, key.split("/")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), Mapping):
+                break
+            node[p] = dict(node[p])
+            node = node[p]
+        else:
+            node.pop(parts[-1], None)
+    return out
+
+
+def put_tensors(state: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with ``tensors`` (``{"/"-joined path: value}``) put in their places (the dicts
+    along the paths are copied or created; ``state`` is unchanged)."""
+    out = dict(state)
+    for key, v in tensors.items():
+        node, parts = out, key.split("/")
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = v
+    return out
 
 
 _DAMAGED = ("the checkpoint is damaged: use another one (for --resume, delete this folder "
@@ -116,6 +191,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{state_file}: refers to tensor {e} that {TENSORS_FILE} does not "
                               f"hold; {_DAMAGED}") from e
+    held = state.get("tables_dcp")
+    if held is not None:  # sharded tables: checked here, read by the caller (whole or shards)
+        folder = path / str(held.get("dir", TABLES_DIR)) if isinstance(held, dict) else path
+        if not (folder / ".metadata").is_file():
+            raise CheckpointError(f"{folder}: missing or incomplete (no .metadata): this "
+                                  "checkpoint's sharded tables (torch.distributed.checkpoint) "
+                                  f"are not there; {_DAMAGED}")
+        state["tables_dcp"] = {"path": str(folder), "shapes": dcp_shapes(folder)}
     for key in required:
         node: Any = state
         for part in key.split("."):

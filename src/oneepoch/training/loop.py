@@ -16,6 +16,13 @@ The loop, as :meth:`Loop.run` reads::
             losses = step.run(batches, limit)     # 1..limit batches; limit = to the next eval
             for each loss: step += 1, hooks.after_step, evaluate at the scheduled points
         checkpoint (model, optimizer, RNG, hooks' and step's state, rows, clock)
+
+A step that holds state outside the model (ID tables sharded across ranks) plugs into the
+checkpoints at one place: with a method ``save_checkpoint(path, state)`` it writes the epoch
+checkpoints itself (its tables with ``torch.distributed.checkpoint``, the rest through
+:func:`~oneepoch.training.checkpoint.save_checkpoint`); with ``load_tables(path)`` it reads a
+checkpoint's ``tables.dcp/`` itself at resume. A step without them gets a checkpoint's DCP
+tables whole (any number of processes may have written them).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from oneepoch.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    put_tensors,
+    read_dcp,
     restore_optim_keys,
     save_checkpoint,
 )
@@ -134,6 +143,8 @@ def check_checkpoint(ck: dict[str, Any], path: Path, model: torch.nn.Module,
     """Refuse a checkpoint whose tables or steps per epoch do not fit this run."""
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in ck.get("model", {}).items()}
+    shapes = (ck.get("tables_dcp") or {}).get("shapes", {})  # sharded tables (DCP)
+    got.update({k[6:]: tuple(v) for k, v in shapes.items() if k.startswith("model/")})
     spe = checkpoint_steps_per_epoch(ck)
     if got != have:
         diff = sorted(k for k in set(have) | set(got) if have.get(k) != got.get(k))
@@ -213,6 +224,10 @@ class Loop:
         """Continue from checkpoint ``ck`` (checked by :func:`open_run`): weights, optimizer,
         RNG, hooks' and step's state, evaluation rows, counters and clock."""
         s = self.state
+        tables = ck.get("tables_dcp")
+        if tables is not None:  # sharded tables: the step's shards, or here whole
+            load = getattr(self.step, "load_tables", None)
+            ck = put_tensors(ck, load(tables["path"]) if load else read_dcp(tables["path"]))
         s.model.load_state_dict(ck["model"])
         s.optimizer.load_state_dict({"sparse": ck["optim"]["sparse"],
                                      "dense": restore_optim_keys(ck["optim"]["dense"])})
@@ -258,7 +273,8 @@ class Loop:
     def _checkpoint(self, epoch: int) -> None:
         s = self.state
         self.sync()
-        save_checkpoint(s.run_dir / "checkpoints" / f"epoch-{epoch:03d}", {
+        save = getattr(self.step, "save_checkpoint", save_checkpoint)  # sharded tables: DCP
+        save(s.run_dir / "checkpoints" / f"epoch-{epoch:03d}", {
             "model": s.model.state_dict(), "optim": s.optimizer.state_dict(), "step": s.step,
             "epoch": epoch, "steps_per_epoch": s.steps_per_epoch,
             "torch_rng": torch.get_rng_state(), "rows": s.rows,

@@ -15,8 +15,10 @@ per-round ratios. The base model is timed at each global batch of ``--batches`` 
 also reports, on the distributed path, the share of rank 0's step spent synchronising the
 gradients and in the row-wise update (which every rank does for the whole global batch).
 Tables are replicated (data-parallel): the sharding plan used is
-``data_parallel`` for every table. With the distributed extra installed, stage 1 is also timed
-once on 2 processes with TorchRec-sharded tables (the planner's plan, Adagrad fused in FBGEMM).
+``data_parallel`` for every table. With the distributed extra installed, the base model (at the
+first batch) and stage 1 are also timed once on 2 processes with TorchRec-sharded tables (the
+planner's plan, Adagrad fused in FBGEMM; the distributed path's speed is the replicated one's
+Adam, so these are not a like-for-like comparison).
 """
 
 from __future__ import annotations
@@ -61,9 +63,12 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     from oneepoch.training.trainer import build, epoch_order, prepare_data
 
     torch.set_num_threads(1)
+    shard = "auto" if args.path == "sharded" else ""
     cfg = load_config(TrainConfig, "ctr", [f"data.path={args.data}", "threads=1",
-                                           f"batch_size={args.batch}"])
-    dp = DataParallelRun.from_env(cfg.device, 1) if args.path == "dist" else None
+                                           f"batch_size={args.batch}", *(
+                                               ["optim.name=adagrad", "optim.lr=0.05"]
+                                               if shard else [])])
+    dp = DataParallelRun.from_env(cfg.device, 1, shard) if args.path != "single" else None
     data = prepare_data(cfg)
     model, opt = build(cfg, data)
     tr = data.splits["train"]
@@ -74,7 +79,7 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     spent = {"sync": 0.0, "update": 0.0}
     timed = _timer(spent)
 
-    if dp is not None:  # where rank 0's step goes
+    if dp is not None and not shard:  # where rank 0's step goes
         step.sync = timed(step.sync, "sync")
         step.opt.step = timed(step.opt.step, "update")
     reps = -(-(args.steps + 5) * cfg.batch_size // len(tr)) + 1
@@ -94,9 +99,11 @@ def ctr_worker(args: argparse.Namespace) -> dict:
     out = {"samples_per_s": args.steps * cfg.batch_size / secs, "step": step.path,
            "batch": cfg.batch_size, "table_rows": int(model.embedding.table_rows)
            if hasattr(model, "embedding") else None}
-    if dp is not None:
+    if dp is not None and not shard:
         out["sync_share"] = spent["sync"] / secs
         out["update_share"] = spent["update"] / secs
+    if shard:
+        out["plan"] = {n: t["sharding"] for n, t in step.tables.plan_dict().items()}
     if dp is not None:
         out["world_size"] = dp.ctx.world_size
         dp.close()
@@ -254,12 +261,15 @@ def main() -> None:
                     for k in shares:
                         shares[k].append(res[k])
                 load.append(round(os.getloadavg()[0], 2))  # a shared machine: say how busy
-        if what == "stage1" and torchrec_loads():  # TorchRec-sharded tables, FBGEMM Adagrad
+        if torchrec_loads() and (what == "stage1" or batch == batches[0]):
+            # TorchRec-sharded tables, Adagrad fused in FBGEMM: one round
             res = launch(a, what, "sharded", 2)
-            out["stage1_sharded_x2"] = {"pairs_per_s": res[key], "plan": res.get("plan"),
-                                        "optimizer": "adagrad fused in FBGEMM (one round)"}
-            print(f"stage 1, tables sharded by TorchRec on 2 processes ({res.get('plan')}), "
-                  f"Adagrad fused in FBGEMM: {res[key]:,.0f} {unit} (one round)")
+            out[f"{what}_sharded_x2"] = {unit.split("/")[0] + "_per_s": res[key],
+                                         "batch": batch, "plan": res.get("plan"),
+                                         "optimizer": "adagrad fused in FBGEMM (one round)"}
+            print(f"{what}, tables sharded by TorchRec on 2 processes ({res.get('plan')}), "
+                  f"global batch {batch}, Adagrad fused in FBGEMM: {res[key]:,.0f} {unit} "
+                  "(one round)")
         med = {k: statistics.median(v) for k, v in rounds.items()}
         sp = statistics.median(x / y for x, y in zip(rounds["distx2"], rounds["distx1"],
                                                      strict=True))

@@ -201,10 +201,12 @@ def main() -> None:
                            f"| {m['distx1']:,.0f} | {m['distx2']:,.0f} "
                            f"| {d['speedup_2_over_1_dist']:.2f}x "
                            f"| {d['dist1_over_single']:.2f} | {where} |")
-        sh = dist.get("stage1_sharded_x2")
-        if sh:
-            out += ["", f"Stage 1 with TorchRec-sharded tables on 2 processes ({sh['plan']}, "
-                    f"{sh['optimizer']}): {sh['pairs_per_s']:,.0f} pairs/s."]
+        for key, name, unit in (("ctr_sharded_x2", "The base model", "samples"),
+                                ("stage1_sharded_x2", "Stage 1", "pairs")):
+            sh = dist.get(key)
+            if sh:
+                out += ["", f"{name} with TorchRec-sharded tables on 2 processes ({sh['plan']}, "
+                        f"{sh['optimizer']}): {sh[unit + '_per_s']:,.0f} {unit}/s."]
         out += ["", f"Sharding plan: {dist.get('sharding_plan')}; load average during the "
                 f"runs: {dist.get('loadavg')}."]
     else:

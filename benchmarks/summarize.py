@@ -188,8 +188,9 @@ def main() -> None:
     out += ["", "## Across processes (gloo, one thread per process)", ""]
     if dist:
         out += ["| model | global batch | one process | distributed x1 | distributed x2 "
-                "| x2 / x1 | x1 / one process | x2: sync, update share of the step |",
-                "|---|---:|---:|---:|---:|---:|---:|---|"]
+                "| x2 / x1 | two independent runs / one | x1 / one process "
+                "| x2: sync, update share of the step |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         rows = dist.get("ctr_by_batch") or ([dist["ctr"]] if dist.get("ctr") else [])
         for d, name in [*((d, "base model (samples/s)") for d in rows),
                         (dist.get("stage1"), "stage 1 (pairs/s)")]:
@@ -200,6 +201,7 @@ def main() -> None:
                 out.append(f"| {name} | {d.get('batch', '')} | {m['singlex1']:,.0f} "
                            f"| {m['distx1']:,.0f} | {m['distx2']:,.0f} "
                            f"| {d['speedup_2_over_1_dist']:.2f}x "
+                           f"| {d.get('machine_ceiling_2_over_1', float('nan')):.2f}x "
                            f"| {d['dist1_over_single']:.2f} | {where} |")
         for key, name, unit in (("ctr_sharded_x2", "The base model", "samples"),
                                 ("stage1_sharded_x2", "Stage 1", "pairs")):

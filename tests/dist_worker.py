@@ -2,8 +2,8 @@
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
 SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
-(tables sharded; "" or absent: replicated), "resume": true (stage 1: continue from the run
-folder's last checkpoint), "log_rows": path or null (each training batch's rows, per rank),
+(tables sharded; "" or absent: replicated), "resume": true (continue from the run folder's
+last checkpoint), "log_rows": path or null (each training batch's rows, per rank),
 "die": {"rank": r, "step": k} or {"epoch": e} (every rank) or null}.
 """
 
@@ -74,7 +74,7 @@ def main() -> None:
     hooks = [Die(spec["die"])] if spec.get("die") else []
     par = DataParallelRun.from_env(cfg.device, shard_tables=spec.get("shard", ""))
     try:
-        res = train(cfg, hooks=hooks, parallel=par)
+        res = train(cfg, hooks=hooks, parallel=par, resume=bool(spec.get("resume")))
     finally:
         par.close()
     if spec.get("log_rows"):

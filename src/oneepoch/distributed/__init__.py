@@ -166,6 +166,7 @@ class DataParallelRun:
         from oneepoch.distributed.sharded_ctr import build_sharded_step
         step = build_sharded_step(self.ctx, model, opt, batcher, hooks, state,
                                   self.shard_tables)
+        step.root = getattr(self, "_run_dir", None)  # every rank writes its checkpoint shards there
         self._sharded_plan(step.tables)
         return step
 

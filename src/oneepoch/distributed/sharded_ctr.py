@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,17 +140,46 @@ class ShardedCTRStep(OneBatchStep):
                                           dtype=torch.int64)
         self.dense = [p for p in opt.dense_params if p.requires_grad]
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.param = opt.names[emb.weight]  # the table's name in the model and the optimizer
+        self.offsets = {t: emb.vocab_offsets[v] for v, t in self.vocab_table.items()}
         self.pushed = False
+        self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
                        f"sharded by TorchRec ({sharding}, one table per vocabulary); optimizer "
                        f"{oc.name} fused in FBGEMM")
 
+    def _whole(self) -> dict[str, torch.Tensor]:
+        """The model's whole table and the one-process optimizer's state of it, under the
+        checkpoint's keys (``model/<param>``, ``optim/sparse/<param>/<state>``)."""
+        out = {f"model/{self.param}": self.emb.weight.detach()}
+        out.update({f"optim/sparse/{self.param}/{k}": v
+                    for k, v in self.opt.sparse[self.param].state.items()})
+        return out
+
+    def _shards(self) -> dict[str, Any]:
+        """This rank's shards of the table and of FBGEMM's optimizer state, joined into the
+        model's one table (:meth:`~oneepoch.distributed.sharded.ShardedTables.joined_state`):
+        the one-process checkpoint's keys, loading into it sets the shards."""
+        return self.tables.joined_state(self.param, self.offsets, tuple(self.emb.weight.shape),
+                                        self._whole())
+
     @torch.no_grad()
     def push(self) -> None:
-        """The model's table (fresh, loaded or resumed) into the shards."""
-        w = self.emb.weight.detach()
-        self.tables.load_full({t: w[self.emb.rows(v)] for v, t in self.vocab_table.items()})
+        """The model's table (fresh, loaded or resumed) and the one-process optimizer's Adagrad
+        accumulators of it (zero, or a resumed checkpoint's) into the shards."""
+        from oneepoch.distributed.sharded import load_whole_into
+
+        load_whole_into(self._shards(), self._whole())
         self.pushed = True
+
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write the loop's checkpoint ``path`` (see the module doc): the table and FBGEMM's
+        optimizer state by every rank with DCP, the rest by rank 0."""
+        from oneepoch.distributed.sharded import write_checkpoint
+
+        if not self.pushed:
+            self.push()
+        write_checkpoint(self.ctx, self.root, Path(path), state, self._shards())
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -71,7 +71,8 @@ def main() -> None:
             return get(self, rows)
 
         Batcher.get = logged
-    hooks = [Die(spec["die"])] if spec.get("die") else []
+    rows = Rows()
+    hooks = [rows, *([Die(spec["die"])] if spec.get("die") else [])]
     par = DataParallelRun.from_env(cfg.device, shard_tables=spec.get("shard", ""))
     try:
         res = train(cfg, hooks=hooks, parallel=par, resume=bool(spec.get("resume")))
@@ -80,7 +81,8 @@ def main() -> None:
     if spec.get("log_rows"):
         np.save(f"{spec['log_rows']}.rank{os.environ['RANK']}.npy",
                 np.concatenate(log) if log else np.zeros(0, np.int64))
-    print(json.dumps({"rank": os.environ["RANK"], "final": res.metrics[-1]["test_auc"]}))
+    print(json.dumps({"rank": os.environ["RANK"], "final": res.metrics[-1]["test_auc"],
+                      "table_rows": rows.rows}))
 
 
 if __name__ == "__main__":

@@ -545,8 +545,12 @@ def test_train_sharded_adagrad_killed_after_epoch_1_resumes_on_2_or_1(tiny_synth
     if resume_on == "1":
         rows = train(cfg, run, resume=True).metrics
     else:
-        ok(launch(tmp_path, [{**spec("k"), "shard": "column_wise", "resume": True}] * 2))
+        res = launch(tmp_path, [{**spec("k"), "shard": "column_wise", "resume": True}] * 2)
+        ok(res)
         rows = read_metrics(run)
+        held = [json.loads(r.stdout.strip().splitlines()[-1])["table_rows"] for r in res]
+        n = whole_checkpoint(ck)["model"]["embedding.weight"].shape[0]
+        assert held == [{"embedding.weight": n}, {"embedding.weight": 0}]  # rank 0's mirror
     compare_rows(rows, ref)
 
 

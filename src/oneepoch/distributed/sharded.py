@@ -214,7 +214,8 @@ class ShardedTables:
         TorchRec's, moved by the table's offset (the same memory: loading sets the shards);
         rows of no table (a vocabulary no field reads) are one more shard, on rank 0, read from
         ``whole`` (the model's table and the one-process optimizer's state, same keys; only
-        rank 0's are read)."""
+        rank 0's are read; an entry absent or not whole there gives zeros: such rows are never
+        updated, their optimizer state is zero)."""
         groups: dict[str, list[tuple[int, Any]]] = {}
         for key, st in self.checkpoint_state().items():
             parts = key.split("/")
@@ -274,9 +275,9 @@ def _joined(items: list[tuple[int, Any]], shape: tuple[int, int],
             md = ShardMetadata([start, 0], [a - start, shape[1]], f"rank:0/{device}")
             mds.append(md)
             if rank == 0:
-                if whole is None:
-                    raise ValueError("rows outside the sharded tables need rank 0's whole copy")
-                local.append(Shard(whole[start:a], md))
+                rest = whole[start:a] if whole is not None and whole.shape[0] == shape[0] \
+                    else torch.zeros(a - start, shape[1], dtype=dtype)
+                local.append(Shard(rest, md))
         start = max(start, b)
     meta = ShardedTensorMetadata(mds, torch.Size(shape), TensorProperties(dtype=dtype))
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)

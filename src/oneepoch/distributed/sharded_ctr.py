@@ -153,6 +153,7 @@ class ShardedCTRStep(OneBatchStep):
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.param = opt.names[emb.weight]  # the table's name in the model and the optimizer
         self.offsets = {t: emb.vocab_offsets[v] for v, t in self.vocab_table.items()}
+        self.shape = tuple(emb.weight.shape)  # the whole table's (rank 0 only keeps it)
         self.pushed = False
         self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
@@ -171,8 +172,7 @@ class ShardedCTRStep(OneBatchStep):
         """This rank's shards of the table and of FBGEMM's optimizer state, joined into the
         model's one table (:meth:`~oneepoch.distributed.sharded.ShardedTables.joined_state`):
         the one-process checkpoint's keys, loading into it sets the shards."""
-        return self.tables.joined_state(self.param, self.offsets, tuple(self.emb.weight.shape),
-                                        self._whole())
+        return self.tables.joined_state(self.param, self.offsets, self.shape, self._whole())
 
     @torch.no_grad()
     def push(self) -> None:
@@ -182,6 +182,15 @@ class ShardedCTRStep(OneBatchStep):
 
         load_whole_into(self._shards(), self._whole())
         self.pushed = True
+        self._drop_copies()
+
+    def _drop_copies(self) -> None:
+        """Once the shards hold the table: the model's whole table shrinks to 0 rows except on
+        rank 0 (the mirror), and the one-process optimizer's state of it on every rank."""
+        w, o = self.emb.weight, self.opt.sparse[self.param]
+        if self.ctx.rank != 0:
+            w.data = w.data.new_empty(0, *w.shape[1:])
+        o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Write the loop's checkpoint ``path`` (see the module doc): the table and FBGEMM's
@@ -194,7 +203,8 @@ class ShardedCTRStep(OneBatchStep):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Refresh the model's whole table from the shards (every rank; the loop's sync)."""
+        """Refresh rank 0's whole table from the shards (a collective: every rank calls it;
+        the loop's sync)."""
         if not self.pushed:
             return
         w = self.emb.weight
@@ -202,8 +212,6 @@ class ShardedCTRStep(OneBatchStep):
             full = self.tables.gather_full(t)
             if self.ctx.rank == 0:
                 w[self.emb.rows(v)] = full
-        with self.ctx.collective("broadcast of the embedding table"):
-            dist.broadcast(w.data, src=0)
 
     def _bags(self, local: np.ndarray, size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """This rank's batch, and the KJT values and lengths ``[features, size]`` of its

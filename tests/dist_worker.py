@@ -3,7 +3,8 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
 SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
 (tables sharded; "" or absent: replicated), "resume": true (continue from the run folder's
-last checkpoint), "log_rows": path or null (each training batch's rows, per rank),
+last checkpoint), "config_hooks": true (the config's remedies and
+the collapse probe), "log_rows": path or null (each training batch's rows, per rank),
 "die": {"rank": r, "step": k} or {"epoch": e} (every rank) or null}.
 """
 
@@ -73,6 +74,10 @@ def main() -> None:
         Batcher.get = logged
     rows = Rows()
     hooks = [rows, *([Die(spec["die"])] if spec.get("die") else [])]
+    if spec.get("config_hooks"):  # the config's remedies, and the collapse probe
+        from oneepoch.probes.collapse import CollapseProbe
+        from oneepoch.remedies import hooks_from_config
+        hooks += [*hooks_from_config(cfg), CollapseProbe()]
     par = DataParallelRun.from_env(cfg.device, shard_tables=spec.get("shard", ""))
     try:
         res = train(cfg, hooks=hooks, parallel=par, resume=bool(spec.get("resume")))

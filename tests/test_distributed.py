@@ -555,6 +555,23 @@ def test_train_sharded_adagrad_killed_after_epoch_1_resumes_on_2_or_1(tiny_synth
 
 
 @needs_torchrec
+@pytest.mark.slow
+def test_train_sharded_with_early_stopping_and_the_collapse_probe(tiny_synth, tmp_path):
+    """Hooks that read the model's table run on every rank while only rank 0 holds it whole:
+    early stopping (its best weights restored at the end; min_delta=1 keeps the initial point,
+    taken before the table went into the shards, so rank 1's best weights are whole while its
+    table has 0 rows) and the collapse probe; the metrics file (rank 0's) has the probe's
+    values and the selection."""
+    over = [*overrides(tiny_synth, tmp_path, "es"), "data.valid_share=0.2",
+            "early_stop.metric=auc", "early_stop.min_delta=1"]
+    spec = {"overrides": over, "shard": "table_wise", "config_hooks": True}
+    ok(launch(tmp_path, [spec, spec]))
+    rows = read_metrics(tmp_path / "es")
+    assert all(np.isfinite(r["ia_item_ID"]) and r["selected_step"] == 0 for r in rows)
+    assert (tmp_path / "es" / "checkpoints" / "final" / "state.json").is_file()
+
+
+@needs_torchrec
 @pytest.mark.parametrize("setting,says", [
     ("optim.name=adam", r"optim.name='adam'.*not Adam.*drop --shard-tables"),
     ("meda.enabled=true", r"meda: re-initialises table rows.*drop --shard-tables"),

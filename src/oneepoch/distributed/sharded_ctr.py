@@ -21,11 +21,11 @@ rank's share) go in one ``all_reduce`` of one flat buffer, then the dense optimi
 
 Mirror. The model's own table is a mirror of the shards: pushed into them at the first step
 (the fresh initialisation, ``init_from``, or a resumed checkpoint's table, with the one-process
-optimizer's Adagrad accumulators) and refreshed from them by :meth:`ShardedCTRStep.refresh` (a
-gather to rank 0 and a broadcast), which the trainer calls as the loop's ``sync`` before
-evaluation and checkpoints. So evaluation (each rank a slice of the rows, predictions gathered)
-is the replicated path's. The mirror costs one whole copy of the table per rank: this shards
-the update work and the lookups, not the memory.
+optimizer's Adagrad accumulators); then only rank 0 keeps it, refreshed from the shards by
+:meth:`ShardedCTRStep.refresh` (a gather to rank 0), which the trainer calls as the loop's
+``sync`` before evaluation and checkpoints; the other ranks' table and every rank's one-process
+optimizer state of it shrink to 0 rows. Evaluation predicts on rank 0 and sends the
+predictions (:func:`~oneepoch.distributed.parallel.writer_predict`).
 
 Checkpoints (:meth:`ShardedCTRStep.save_checkpoint`, the loop's seam, as stage 1's): every rank
 writes its shards of the table and of FBGEMM's optimizer state with
@@ -36,7 +36,8 @@ ShardedTensor of the model's one table (each shard moved down by its vocabulary'
 ``model/embedding.weight`` and ``optim/sparse/embedding.weight/square_avg`` and a one-process run
 reads them whole. Resume: the step is built after the hooks' ``on_train_start``, so the loop
 reads ``tables.dcp/`` whole into the model and the one-process optimizer on every rank and
-:meth:`ShardedCTRStep.push` puts the table and the accumulators into the shards.
+:meth:`ShardedCTRStep.push` puts the table and the accumulators into the shards (then drops
+the copies).
 
 Refused before the run folder is written (:func:`check_sharded_train`): optimizers FBGEMM's CPU
 kernels do not fuse (``adam``, ``rmsprop``), momentum and weight decay (not in the fused

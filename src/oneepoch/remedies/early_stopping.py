@@ -157,7 +157,7 @@ class EarlyStopping(Hook):
         cur = s.model.state_dict()
         # sharded tables: ranks other than 0 hold a 0-row table (the whole one is rank 0's)
         skip = [k for k, v in self.best_weights.items()
-                if k in cur and cur[k].shape[0] == 0 and v.shape != cur[k].shape]
+                if k in cur and cur[k].dim() and cur[k].shape[0] == 0 and v.shape != cur[k].shape]
         s.model.load_state_dict({k: v for k, v in self.best_weights.items() if k not in skip},
                                 strict=not skip)
         if self.final is None:

@@ -2,8 +2,9 @@
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): ``python dist_worker.py SPEC.json``.
 
 SPEC: {"overrides": [...], "pretrain": true (stage 1) or absent, "shard": a TorchRec sharding
-(tables sharded; "" or absent: replicated), "resume": true (stage 1: continue from the run
-folder's last checkpoint), "log_rows": path or null (each training batch's rows, per rank),
+(tables sharded; "" or absent: replicated), "resume": true (continue from the run folder's
+last checkpoint), "config_hooks": true (the config's remedies and
+the collapse probe), "log_rows": path or null (each training batch's rows, per rank),
 "die": {"rank": r, "step": k} or {"epoch": e} (every rank) or null}.
 """
 
@@ -71,16 +72,22 @@ def main() -> None:
             return get(self, rows)
 
         Batcher.get = logged
-    hooks = [Die(spec["die"])] if spec.get("die") else []
+    rows = Rows()
+    hooks = [rows, *([Die(spec["die"])] if spec.get("die") else [])]
+    if spec.get("config_hooks"):  # the config's remedies, and the collapse probe
+        from oneepoch.probes.collapse import CollapseProbe
+        from oneepoch.remedies import hooks_from_config
+        hooks += [*hooks_from_config(cfg), CollapseProbe()]
     par = DataParallelRun.from_env(cfg.device, shard_tables=spec.get("shard", ""))
     try:
-        res = train(cfg, hooks=hooks, parallel=par)
+        res = train(cfg, hooks=hooks, parallel=par, resume=bool(spec.get("resume")))
     finally:
         par.close()
     if spec.get("log_rows"):
         np.save(f"{spec['log_rows']}.rank{os.environ['RANK']}.npy",
                 np.concatenate(log) if log else np.zeros(0, np.int64))
-    print(json.dumps({"rank": os.environ["RANK"], "final": res.metrics[-1]["test_auc"]}))
+    print(json.dumps({"rank": os.environ["RANK"], "final": res.metrics[-1]["test_auc"],
+                      "table_rows": rows.rows}))
 
 
 if __name__ == "__main__":

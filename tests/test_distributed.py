@@ -109,6 +109,15 @@ def compare_rows(a: list[dict], b: list[dict]) -> None:
                 assert abs(x[k] - y[k]) < 1e-5, (k, x, y)
 
 
+def whole_checkpoint(path: Path) -> dict:
+    """A checkpoint with its DCP tables (if any) read whole into their places."""
+    from oneepoch.training.checkpoint import put_tensors, read_dcp
+
+    ck = load_checkpoint(path)
+    held = ck.get("tables_dcp")
+    return ck if held is None else put_tensors(ck, read_dcp(held["path"]))
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_synth, tmp_path_factory):
     """The reference: the same settings on one process, uninterrupted."""
@@ -466,9 +475,9 @@ def test_train_with_sharded_tables_matches_one_process(tiny_synth, tmp_path, one
         assert {s["rank"] for s in t["shards"]} == set(t["ranks"])
     if sharding == "table_wise":  # whole tables, spread over both ranks
         assert {r for t in plan["tables"].values() for r in t["ranks"]} == {0, 1}
-    # the checkpoints hold the whole table, refreshed from the shards: one process's
+    # the checkpoints hold the whole table (the shards, DCP), as one process's
     w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
-    w2 = load_checkpoint(list_checkpoints(run)[-1])["model"]
+    w2 = whole_checkpoint(list_checkpoints(run)[-1])["model"]
     assert set(w1) == set(w2)
     for k in w1:
         np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), atol=1e-5, err_msg=k)
@@ -488,6 +497,78 @@ def test_train_sharded_on_two_stopped_after_epoch_1_resumes_on_one(tiny_synth, t
     run = tmp_path / "shk"
     cfg = load_config(TrainConfig, run / "config.yaml", [])
     compare_rows(train(cfg, run, resume=True).metrics, res1.metrics)
+
+
+CTR_ADAGRAD = ["optim.name=adagrad", "optim.lr=0.05"]
+CTR_TABLES = ["model/embedding.weight", "optim/sparse/embedding.weight/square_avg"]
+
+
+@needs_torchrec
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_on", ["2-column_wise", "1"])
+def test_train_sharded_adagrad_killed_after_epoch_1_resumes_on_2_or_1(tiny_synth, tmp_path,
+                                                                      resume_on):
+    """``train --shard-tables`` with Adagrad on 2 ranks (table-wise), killed after epoch 1: the
+    checkpoint holds the table and FBGEMM's Adagrad accumulators as DCP shards under the
+    one-process checkpoint's names (not in the safetensors file); epoch 2 on 2 ranks (sharded
+    column-wise: DCP reshards) or on one process (whole, into oneepoch's Adagrad) gives the
+    metrics of the uninterrupted 2-rank sharded run within the module's tolerances. Without
+    the accumulators (a fresh Adagrad state) the resumed run differs. A checkpoint whose
+    tables.dcp is gone is refused as damaged."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from oneepoch.training.checkpoint import CheckpointError
+
+    def spec(name: str, **kw) -> dict:
+        return {"overrides": [*overrides(tiny_synth, tmp_path, name), *CTR_ADAGRAD],
+                "shard": "table_wise", **kw}
+
+    ok(launch(tmp_path, [spec("ref")] * 2))
+    ref = read_metrics(tmp_path / "ref")
+    res = launch(tmp_path, [spec("k", die={"epoch": 1})] * 2)
+    assert all(r.returncode == 9 for r in res), [r.stderr[-2000:] for r in res]
+    run = tmp_path / "k"
+    [ck] = list_checkpoints(run)
+    assert json.loads((ck / "state.json").read_text())["tables_dcp"]["tensors"] == CTR_TABLES
+    with safe_open(str(ck / "tensors.safetensors"), "pt") as f:
+        assert not any(k.endswith(("embedding.weight", "square_avg"))
+                       for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    assert whole_checkpoint(ck)["optim"]["sparse"]["embedding.weight"]["square_avg"].sum() > 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    shutil.rmtree(damaged / "checkpoints" / ck.name / "tables.dcp")
+    cfg = load_config(TrainConfig, run / "config.yaml", [])
+    with pytest.raises(CheckpointError, match="tables.dcp: missing or incomplete"):
+        train(cfg, damaged, resume=True)
+    if resume_on == "1":
+        rows = train(cfg, run, resume=True).metrics
+    else:
+        res = launch(tmp_path, [{**spec("k"), "shard": "column_wise", "resume": True}] * 2)
+        ok(res)
+        rows = read_metrics(run)
+        held = [json.loads(r.stdout.strip().splitlines()[-1])["table_rows"] for r in res]
+        n = whole_checkpoint(ck)["model"]["embedding.weight"].shape[0]
+        assert held == [{"embedding.weight": n}, {"embedding.weight": 0}]  # rank 0's mirror
+    compare_rows(rows, ref)
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_train_sharded_with_early_stopping_and_the_collapse_probe(tiny_synth, tmp_path):
+    """Hooks that read the model's table run on every rank while only rank 0 holds it whole:
+    early stopping (its best weights restored at the end; min_delta=1 keeps the initial point,
+    taken before the table went into the shards, so rank 1's best weights are whole while its
+    table has 0 rows) and the collapse probe; the metrics file (rank 0's) has the probe's
+    values and the selection."""
+    over = [*overrides(tiny_synth, tmp_path, "es"), "data.valid_share=0.2",
+            "early_stop.metric=auc", "early_stop.min_delta=1"]
+    spec = {"overrides": over, "shard": "table_wise", "config_hooks": True}
+    ok(launch(tmp_path, [spec, spec]))
+    rows = read_metrics(tmp_path / "es")
+    assert all(np.isfinite(r["ia_item_ID"]) and r["selected_step"] == 0 for r in rows)
+    assert (tmp_path / "es" / "checkpoints" / "final" / "state.json").is_file()
 
 
 @needs_torchrec

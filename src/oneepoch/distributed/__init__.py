@@ -40,6 +40,7 @@ from oneepoch.distributed.parallel import (
     rank_bounds,
     rank_slice,
     sharded_predict,
+    writer_predict,
 )
 from oneepoch.io import atomic_write_json
 
@@ -166,6 +167,7 @@ class DataParallelRun:
         from oneepoch.distributed.sharded_ctr import build_sharded_step
         step = build_sharded_step(self.ctx, model, opt, batcher, hooks, state,
                                   self.shard_tables)
+        step.root = getattr(self, "_run_dir", None)  # every rank writes its checkpoint shards there
         self._sharded_plan(step.tables)
         return step
 
@@ -181,6 +183,10 @@ class DataParallelRun:
         return step
 
     def predict(self, predict: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        """``train``'s predictions for evaluation: each rank a slice, gathered; with sharded
+        tables on rank 0 (the only rank holding the whole table), sent to the others."""
+        if self.shard_tables:
+            return writer_predict(self.ctx, predict)
         return sharded_predict(self.ctx, predict)
 
     def fail(self, err: BaseException) -> None:

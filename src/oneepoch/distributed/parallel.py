@@ -247,3 +247,23 @@ def sharded_predict(ctx: DistContext, predict: Callable[..., np.ndarray]
         return gather_array(ctx, p.astype(np.float32, copy=False))
 
     return run
+
+
+def writer_predict(ctx: DistContext, predict: Callable[..., np.ndarray]
+                   ) -> Callable[..., np.ndarray]:
+    """``predict(model, batcher, rows)`` on rank 0 only (sharded tables: only rank 0 holds the
+    whole table, their mirror); every rank gets rank 0's predictions."""
+
+    def run(model: torch.nn.Module, batcher: Batcher, rows: np.ndarray | None = None
+            ) -> np.ndarray:
+        p = predict(model, batcher, rows).astype(np.float32, copy=False) if ctx.rank == 0 \
+            else np.zeros(0, np.float32)
+        n = torch.tensor([len(p)], dtype=torch.int64)
+        with ctx.collective("sending rank 0's predictions"):
+            dist.broadcast(n, src=0)
+            buf = torch.from_numpy(np.ascontiguousarray(p)) if ctx.rank == 0 else \
+                torch.empty(int(n), dtype=torch.float32)
+            dist.broadcast(buf, src=0)
+        return buf.numpy()
+
+    return run

@@ -30,6 +30,7 @@ divide the dense gradients by it (as DDP does).
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ class ShardedTables:
         name). FBGEMM's exact Adagrad accumulator (``momentum1``, the running sum of squared
         gradients per element) is oneepoch's Adagrad ``square_avg``: the same update rule, so a
         one-process run continues it. In place: loading into it sets the shards."""
-        names = names or {n: n for n in self.names}
+        names = names or {n: n for n, _, _ in self.tables}
         out: dict[str, Any] = {}
         for key, v in self.dmp.state_dict().items():
             out[f"model/{names[key.split('.')[-2]]}"] = v
@@ -202,13 +203,26 @@ class ShardedTables:
                    names: dict[str, str] | None = None) -> None:
         """Set this rank's shards of the tables and of the fused optimizer's state from whole
         tensors under :meth:`checkpoint_state`'s keys (those present in ``whole``)."""
-        for key, v in self.checkpoint_state(names).items():
-            if key in whole:
-                for sh in v.local_shards():
-                    at = tuple(slice(o, o + n) for o, n in zip(sh.metadata.shard_offsets,
-                                                               sh.metadata.shard_sizes,
-                                                               strict=True))
-                    sh.tensor.copy_(whole[key][at])
+        load_whole_into(self.checkpoint_state(names), whole)
+
+    def joined_state(self, param: str, offsets: dict[str, int], shape: tuple[int, int],
+                     whole: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """:meth:`checkpoint_state` with every table joined into one parameter ``param`` of
+        ``shape`` (the CTR model's one concatenated table): table ``t``'s rows at row
+        ``offsets[t]``, so the keys are the one-process checkpoint's (``model/<param>``,
+        ``optim/sparse/<param>/<state>``) and a one-process run reads them whole. Its shards are
+        TorchRec's, moved by the table's offset (the same memory: loading sets the shards);
+        rows of no table (a vocabulary no field reads) are one more shard, on rank 0, read from
+        ``whole`` (the model's table and the one-process optimizer's state, same keys; only
+        rank 0's are read; an entry absent or not whole there gives zeros: such rows are never
+        updated, their optimizer state is zero)."""
+        groups: dict[str, list[tuple[int, Any]]] = {}
+        for key, st in self.checkpoint_state().items():
+            parts = key.split("/")
+            at = 1 if parts[0] == "model" else 2  # model/<t> or optim/sparse/<t>/<state>
+            table, parts[at] = parts[at], param
+            groups.setdefault("/".join(parts), []).append((offsets[table], st))
+        return {k: _joined(v, shape, whole.get(k), self.ctx.rank) for k, v in groups.items()}
 
     def save(self, path: str | Path, names: dict[str, str] | None = None) -> None:
         """Every rank writes its shards of the tables and of the fused optimizer's state
@@ -230,6 +244,85 @@ class ShardedTables:
         sd = {k: v for k, v in self.checkpoint_state(names).items() if k in have}
         with self.ctx.collective("torch.distributed.checkpoint load"):
             dcp.load(sd, checkpoint_id=str(path))
+
+
+def _joined(items: list[tuple[int, Any]], shape: tuple[int, int],
+            whole: torch.Tensor | None, rank: int) -> Any:
+    """One ShardedTensor of ``shape`` from ShardedTensors ``items`` ``[(row offset, st)]`` (see
+    :meth:`ShardedTables.joined_state`); rows none covers: rank 0's ``whole``."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import (
+        Shard,
+        ShardedTensor,
+        ShardedTensorMetadata,
+    )
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    def moved(md: Any, off: int) -> Any:
+        return ShardMetadata([md.shard_offsets[0] + off, *md.shard_offsets[1:]],
+                             list(md.shard_sizes), md.placement)
+
+    mds, local, covered = [], [], []
+    for off, st in items:
+        mds += [moved(md, off) for md in st.metadata().shards_metadata]
+        local += [Shard(sh.tensor, moved(sh.metadata, off)) for sh in st.local_shards()]
+        covered.append((off, off + st.size(0)))
+    dtype = items[0][1].metadata().tensor_properties.dtype
+    device = mds[0].placement.device()
+    start = 0
+    for a, b in [*sorted(covered), (shape[0], shape[0])]:
+        if a > start:  # rows of no table: rank 0 keeps them
+            md = ShardMetadata([start, 0], [a - start, shape[1]], f"rank:0/{device}")
+            mds.append(md)
+            if rank == 0:
+                rest = whole[start:a] if whole is not None and whole.shape[0] == shape[0] \
+                    else torch.zeros(a - start, shape[1], dtype=dtype)
+                local.append(Shard(rest, md))
+        start = max(start, b)
+    meta = ShardedTensorMetadata(mds, torch.Size(shape), TensorProperties(dtype=dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+@torch.no_grad()
+def load_whole_into(state: dict[str, Any], whole: dict[str, torch.Tensor]) -> None:
+    """Set the local shards of a checkpoint state of ShardedTensors (:meth:`ShardedTables.
+    checkpoint_state`, :meth:`~ShardedTables.joined_state`) from whole tensors under the same
+    keys (those present in ``whole``)."""
+    for key, v in state.items():
+        if key in whole:
+            for sh in v.local_shards():
+                at = tuple(slice(o, o + n) for o, n in zip(sh.metadata.shard_offsets,
+                                                           sh.metadata.shard_sizes, strict=True))
+                sh.tensor.copy_(whole[key][at])
+
+
+def write_checkpoint(ctx: DistContext, root: Path | None, path: Path, state: dict[str, Any],
+                     shards: dict[str, Any]) -> None:
+    """Write the loop's checkpoint ``path`` with sharded tables (every rank calls it): every
+    rank writes its ``shards`` (a DCP state dict of ShardedTensors) with
+    ``torch.distributed.checkpoint`` into ``checkpoints/.<name>.tables.tmp`` of the run folder
+    ``root`` (shared by the ranks: the other ranks' own ``path`` is in a scratch folder); after
+    a barrier rank 0 writes the rest (``state`` without the entries the shards hold) and moves
+    that folder in as ``tables.dcp/``, atomically
+    (:func:`~oneepoch.training.checkpoint.save_checkpoint`)."""
+    import torch.distributed.checkpoint as dcp
+
+    from oneepoch.training.checkpoint import save_checkpoint
+
+    if root is None:
+        raise RuntimeError("sharded tables' checkpoint: the run folder shared by the ranks is "
+                           "not set (the step's root; DataParallelRun sets it)")
+    tmp = root / "checkpoints" / f".{path.name}.tables.tmp"
+    if ctx.is_writer:  # an earlier attempt's files (e.g. of another world size)
+        shutil.rmtree(tmp, ignore_errors=True)
+    with ctx.collective("barrier before writing the sharded tables"):
+        dist.barrier()
+    with ctx.collective("torch.distributed.checkpoint save"):
+        dcp.save(shards, checkpoint_id=str(tmp))
+    with ctx.collective("barrier after writing the sharded tables"):
+        dist.barrier()
+    if ctx.is_writer:
+        save_checkpoint(path, state, tables=tmp)
 
 
 def load_tables(path: str | Path, tables: list[tuple[str, int, int]]) -> dict[str, torch.Tensor]:

@@ -20,12 +20,24 @@ dense gradients, the loss and the float buffers (Dice's running statistics, weig
 rank's share) go in one ``all_reduce`` of one flat buffer, then the dense optimizer steps.
 
 Mirror. The model's own table is a mirror of the shards: pushed into them at the first step
-(the fresh initialisation, ``init_from``, or a resumed checkpoint's table) and refreshed from
-them by :meth:`ShardedCTRStep.refresh` (a gather to rank 0 and a broadcast), which the trainer
-calls as the loop's ``sync`` before evaluation and checkpoints. So evaluation (each rank a
-slice of the rows, predictions gathered), checkpoints (the whole table, safetensors) and resume
-(on any number of processes, sharded or not) are the replicated path's. The mirror costs one
-whole copy of the table per rank: this shards the update work and the lookups, not the memory.
+(the fresh initialisation, ``init_from``, or a resumed checkpoint's table, with the one-process
+optimizer's Adagrad accumulators); then only rank 0 keeps it, refreshed from the shards by
+:meth:`ShardedCTRStep.refresh` (a gather to rank 0), which the trainer calls as the loop's
+``sync`` before evaluation and checkpoints; the other ranks' table and every rank's one-process
+optimizer state of it shrink to 0 rows. Evaluation predicts on rank 0 and sends the
+predictions (:func:`~oneepoch.distributed.parallel.writer_predict`).
+
+Checkpoints (:meth:`ShardedCTRStep.save_checkpoint`, the loop's seam, as stage 1's): every rank
+writes its shards of the table and of FBGEMM's optimizer state with
+``torch.distributed.checkpoint`` (:func:`~oneepoch.distributed.sharded.write_checkpoint`), under
+the one-process checkpoint's names: the vocabularies' TorchRec tables are joined into one
+ShardedTensor of the model's one table (each shard moved down by its vocabulary's row offset;
+:meth:`~oneepoch.distributed.sharded.ShardedTables.joined_state`), so ``tables.dcp/`` holds
+``model/embedding.weight`` and ``optim/sparse/embedding.weight/square_avg`` and a one-process run
+reads them whole. Resume: the step is built after the hooks' ``on_train_start``, so the loop
+reads ``tables.dcp/`` whole into the model and the one-process optimizer on every rank and
+:meth:`ShardedCTRStep.push` puts the table and the accumulators into the shards (then drops
+the copies).
 
 Refused before the run folder is written (:func:`check_sharded_train`): optimizers FBGEMM's CPU
 kernels do not fuse (``adam``, ``rmsprop``), momentum and weight decay (not in the fused
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,21 +152,60 @@ class ShardedCTRStep(OneBatchStep):
                                           dtype=torch.int64)
         self.dense = [p for p in opt.dense_params if p.requires_grad]
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.param = opt.names[emb.weight]  # the table's name in the model and the optimizer
+        self.offsets = {t: emb.vocab_offsets[v] for v, t in self.vocab_table.items()}
+        self.shape = tuple(emb.weight.shape)  # the whole table's (rank 0 only keeps it)
         self.pushed = False
+        self.root: Path | None = None  # the run folder, shared by the ranks (checkpoints)
         self.reason = (f"data-parallel over {ctx.world_size} process(es) with the ID tables "
                        f"sharded by TorchRec ({sharding}, one table per vocabulary); optimizer "
                        f"{oc.name} fused in FBGEMM")
 
+    def _whole(self) -> dict[str, torch.Tensor]:
+        """The model's whole table and the one-process optimizer's state of it, under the
+        checkpoint's keys (``model/<param>``, ``optim/sparse/<param>/<state>``)."""
+        out = {f"model/{self.param}": self.emb.weight.detach()}
+        out.update({f"optim/sparse/{self.param}/{k}": v
+                    for k, v in self.opt.sparse[self.param].state.items()})
+        return out
+
+    def _shards(self) -> dict[str, Any]:
+        """This rank's shards of the table and of FBGEMM's optimizer state, joined into the
+        model's one table (:meth:`~oneepoch.distributed.sharded.ShardedTables.joined_state`):
+        the one-process checkpoint's keys, loading into it sets the shards."""
+        return self.tables.joined_state(self.param, self.offsets, self.shape, self._whole())
+
     @torch.no_grad()
     def push(self) -> None:
-        """The model's table (fresh, loaded or resumed) into the shards."""
-        w = self.emb.weight.detach()
-        self.tables.load_full({t: w[self.emb.rows(v)] for v, t in self.vocab_table.items()})
+        """The model's table (fresh, loaded or resumed) and the one-process optimizer's Adagrad
+        accumulators of it (zero, or a resumed checkpoint's) into the shards."""
+        from oneepoch.distributed.sharded import load_whole_into
+
+        load_whole_into(self._shards(), self._whole())
         self.pushed = True
+        self._drop_copies()
+
+    def _drop_copies(self) -> None:
+        """Once the shards hold the table: the model's whole table shrinks to 0 rows except on
+        rank 0 (the mirror), and the one-process optimizer's state of it on every rank."""
+        w, o = self.emb.weight, self.opt.sparse[self.param]
+        if self.ctx.rank != 0:
+            w.data = w.data.new_empty(0, *w.shape[1:])
+        o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
+
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write the loop's checkpoint ``path`` (see the module doc): the table and FBGEMM's
+        optimizer state by every rank with DCP, the rest by rank 0."""
+        from oneepoch.distributed.sharded import write_checkpoint
+
+        if not self.pushed:
+            self.push()
+        write_checkpoint(self.ctx, self.root, Path(path), state, self._shards())
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Refresh the model's whole table from the shards (every rank; the loop's sync)."""
+        """Refresh rank 0's whole table from the shards (a collective: every rank calls it;
+        the loop's sync)."""
         if not self.pushed:
             return
         w = self.emb.weight
@@ -161,8 +213,6 @@ class ShardedCTRStep(OneBatchStep):
             full = self.tables.gather_full(t)
             if self.ctx.rank == 0:
                 w[self.emb.rows(v)] = full
-        with self.ctx.collective("broadcast of the embedding table"):
-            dist.broadcast(w.data, src=0)
 
     def _bags(self, local: np.ndarray, size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """This rank's batch, and the KJT values and lengths ``[features, size]`` of its

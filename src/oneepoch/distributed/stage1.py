@@ -18,7 +18,6 @@ sliced) come from the same seeded generator on every rank, so they equal one pro
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,7 +136,8 @@ class ShardedStage1(_WrapsStage1):
     Checkpoints (the loop calls :meth:`save_checkpoint` and :meth:`load_tables`): every rank
     writes its shards of the tables and of FBGEMM's optimizer state with
     ``torch.distributed.checkpoint`` into ``checkpoints/.epoch-NNN.tables.tmp`` of the run
-    folder (``root``, shared by the ranks); after a barrier rank 0 writes the rest of the
+    folder (``root``, shared by the ranks; :func:`~oneepoch.distributed.sharded.write_checkpoint`,
+    which ``train --shard-tables`` shares); after a barrier rank 0 writes the rest of the
     checkpoint and moves that folder into it as ``tables.dcp/``, atomically. At resume each rank
     reads its shards (DCP reshards from any number of processes and any sharding).
     """
@@ -217,23 +217,12 @@ class ShardedStage1(_WrapsStage1):
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Write the loop's checkpoint ``path`` (see the class doc): the tables and their
         optimizer state by every rank with DCP, the rest (``state`` without them) by rank 0."""
-        from oneepoch.training.checkpoint import save_checkpoint
+        from oneepoch.distributed.sharded import write_checkpoint
 
         if not self.pushed:
             self._push()
-        if self.root is None:
-            raise RuntimeError("ShardedStage1.root: the run folder shared by the ranks is not "
-                               "set (DataParallelRun.stage1_step sets it)")
-        tmp = self.root / "checkpoints" / f".{path.name}.tables.tmp"
-        if self.ctx.is_writer:  # an earlier attempt's files (e.g. of another world size)
-            shutil.rmtree(tmp, ignore_errors=True)
-        with self.ctx.collective("barrier before writing the sharded tables"):
-            dist.barrier()
-        self.tables.save(tmp, self.NAMES)
-        with self.ctx.collective("barrier after writing the sharded tables"):
-            dist.barrier()
-        if self.ctx.is_writer:
-            save_checkpoint(path, state, tables=tmp)
+        write_checkpoint(self.ctx, self.root, Path(path), state,
+                         self.tables.checkpoint_state(self.NAMES))
 
     def load_tables(self, path: str | Path) -> dict[str, Any]:
         """Read this rank's shards of a checkpoint's ``tables.dcp/`` (written on any number of

@@ -154,7 +154,12 @@ class EarlyStopping(Hook):
     def on_train_end(self, s: State) -> None:
         if self.best_weights is None:
             return
-        s.model.load_state_dict(self.best_weights)
+        cur = s.model.state_dict()
+        # sharded tables: ranks other than 0 hold a 0-row table (the whole one is rank 0's)
+        skip = [k for k, v in self.best_weights.items()
+                if k in cur and cur[k].dim() and cur[k].shape[0] == 0 and v.shape != cur[k].shape]
+        s.model.load_state_dict({k: v for k, v in self.best_weights.items() if k not in skip},
+                                strict=not skip)
         if self.final is None:
             return
         row = self.best_row or {}

@@ -6,14 +6,15 @@ half-written checkpoint. A damaged one (truncated, empty or garbage tensors, a `
 the wrong structure, tensors whose shapes do not fit the model) is a :class:`CheckpointError`
 naming the file and what to do.
 
-Sharded tables (``pretrain --shard-tables``) are not in ``tensors.safetensors``: every rank
-writes its shards of them, and of the optimizer state fused with them, with
-``torch.distributed.checkpoint`` (DCP) into ``tables.dcp/`` inside the checkpoint folder
-(:func:`save_checkpoint`'s ``tables``). Its tensors are named by their place in the state,
-``/``-joined (``model/user_weight``, ``optim/sparse/user_weight/square_avg``), and ``state.json``
-lists them, so a process that holds whole tables reads them back whole into their places
-(:func:`read_dcp`, :func:`put_tensors`; no process group needed), and a sharded one reads its
-shards (DCP reshards to any number of processes).
+Sharded tables (``pretrain --shard-tables``, ``train --shard-tables``) are not in
+``tensors.safetensors``: every rank writes its shards of them, and of the optimizer state fused
+with them, with ``torch.distributed.checkpoint`` (DCP) into ``tables.dcp/`` inside the
+checkpoint folder (:func:`save_checkpoint`'s ``tables``). Its tensors are named by their place
+in the state, ``/``-joined (``model/user_weight``, ``optim/sparse/user_weight/square_avg``;
+``train``'s one table ``model/embedding.weight``), and ``state.json`` lists them, so a process
+that holds whole tables reads them back whole into their places (:func:`read_dcp`,
+:func:`put_tensors`; no process group needed), and a sharded one reads its shards (DCP
+reshards to any number of processes).
 """
 
 from __future__ import annotations

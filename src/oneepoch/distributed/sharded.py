@@ -30,6 +30,7 @@ divide the dense gradients by it (as DDP does).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -103,10 +104,18 @@ class ShardedTables:
             kinds = [sharding] if sharding != "auto" else [
                 k for k in SHARDINGS[1:] if device == "cuda" or k in cpu_types]
             cons = {n: ParameterConstraints(sharding_types=kinds) for n, _, _ in tables}
-            topo = Topology(world_size=ctx.world_size, compute_device=device,
-                            local_world_size=ctx.local_world_size)
-            planner = EmbeddingShardingPlanner(topology=topo, constraints=cons)
-            self.plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
+            # TorchRec's forward asks torch.fx a deprecated question, and torch says so once
+            logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+            quiet = logging.getLogger("torchrec.distributed.planner")  # its notes on dry runs
+            level = quiet.level  # and a hand-built topology are about its internals
+            quiet.setLevel(logging.ERROR)
+            try:
+                topo = Topology(world_size=ctx.world_size, compute_device=device,
+                                local_world_size=ctx.local_world_size)
+                planner = EmbeddingShardingPlanner(topology=topo, constraints=cons)
+                self.plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
+            finally:
+                quiet.setLevel(level)
             self.dmp = DistributedModelParallel(ebc, device=torch.device(device),
                                                 plan=self.plan, sharders=[sharder])
         self.grad_scale = float(ctx.world_size)
@@ -193,7 +202,10 @@ class ShardedTables:
             table = names[key.split(".")[-2]]
             for k, v in st.items():
                 k = k.split(".")[-1]
-                if k == "momentum1" and len(v.size()) == 2:  # exact (not row-wise) Adagrad
+                with warnings.catch_warnings():  # TorchRec's ShardedTensor deprecation
+                    warnings.simplefilter("ignore", FutureWarning)
+                    exact = len(v.size()) == 2
+                if k == "momentum1" and exact:  # exact (not row-wise) Adagrad
                     k = "square_avg"
                 out[f"optim/sparse/{table}/{k}"] = v
         return out

@@ -19,6 +19,7 @@ sliced) come from the same seeded generator on every rank, so they equal one pro
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,9 @@ class ShardedStage1(_WrapsStage1):
         mine, my_neg = vec["item"][:b - a], vec["item"][b - a:]
         pad = torch.cat([mine, mine.new_zeros(top - (b - a), dim),
                          my_neg, my_neg.new_zeros(ntop - (nz - na), dim)])
-        with self.ctx.collective("all_gather of the batch's item vectors"):
+        with self.ctx.collective("all_gather of the batch's item vectors"), \
+                warnings.catch_warnings():  # deprecated for a private API; still autograd's
+            warnings.simplefilter("ignore", FutureWarning)
             parts = all_gather(pad)
         pos = [p[:int(bnd[r + 1] - bnd[r])] for r, p in enumerate(parts)]
         negs = [p[top:top + int(nb[r + 1] - nb[r])] for r, p in enumerate(parts)]

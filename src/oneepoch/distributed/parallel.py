@@ -85,6 +85,24 @@ def gather_array(ctx: DistContext, a: np.ndarray) -> np.ndarray:
 GATHER_SUM_MAX_WORLD = 8
 
 
+def sum_across(ctx: DistContext, buf: torch.Tensor, what: str) -> torch.Tensor:
+    """``buf`` summed over the ranks (every rank gets the sum): an ``all_gather`` and a local
+    sum in rank order on up to :data:`GATHER_SUM_MAX_WORLD` ranks, else an ``all_reduce``."""
+    if ctx.world_size == 1:
+        return buf
+    if ctx.world_size <= GATHER_SUM_MAX_WORLD:
+        out = [torch.empty_like(buf) for _ in range(ctx.world_size)]
+        with ctx.collective(f"all_gather of {what}"):
+            dist.all_gather(out, buf)
+        total = out[0]
+        for o in out[1:]:
+            total += o
+        return total
+    with ctx.collective(f"all_reduce of {what}"):
+        dist.all_reduce(buf)
+    return buf
+
+
 class GradientSync:
     """Sums the gradients of one step over the ranks (see the module doc)."""
 

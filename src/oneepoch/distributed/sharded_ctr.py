@@ -17,7 +17,8 @@ ones, so a rank with a short or empty slice still joins), runs the model's dense
 Backward updates the shards in FBGEMM (SGD / Adagrad fused; the loss is multiplied by
 ``ShardedTables.grad_scale`` because TorchRec divides table gradients by the world size); the
 dense gradients, the loss and the float buffers (Dice's running statistics, weighted by the
-rank's share) go in one ``all_reduce`` of one flat buffer, then the dense optimizer steps.
+rank's share) are summed over the ranks in one flat buffer (``sum_across``), then the dense
+optimizer steps.
 
 Mirror. The model's own table is a mirror of the shards: pushed into them at the first step
 (the fresh initialisation, ``init_from``, or a resumed checkpoint's table, with the one-process
@@ -57,12 +58,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from oneepoch.data.batcher import Batcher
 from oneepoch.distributed.env import DistContext
-from oneepoch.distributed.parallel import rank_slice
+from oneepoch.distributed.parallel import rank_slice, sum_across
 from oneepoch.distributed.sharded import check_fused_optim
 from oneepoch.training.hooks import Hook, State
 from oneepoch.training.loop import OneBatchStep
@@ -259,8 +259,7 @@ class ShardedCTRStep(OneBatchStep):
         flat += [b.reshape(-1) * share for b in self.buffers]
         flat.append(loss.detach().reshape(1))
         buf = torch.cat([t.to(torch.float32) for t in flat])
-        with self.ctx.collective("all_reduce of the dense gradients"):
-            dist.all_reduce(buf)
+        buf = sum_across(self.ctx, buf, "the dense gradients")
         k = 0
         for p in self.dense:
             p.grad = buf[k:k + p.numel()].view_as(p).to(p.dtype)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from oneepoch.distributed.env import DistContext
-from oneepoch.distributed.parallel import GradientSync, rank_bounds
+from oneepoch.distributed.parallel import GradientSync, rank_bounds, sum_across
 from oneepoch.pretrain.losses import bce_loss, contrastive_loss, logq_correction
 
 
@@ -291,8 +291,7 @@ class ShardedStage1(_WrapsStage1):
         buf = torch.cat([*(p.grad.reshape(-1) / self.tables.grad_scale
                            if p.grad is not None else p.new_zeros(p.numel())
                            for p in self.dense), part.detach().reshape(1)])
-        with self.ctx.collective("all_reduce of the dense gradients"):
-            dist.all_reduce(buf)
+        buf = sum_across(self.ctx, buf, "the dense gradients")
         k = 0
         for p in self.dense:
             p.grad = buf[k:k + p.numel()].view_as(p)

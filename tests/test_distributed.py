@@ -232,6 +232,19 @@ def test_stage1_on_two_ranks_matches_one_and_exports_the_same_tables(tmp_path, s
 
 
 
+@pytest.mark.parametrize("args, msg", [
+    (["--hbm-gib", "0"], "--hbm-gib 0: must be positive"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--world-size", "0"], "--world-size 0: must be >= 1"),
+    (["--device", "cpu", "--hbm-gib", "8"], "--hbm-gib: GPU memory")])
+def test_plan_refuses_bad_sizes_in_one_line(args, msg, capsys):
+    from oneepoch.cli import main
+    base = ["plan", "--tables", "item=1e6:8", "--world-size", "2"]
+    assert main([*base, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err
+
+
 def test_plan_tables_parse_and_refuse_bad_specs():
     from oneepoch.distributed.plan import parse_tables
     assert parse_tables("item=1e9:64, user=100:8") == [("item", 10**9, 64), ("user", 100, 8)]
@@ -437,17 +450,21 @@ def test_one_process_checkpoint_resumes_sharded_on_two(tmp_path):
                 assert abs(x[k] - y[k]) < 1e-4, (k, x["step"], x[k], y[k])
 
 
-def test_sharded_stage1_refuses_select_metric_saying_why(tmp_path):
+@pytest.mark.parametrize("setting, msg", [
+    ("select.metric=test_hit@3", "select.metric: not supported with --shard-tables"),
+    ("optim.name=adam", "optim.name='adam': FBGEMM's CPU kernels fuse"),
+    ("loss.type=bce", "loss.type / loss.in_batch: stage 1 on sharded tables")])
+def test_sharded_stage1_refuses_what_it_cannot_run_before_writing(tmp_path, setting, msg):
     from types import SimpleNamespace
 
     from oneepoch.pretrain import PretrainConfig, pretrain
     from oneepoch.remedies.early_stopping import select_hook
 
     cfg = load_config(PretrainConfig, "pretrain", [*stage1_world(tmp_path), "name=sel",
-                                                   "select.metric=test_hit@3"])
+                                                   setting])
     dp = SimpleNamespace(shard_tables="table_wise", run_dir=lambda p: p,
                          set_threads=lambda t: None, fail=lambda e: None)
-    with pytest.raises(ValueError, match="select.metric: not supported with --shard-tables"):
+    with pytest.raises(ValueError, match=msg):
         pretrain(cfg, parallel=dp, hooks=[select_hook(cfg)])
     assert not (tmp_path / "sel").exists()
 
@@ -633,6 +650,8 @@ def test_nproc_checks_the_settings_once_before_launching(tiny_synth, tmp_path, c
     assert main(["pretrain", "--nproc", "2", "epochs=0", f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("'epochs': got 0") == 2 and "--nproc: 0" in err
+    assert main(["train", "--nproc", "2", *base, "device=cuda:7"]) == 2  # not on this machine
+    assert "device=cuda:7" in capsys.readouterr().err
     if torchrec_loads():
         assert main(["train", "--nproc", "2", "--shard-tables", "auto", *base]) == 2
         assert capsys.readouterr().err.count("optim.name='adam'") == 1

@@ -229,3 +229,29 @@ def test_pretrain_resumes_on_one_process_from_dcp_tables(tmp_path, capsys):
     assert main(["pretrain", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tables.dcp: missing" in err, err
+
+
+def test_truncated_dcp_shard_is_a_damaged_checkpoint(tmp_path):
+    from oneepoch.training.checkpoint import read_dcp
+
+    tables = tmp_path / "tables.dcp"
+    _write_dcp(tables, {"model/emb.weight": torch.randn(64, 8)})
+    shard = next(tables.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"tables.dcp: its sharded tables .* cannot be "
+                                              r"read \(.+\); the checkpoint is damaged"):
+        read_dcp(tables)
+
+
+def test_resume_with_another_optimizer_is_refused_before_touching_the_run(tmp_path, tiny_synth,
+                                                                          capsys):
+    """Adam's moments are not Adagrad's accumulators: one line, exit 2, config.yaml as it was
+    (a failed resume used to save the new optimizer into it, so the run could not resume)."""
+    runs = tmp_path / "runs"
+    assert main(["train", *_train_args(tiny_synth, runs), "name=r"]) == 0
+    before = (runs / "r" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(runs / "r"), "epochs=2", "optim.name=adagrad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.name=adam" in err and "adagrad" in err
+    assert (runs / "r" / "config.yaml").read_text() == before

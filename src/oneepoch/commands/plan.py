@@ -18,9 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--device cuda --hbm-gib 80")
     p.add_argument("--tables", required=True, help="name=rows:dim,... e.g. item=1e9:64")
     p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs or processes)")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--hbm-gib", type=float, help="GPU memory per rank in GiB (cuda)")
-    p.add_argument("--ddr-gib", type=float, help="host memory per rank in GiB")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="the ranks' device (default: cuda)")
+    p.add_argument("--hbm-gib", type=float,
+                   help="GPU memory per rank in GiB (cuda; default: TorchRec's)")
+    p.add_argument("--ddr-gib", type=float,
+                   help="host memory per rank in GiB (default: TorchRec's)")
     p.add_argument("--local-world-size", type=int,
                    help="ranks per machine (default: 8 on cuda, 1 on cpu)")
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch (cost model)")
@@ -33,6 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.distributed.plan import parse_tables, plan_tables
     from oneepoch.io import atomic_write_text
 
+    for key, v, low in (("--world-size", args.world_size, 1), ("--batch-size", args.batch_size, 1),
+                        ("--local-world-size", args.local_world_size, 1),
+                        ("--hbm-gib", args.hbm_gib, 1e-9), ("--ddr-gib", args.ddr_gib, 1e-9)):
+        if v is not None and v < low:
+            raise ValueError(f"{key} {v:g}: must be {'positive' if low < 1 else '>= 1'}")
+    if args.device == "cpu" and args.hbm_gib is not None:
+        raise ValueError("--hbm-gib: GPU memory, for --device cuda; CPU ranks plan with "
+                         "--ddr-gib")
+    if args.world_size > 4096:
+        print(f"planning for {args.world_size:,} ranks: TorchRec's planner takes a while at "
+              "this size (16,384 ranks: ~30 s here)", flush=True)
     plan = plan_tables(parse_tables(args.tables), args.world_size, args.device, args.hbm_gib,
                        args.ddr_gib, args.local_world_size, args.batch_size)
     print(plan.summary())

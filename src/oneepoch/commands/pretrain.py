@@ -42,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from oneepoch.tracking import tracking_hooks
 
     if args.nproc is not None:
-        config_and_run_dir(args, PretrainConfig)  # bad settings: one error, no launch
+        cfg, _ = config_and_run_dir(args, PretrainConfig)  # bad settings: one error, no launch
         if args.shard_tables:
             from oneepoch.distributed.plan import require_torchrec
+            from oneepoch.distributed.stage1 import check_sharded_stage1
             require_torchrec()
+            check_sharded_stage1(cfg)
         return launch_local(args.nproc, ["pretrain", "--config", args.config, *(
             ["--resume", args.resume] if args.resume else []), *(
             ["--shard-tables", args.shard_tables] if args.shard_tables else []),

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from oneepoch.commands import config_and_run_dir
-    from oneepoch.config import TrainConfig
+    from oneepoch.config import TrainConfig, check_device
     from oneepoch.distributed import run_as_rank
     from oneepoch.distributed.launch import launch_local
     from oneepoch.remedies import hooks_from_config
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc is not None:
         cfg, _ = config_and_run_dir(args, TrainConfig)  # bad settings: one error, no launch
+        check_device(cfg.device)
         if args.shard_tables:
             from oneepoch.distributed.plan import require_torchrec
             from oneepoch.distributed.sharded_ctr import check_sharded_train

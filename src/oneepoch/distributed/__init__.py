@@ -149,7 +149,8 @@ class DataParallelRun:
             line = "sharding plan: " + ", ".join(
                 f"{n} {t['rows']:,}x{t['dim']} data_parallel" for n, t in tables.items())
         atomic_write_json(run_dir / "sharding_plan.json", plan)
-        print(f"{self.ctx.world_size} processes ({self.ctx.backend}); {line}", flush=True)
+        w = self.ctx.world_size
+        print(f"{w} process{'es' if w != 1 else ''} ({self.ctx.backend}); {line}", flush=True)
         return plan
 
     def _sharded_plan(self, tables: Any) -> None:

@@ -199,6 +199,12 @@ def from_env(device: str = "cpu", threads: int = 0) -> DistContext | None:
     local_rank = int(os.environ.get("LOCAL_RANK", rank) or 0)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world) or 1)
     cuda = str(device).startswith("cuda")
+    if cuda:  # before any rank waits for the others: the one-process error, on every rank
+        from oneepoch.config import check_device
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise DistributedError(str(e)) from None
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)

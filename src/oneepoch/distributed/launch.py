@@ -3,8 +3,10 @@
 ``torchrun --standalone --nproc_per_node N -m oneepoch.cli ...`` would.
 
 When a rank fails, torchrun's agent stops the others and reports which rank failed (and its
-exit code or error); ranks still waiting in a collective stop at once (gloo sees the closed
-connection) or after ``ONEEPOCH_DIST_TIMEOUT`` seconds.
+exit code or error; not when the first rank to fail exited with 2, the code of an error the
+ranks print in one line, e.g. a setting sharded tables refuse); ranks still waiting in a
+collective stop at once (gloo sees the closed connection) or after ``ONEEPOCH_DIST_TIMEOUT``
+seconds. Ctrl-C stops every rank (each says "interrupted") and returns 130.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     if "RANK" in os.environ:
         raise ValueError("--nproc: this process is already one rank of a distributed run "
                          "(RANK is set); drop --nproc when launching with torchrun")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -30,6 +33,11 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        if first.exitcode == 2:  # the ranks' own one-line error (bad settings, input) said it
+            return 2  # all; the others were stopped by the launcher
         print(e.format_msg(), file=sys.stderr)
         return 1
+    except (SignalException, KeyboardInterrupt):  # Ctrl-C: the ranks said "interrupted"
+        return 130
     return 0

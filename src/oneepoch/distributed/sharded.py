@@ -242,20 +242,31 @@ class ShardedTables:
         (the same folder for every rank: a file system they share)."""
         import torch.distributed.checkpoint as dcp
 
-        with self.ctx.collective("torch.distributed.checkpoint save"):
+        with self.ctx.collective("torch.distributed.checkpoint save"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # DCP's planner notes
             dcp.save(self.checkpoint_state(names), checkpoint_id=str(path))
 
     def load(self, path: str | Path, names: dict[str, str] | None = None) -> None:
         """Read a checkpoint written by :meth:`save` at any world size or sharding (DCP
         reshards): the tables and, when the checkpoint has it, the fused optimizer's state."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-        from oneepoch.training.checkpoint import dcp_shapes
+        from oneepoch.distributed.env import DistributedError
+        from oneepoch.training.checkpoint import dcp_damaged, dcp_shapes
 
         have = set(dcp_shapes(path))
         sd = {k: v for k, v in self.checkpoint_state(names).items() if k in have}
-        with self.ctx.collective("torch.distributed.checkpoint load"):
-            dcp.load(sd, checkpoint_id=str(path))
+        try:
+            with self.ctx.collective("torch.distributed.checkpoint load"), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # DCP's planner notes
+                dcp.load(sd, checkpoint_id=str(path))
+        except DistributedError:
+            raise
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - an unreadable shard file
+            raise dcp_damaged(path, e) from e
 
 
 def _joined(items: list[tuple[int, Any]], shape: tuple[int, int],
@@ -278,7 +289,9 @@ def _joined(items: list[tuple[int, Any]], shape: tuple[int, int],
     for off, st in items:
         mds += [moved(md, off) for md in st.metadata().shards_metadata]
         local += [Shard(sh.tensor, moved(sh.metadata, off)) for sh in st.local_shards()]
-        covered.append((off, off + st.size(0)))
+        with warnings.catch_warnings():  # TorchRec's ShardedTensor deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            covered.append((off, off + st.size(0)))
     dtype = items[0][1].metadata().tensor_properties.dtype
     device = mds[0].placement.device()
     start = 0
@@ -329,7 +342,8 @@ def write_checkpoint(ctx: DistContext, root: Path | None, path: Path, state: dic
         shutil.rmtree(tmp, ignore_errors=True)
     with ctx.collective("barrier before writing the sharded tables"):
         dist.barrier()
-    with ctx.collective("torch.distributed.checkpoint save"):
+    with ctx.collective("torch.distributed.checkpoint save"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # DCP's planner notes
         dcp.save(shards, checkpoint_id=str(tmp))
     with ctx.collective("barrier after writing the sharded tables"):
         dist.barrier()

@@ -81,7 +81,8 @@ def _row_rule(cfg: Any, applies: str) -> str:
         return "sets the table's learning rate to 0 (freeze_after.groups=embedding)"
     if applies == "init.embeddings" and (cfg.init.mode == "frozen" or cfg.init.lr_scale != 1):
         return ("scales the pre-trained rows' learning rate (init.mode=frozen or "
-                "init.lr_scale != 1)")
+                f"init.lr_scale={cfg.init.lr_scale:g}; init.mode=finetune with "
+                "init.lr_scale=1 runs sharded)")
     return ""
 
 
@@ -92,9 +93,12 @@ def check_sharded_train(cfg: Any, hooks: Sequence[Hook]) -> None:
     check_fused_optim(oc.name)
     dim = 1 if mc.type == "lr" else mc.emb_dim
     if dim % 4:
-        raise ValueError(f"model.type={mc.type}, embedding dim {dim}: FBGEMM's fused tables "
-                         "need a dimension that is a multiple of 4 (model.type=lr has one "
-                         f"weight per ID); set model.emb_dim to one, or {_FIX}")
+        if mc.type == "lr":
+            raise ValueError("model.type=lr: one weight per ID (dimension 1), and FBGEMM's "
+                             f"fused tables need a dimension that is a multiple of 4; {_FIX}")
+        raise ValueError(f"model.emb_dim={dim}: FBGEMM's fused tables need a dimension that "
+                         f"is a multiple of 4 (e.g. {max(4, dim - dim % 4)} or "
+                         f"{dim - dim % 4 + 4}); {_FIX}")
     for key, v in (("optim.momentum", oc.momentum), ("optim.weight_decay", oc.weight_decay)):
         if v:
             raise ValueError(f"{key}={v:g}: FBGEMM's fused {oc.name} on sharded tables has no "

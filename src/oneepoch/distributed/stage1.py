@@ -60,6 +60,23 @@ def local_loss(fn: Any, u_all: torch.Tensor, i_all: torch.Tensor, a: int, b: int
                             lc.in_batch, lc.chunk)
 
 
+def check_sharded_stage1(cfg: Any) -> None:
+    """Refuse, before anything is written, what stage 1 on sharded tables cannot run: an
+    optimizer FBGEMM does not fuse (Adam), a loss other than in-batch contrastive, keeping the
+    best point (``select.metric``)."""
+    from oneepoch.distributed.sharded import check_fused_optim
+
+    check_fused_optim(cfg.optim.name)
+    if cfg.loss.type != "contrastive" or not cfg.loss.in_batch:
+        raise ValueError("loss.type / loss.in_batch: stage 1 on sharded tables supports "
+                         "loss.type=contrastive with loss.in_batch=true; drop --shard-tables "
+                         "(replicated tables run the others)")
+    if cfg.select.metric:
+        raise ValueError("select.metric: not supported with --shard-tables yet (the best "
+                         "point's tables would have to be kept sharded); set select.metric='' "
+                         "or train with replicated tables")
+
+
 class _WrapsStage1:
     """What a distributed stage-1 step keeps of the one-process stepper it wraps
     (``self.inner``): its clock (pairs/s) and its state (generator, counters)."""

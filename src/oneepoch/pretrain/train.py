@@ -253,10 +253,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
         raise ValueError("select.metric: set, but no hook applies it; pass hooks="
                          "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
                          "(last in the list), or set select.metric=''")
-    if cfg.select.metric and dp is not None and dp.shard_tables:
-        raise ValueError("select.metric: not supported with --shard-tables yet (the best "
-                         "point's tables would have to be kept sharded); set select.metric='' "
-                         "or train with replicated tables")
+    if dp is not None and dp.shard_tables:
+        from oneepoch.distributed.stage1 import check_sharded_stage1
+        check_sharded_stage1(cfg)
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
     for h in hooks:
         h.check(s)

@@ -105,14 +105,33 @@ def read_dcp(path: str | Path) -> dict[str, torch.Tensor]:
     wrote it; no process group needed)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    md = FileSystemReader(str(path)).read_metadata()
-    sd = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype)
-          for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
-    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    try:
+        md = FileSystemReader(str(path)).read_metadata()
+        sd = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+              for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
+        with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            warnings.simplefilter("ignore", FutureWarning)
+            dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated shard file
+        raise dcp_damaged(path, e) from e
     return sd
+
+
+def dcp_damaged(path: str | Path, e: BaseException) -> CheckpointError:
+    """The error for a DCP folder that cannot be read (a truncated or missing shard file)."""
+    cause = e.failures if hasattr(e, "failures") else {}  # DCP: {rank: the error}
+    inner = next(iter(cause.values()), None) if isinstance(cause, dict) else None
+    if isinstance(inner, tuple) and inner:  # (exception, traceback summary)
+        inner = inner[0]
+    if isinstance(inner, BaseException):
+        e = inner
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return CheckpointError(f"{path}: its sharded tables (torch.distributed.checkpoint) cannot "
+                           f"be read ({type(e).__name__}{': ' + first if first else ''}); "
+                           f"{_DAMAGED}")
 
 
 def drop_tensors(state: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:

@@ -159,6 +159,23 @@ def check_checkpoint(ck: dict[str, Any], path: Path, model: torch.nn.Module,
             "own batch_size")
 
 
+def check_same_optimizer(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse resuming with another optimizer than the run's own (its state would not carry
+    over: Adam's moments are not Adagrad's accumulators)."""
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # no readable earlier settings: the checkpoint's own checks stand
+    was = (old.get("optim") or {}).get("name") if isinstance(old, dict) else None
+    now = (config.get("optim") or {}).get("name")
+    if was and now and was != now:
+        raise ResumeError(
+            f"{run_dir}: cannot resume with optim.name={now}: the run was trained with "
+            f"optim.name={was}, whose state does not carry over; resume with optim.name={was}, "
+            "or start a new run" + (" from its weights (init_from=...)" if "init_from" in config
+                                    else ""))
+
+
 RESUME_KEYS = ("model", "optim.sparse", "optim.dense", "torch_rng", "step", "epoch")
 
 
@@ -175,6 +192,7 @@ def open_run(run_dir: Path, config: dict[str, Any], resume: bool, model: torch.n
         if paths:
             ck = load_checkpoint(paths[-1], device, required=RESUME_KEYS)
             check_checkpoint(ck, paths[-1], model, steps_per_epoch)
+            check_same_optimizer(run_dir, config)
         elif not resume:
             clear_run_state(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))

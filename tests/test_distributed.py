@@ -462,8 +462,10 @@ def test_sharded_stage1_refuses_what_it_cannot_run_before_writing(tmp_path, sett
 
     cfg = load_config(PretrainConfig, "pretrain", [*stage1_world(tmp_path), "name=sel",
                                                    setting])
+    from oneepoch.distributed import DataParallelRun
     dp = SimpleNamespace(shard_tables="table_wise", run_dir=lambda p: p,
-                         set_threads=lambda t: None, fail=lambda e: None)
+                         set_threads=lambda t: None, fail=lambda e: None,
+                         check_stage1=DataParallelRun(None, "table_wise").check_stage1)
     with pytest.raises(ValueError, match=msg):
         pretrain(cfg, parallel=dp, hooks=[select_hook(cfg)])
     assert not (tmp_path / "sel").exists()

@@ -172,6 +172,13 @@ class DataParallelRun:
         self._sharded_plan(step.tables)
         return step
 
+    def check_stage1(self, cfg: Any) -> None:
+        """Refuse, before the run folder is written, what stage 1 cannot run here (with
+        sharded tables: an optimizer FBGEMM does not fuse, another loss, ``select.metric``)."""
+        if self.shard_tables:
+            from oneepoch.distributed.stage1 import check_sharded_stage1
+            check_sharded_stage1(cfg)
+
     def stage1_step(self, stepper: Any) -> Any:
         """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``); with sharded
         tables, its ``refresh`` must be the loop's ``sync``."""

@@ -254,8 +254,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
                          "[oneepoch.remedies.early_stopping.select_hook(cfg)] to pretrain() "
                          "(last in the list), or set select.metric=''")
     if dp is not None and dp.shard_tables:
-        from oneepoch.distributed.stage1 import check_sharded_stage1
-        check_sharded_stage1(cfg)
+        dp.check_stage1(cfg)  # what sharded tables refuse, before the folder is touched
     s = State(cfg, data, model, opt, run_dir, steps_per_epoch)
     for h in hooks:
         h.check(s)

@@ -89,6 +89,7 @@ class DistContext:
     timeout: float
     store: dist.Store
     owns_group: bool  # we initialised the process group (and destroy it at close)
+    own_store: bool = False  # our TCPStore (hand-set environment), hosted by rank 0
 
     @property
     def is_writer(self) -> bool:
@@ -151,8 +152,21 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. With our own store (hosted by rank 0's process), rank 0
+        leaves last: a rank still tearing its group down when the store's host exits can
+        abort ("terminate called without an active exception"); it waits at most 10 s."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        if not self.own_store:
+            return
+        try:
+            left = self.store.add(f"{_KEY}left", 1)
+            deadline = time.time() + 10
+            while self.rank == 0 and left < self.world_size and time.time() < deadline:
+                time.sleep(0.01)
+                left = self.store.add(f"{_KEY}left", 0)
+        except Exception:  # noqa: BLE001 - best effort (a rank may be gone)
+            pass
 
 
 def _handshake(store: dist.Store, rank: int, world: int, timeout: float) -> None:
@@ -228,4 +242,5 @@ def from_env(device: str = "cpu", threads: int = 0) -> DistContext | None:
         dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
                                 world_size=world, timeout=timedelta(seconds=t))
     store.set(f"{_KEY}pid/{rank}", f"{socket.gethostname()}:{os.getpid()}")
-    return DistContext(rank, world, local_rank, local_world, backend, t, store, owns)
+    return DistContext(rank, world, local_rank, local_world, backend, t, store, owns,
+                       own_store=owns and not os.environ.get("TORCHELASTIC_RUN_ID"))

@@ -126,17 +126,24 @@ def one_process(tiny_synth, tmp_path_factory):
     return cfg, train(cfg)
 
 
+def two_ranks_match(tmp_path: Path, spec: dict, name: str, res1, step_path: str
+                    ) -> tuple[Path, dict]:
+    """Run ``spec`` on 2 ranks as run ``name``; its metrics must be the one-process run's
+    ``res1`` and its summary say 2 ranks on ``step_path``. Returns the run and its plan."""
+    ok(launch(tmp_path, [spec, spec]))
+    run = tmp_path / name
+    compare_rows(read_metrics(run), res1.metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step_path"] == step_path
+    return run, json.loads((run / "sharding_plan.json").read_text())
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_and_use_every_row_once(tiny_synth, tmp_path, one_process):
     cfg1, res1 = one_process
     log = tmp_path / "rows"
     spec = {"overrides": overrides(tiny_synth, tmp_path, "ws2"), "log_rows": str(log)}
-    ok(launch(tmp_path, [spec, spec]))
-    run = tmp_path / "ws2"
-    compare_rows(read_metrics(run), res1.metrics)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step_path"] == "distributed"
-    plan = json.loads((run / "sharding_plan.json").read_text())
+    run, plan = two_ranks_match(tmp_path, spec, "ws2", res1, "distributed")
     assert plan["world_size"] == 2
     assert {t["sharding"] for t in plan["tables"].values()} == {"data_parallel"}
     w1 = load_checkpoint(list_checkpoints(res1.run_dir)[-1])["model"]
@@ -481,12 +488,7 @@ def test_train_with_sharded_tables_matches_one_process(tiny_synth, tmp_path, one
     tolerances (float summation order); the plan file places every vocabulary's table."""
     _, res1 = one_process
     spec = {"overrides": overrides(tiny_synth, tmp_path, "sh2"), "shard": sharding}
-    ok(launch(tmp_path, [spec, spec]))
-    run = tmp_path / "sh2"
-    compare_rows(read_metrics(run), res1.metrics)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step_path"] == "distributed-sharded"
-    plan = json.loads((run / "sharding_plan.json").read_text())
+    run, plan = two_ranks_match(tmp_path, spec, "sh2", res1, "distributed-sharded")
     vocabs = ["user_age", "user_gender", "item_ID", "item_cate", "scene_ID"]
     assert plan["asked"] == sharding and sorted(plan["tables"]) == sorted(vocabs)
     for t in plan["tables"].values():

@@ -162,7 +162,7 @@ class DataParallelRun:
     def build_step(self, model: torch.nn.Module, opt: Any, batcher: Any, hooks: Sequence[Any],
                    state: Any) -> Any:
         """The CTR step on this rank: replicated tables, or (``shard_tables``) the model's ID
-        tables sharded by TorchRec, whose ``refresh`` must be the loop's ``sync``."""
+        tables sharded by TorchRec (the loop calls its ``refresh``)."""
         if not self.shard_tables:
             return DataParallelStep(self.ctx, model, opt, batcher, hooks, state)
         from oneepoch.distributed.sharded_ctr import build_sharded_step
@@ -181,7 +181,7 @@ class DataParallelRun:
 
     def stage1_step(self, stepper: Any) -> Any:
         """Stage 1's step on this rank (wraps one process's ``Stage1Stepper``); with sharded
-        tables, its ``refresh`` must be the loop's ``sync``."""
+        tables, the loop calls its ``refresh``."""
         from oneepoch.distributed.stage1 import DataParallelStage1, ShardedStage1
         if not self.shard_tables:
             return DataParallelStage1(self.ctx, stepper)

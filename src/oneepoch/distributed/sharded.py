@@ -309,6 +309,17 @@ def _joined(items: list[tuple[int, Any]], shape: tuple[int, int],
 
 
 @torch.no_grad()
+def drop_copies(ctx: DistContext, opt: Any, params: dict[str, torch.nn.Parameter]) -> None:
+    """Once the shards hold the tables: the model's whole tables ``params`` (the optimizer's
+    names) shrink to 0 rows except on rank 0 (the mirror), and the one-process optimizer's
+    state of them to 0 rows on every rank."""
+    for name, w in params.items():
+        if ctx.rank != 0:
+            w.data = w.data.new_empty(0, *w.shape[1:])
+        o = opt.sparse[name]
+        o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
+
+
 def load_whole_into(state: dict[str, Any], whole: dict[str, torch.Tensor]) -> None:
     """Set the local shards of a checkpoint state of ShardedTensors (:meth:`ShardedTables.
     checkpoint_state`, :meth:`~ShardedTables.joined_state`) from whole tensors under the same

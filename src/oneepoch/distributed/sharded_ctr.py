@@ -23,8 +23,8 @@ optimizer steps.
 Mirror. The model's own table is a mirror of the shards: pushed into them at the first step
 (the fresh initialisation, ``init_from``, or a resumed checkpoint's table, with the one-process
 optimizer's Adagrad accumulators); then only rank 0 keeps it, refreshed from the shards by
-:meth:`ShardedCTRStep.refresh` (a gather to rank 0), which the trainer calls as the loop's
-``sync`` before evaluation and checkpoints; the other ranks' table and every rank's one-process
+:meth:`ShardedCTRStep.refresh` (a gather to rank 0), which the loop calls before evaluation
+and checkpoints; the other ranks' table and every rank's one-process
 optimizer state of it shrink to 0 rows. Evaluation predicts on rank 0 and sends the
 predictions (:func:`~oneepoch.distributed.parallel.writer_predict`).
 
@@ -121,8 +121,8 @@ def table_name(vocab: str, k: int) -> str:
 
 class ShardedCTRStep(OneBatchStep):
     """The CTR step with the model's ID tables sharded by TorchRec (a
-    :class:`~oneepoch.training.loop.Step`; see the module doc). Its :meth:`refresh` must be
-    the loop's ``sync``."""
+    :class:`~oneepoch.training.loop.Step`; see the module doc). The loop calls its
+    :meth:`refresh` before the model is read."""
 
     path = "distributed-sharded"
 
@@ -190,12 +190,9 @@ class ShardedCTRStep(OneBatchStep):
         self._drop_copies()
 
     def _drop_copies(self) -> None:
-        """Once the shards hold the table: the model's whole table shrinks to 0 rows except on
-        rank 0 (the mirror), and the one-process optimizer's state of it on every rank."""
-        w, o = self.emb.weight, self.opt.sparse[self.param]
-        if self.ctx.rank != 0:
-            w.data = w.data.new_empty(0, *w.shape[1:])
-        o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
+        from oneepoch.distributed.sharded import drop_copies
+
+        drop_copies(self.ctx, self.opt, {self.param: self.emb.weight})
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Write the loop's checkpoint ``path`` (see the module doc): the table and FBGEMM's
@@ -209,7 +206,7 @@ class ShardedCTRStep(OneBatchStep):
     @torch.no_grad()
     def refresh(self) -> None:
         """Refresh rank 0's whole table from the shards (a collective: every rank calls it;
-        the loop's sync)."""
+        the loop does, before the model is read)."""
         if not self.pushed:
             return
         w = self.emb.weight

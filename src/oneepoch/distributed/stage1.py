@@ -146,8 +146,8 @@ class ShardedStage1(_WrapsStage1):
     Whole tables. The model's tables (the one-process initialisation, or a one-process
     checkpoint's tables and Adagrad accumulators) are pushed into the shards at the first step;
     then only rank 0 keeps a whole copy, a mirror of the shards refreshed by :meth:`refresh`
-    (a gather to rank 0 before evaluation, checkpoints and the export: pass it as the loop's
-    ``sync``); the other ranks' model tables and every rank's one-process optimizer state of
+    (a gather to rank 0 before evaluation, checkpoints and the export; the loop calls it);
+    the other ranks' model tables and every rank's one-process optimizer state of
     them shrink to 0 rows. So rank 0 evaluates (:meth:`on_writer`: every rank gets its
     metrics) and writes the export.
 
@@ -208,13 +208,9 @@ class ShardedStage1(_WrapsStage1):
         return run
 
     def _drop_copies(self) -> None:
-        """Once the shards hold the tables: the model's whole tables shrink to 0 rows except on
-        rank 0 (the mirror), and the one-process optimizer's state of them on every rank."""
-        for p in self.NAMES.values():
-            w, o = getattr(self.model, p), self.opt.sparse[p]
-            if self.ctx.rank != 0:
-                w.data = w.data.new_empty(0, *w.shape[1:])
-            o.state = {k: v.new_empty(0, *v.shape[1:]) for k, v in o.state.items()}
+        from oneepoch.distributed.sharded import drop_copies
+
+        drop_copies(self.ctx, self.opt, {p: getattr(self.model, p) for p in self.NAMES.values()})
 
     def _current(self) -> dict[str, Any]:
         """The model's and the one-process optimizer's state (the mirror's side)."""

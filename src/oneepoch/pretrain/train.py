@@ -264,12 +264,11 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
     else:  # batches stay global: the step trains this rank's slice of each
         lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model, steps_per_epoch)
         step = dp.stage1_step(stepper)
-    sync = getattr(step, "refresh", None) or getattr(opt, "sync", lambda: None)  # sharded
     evaluate = getattr(step, "on_writer", lambda f: f)(evaluate_now)  # sharded: on rank 0
     try:
         loop = Loop(s, step, hooks, batches, evaluate, cfg.epochs,
                     eval_points(steps_per_epoch, cfg.epochs, cfg.eval.per_epoch),
-                    cfg.checkpoint_keep, sync=sync,
+                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
                     progress=cfg.progress and (dp is None or dp.is_writer),
                     headline=f"test_hit@{min(cfg.eval.ks)}",
                     unit="pair", batch_size=cfg.batch_size, t0=t0)
@@ -278,7 +277,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, data: EngagementData | None, r
             if "step_state" not in ck:  # checkpoints of older versions
                 stepper.load_state_dict(ck)
         loop.run()
-        loop.sync()
+        loop.bring_up_to_date()
         rows = s.rows
         selected = selected_point(rows, hooks, cfg.select.metric)
         export_dir = None

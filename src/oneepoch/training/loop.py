@@ -217,7 +217,8 @@ class Loop:
         epochs, evals: how long to train and the global steps after which to evaluate.
         checkpoint_keep: epoch checkpoints kept (0 = all).
         sync: brings lazily updated state up to date before the model is read (evaluation,
-            checkpoint, export); e.g. the dense Adam catch-up of the ID tables.
+            checkpoint, export); e.g. the dense Adam catch-up of the ID tables. A step with a
+            ``refresh`` method (sharded tables) is asked instead (:meth:`bring_up_to_date`).
         extra_state: more to save in each checkpoint (restored by the caller).
         progress, unit, batch_size: the progress bar.
     """
@@ -279,9 +280,14 @@ class Loop:
                   s.step + 1, (s.epoch + 1) * s.steps_per_epoch)
         return max(1, end - s.step)
 
+    def bring_up_to_date(self) -> None:
+        """Before the model is read: a step holding the tables elsewhere (sharded) refreshes
+        the model's copy (its ``refresh``); else the loop's ``sync``."""
+        (getattr(self.step, "refresh", None) or self.sync)()
+
     def _evaluate(self, loss_sum: float, n_loss: int) -> None:
         s = self.state
-        self.sync()
+        self.bring_up_to_date()
         row = eval_row(s.step, s.epoch_float, self.evaluate(), loss_sum, n_loss, self.t0)
         for h in self.hooks:
             h.on_eval(s, row)
@@ -290,7 +296,7 @@ class Loop:
 
     def _checkpoint(self, epoch: int) -> None:
         s = self.state
-        self.sync()
+        self.bring_up_to_date()
         save = getattr(self.step, "save_checkpoint", save_checkpoint)  # sharded tables: DCP
         save(s.run_dir / "checkpoints" / f"epoch-{epoch:03d}", {
             "model": s.model.state_dict(), "optim": s.optimizer.state_dict(), "step": s.step,

@@ -301,14 +301,10 @@ def _train(cfg: TrainConfig, run_dir: str | Path | None, hooks: Sequence[Hook], 
         lock, ck = dp.open_run(open_run, out_dir, to_dict(cfg), resume, model,
                                s.steps_per_epoch, cfg.device)
         make_step = lambda: dp.build_step(model, opt, r.batcher, hooks, s)  # noqa: E731
-
-    def sync() -> None:  # a step with a mirror of the tables refreshes it (as in pretrain)
-        (getattr(loop.step, "refresh", None) or getattr(opt, "sync", lambda: None))()
-
     try:
         loop = Loop(s, make_step, hooks, r.batches,
                     r.evaluate, cfg.epochs, eval_steps(cfg, s.steps_per_epoch),
-                    cfg.checkpoint_keep, sync=sync,
+                    cfg.checkpoint_keep, sync=getattr(opt, "sync", lambda: None),
                     progress=cfg.progress and (dp is None or dp.is_writer),
                     headline="test_auc", batch_size=cfg.batch_size, t0=t0)
         if ck is not None:
